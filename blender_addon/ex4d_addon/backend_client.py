@@ -1,0 +1,396 @@
+"""Client of the EX-4D backend service (``python -m ex4d_backend serve``), for the Blender add-on.
+
+Standard library only: no ``bpy``, no ``torch``, no ``ex4d_backend`` import, so it runs inside Blender's
+Python and in plain test processes alike. The protocol is documented in ``ex4d_backend/PROTOCOL.md``.
+
+Use from a Blender modal timer (never blocks)::
+
+    client = BackendClient(python="/path/to/venv/bin/python", store="/path/to/store")
+    req = client.submit("render_guide", {...})      # starts the backend if needed
+    ...                                              # on every timer tick:
+    client.poll()                                    # dispatches new events to their requests
+    if req.progress: stage, step, total, message = req.progress
+    if req.done: use req.result, or show req.error["message"] and req.error["hint"]
+    client.cancel(req.id)                            # Esc
+
+Use from scripts and background mode (blocks)::
+
+    result = client.request("hello", timeout=60)     # raises BackendError with a stable code
+
+A backend that died is restarted on the next ``submit``; requests that were in flight when it died
+finish with an ``error`` whose code is ``backend_died`` (with the last lines of its stderr).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+PROTOCOL_VERSION = "1.0"  # the major number must match the backend's
+BACKEND_DIED = "backend_died"
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+_STDERR_LINES = 200
+
+
+class BackendError(Exception):
+    """An ``error`` event (or a client-side failure) as an exception with the protocol's fields."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        hint: str | None = None,
+        where: str | None = None,
+        log_tail: list[str] | None = None,
+    ):
+        super().__init__(message)
+        self.code, self.message, self.hint, self.where = code, message, hint, where
+        self.log_tail = list(log_tail or [])
+
+    @classmethod
+    def from_event(cls, error: dict) -> BackendError:
+        return cls(
+            error.get("code", "internal"),
+            error.get("message", "unknown error"),
+            error.get("hint"),
+            error.get("where"),
+            error.get("log_tail"),
+        )
+
+    def __str__(self) -> str:
+        text = f"[{self.code}] {self.message}"
+        if self.hint:
+            text += f" -- {self.hint}"
+        return text
+
+
+class Request:
+    """One request in flight; its fields are updated by :meth:`BackendClient.poll`."""
+
+    def __init__(self, id: str, type: str, params: dict):
+        self.id, self.type, self.params = id, type, params
+        self.state = "sent"  # sent -> queued -> running -> done | failed
+        self.queue_position: int | None = None
+        self.progress: tuple[str, int, int, str] | None = None  # (stage, step, total, message)
+        self.logs: list[dict] = []
+        self.result: dict | None = None
+        self.error: dict | None = None  # {"code", "message", "hint", "where", "log_tail"}
+        self.sent_at = time.monotonic()
+        self.finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("done", "failed")
+
+    @property
+    def fraction(self) -> float:
+        """Progress of the current stage in [0, 1] (0 when unknown)."""
+        if not self.progress or not self.progress[2]:
+            return 0.0
+        return min(1.0, self.progress[1] / self.progress[2])
+
+    def raise_for_error(self) -> dict:
+        """The result, or :class:`BackendError` if the request failed."""
+        if self.error is not None:
+            raise BackendError.from_event(self.error)
+        if self.result is None:
+            raise BackendError("internal", "the request has not finished")
+        return self.result
+
+    def _apply(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "queued":
+            self.state, self.queue_position = "queued", event.get("position")
+        elif kind == "started":
+            self.state, self.queue_position = "running", None
+        elif kind == "progress":
+            self.state = "running"
+            self.progress = (
+                event.get("stage", ""),
+                int(event.get("step", 0)),
+                int(event.get("total", 0)),
+                event.get("message", ""),
+            )
+        elif kind == "log":
+            self.logs.append(event)
+        elif kind == "result":
+            self.state, self.result, self.finished_at = "done", event.get("result") or {}, time.monotonic()
+        elif kind == "error":
+            self.state, self.error, self.finished_at = "failed", event.get("error") or {}, time.monotonic()
+
+
+class BackendClient:
+    """Starts and talks to one backend service process."""
+
+    def __init__(
+        self,
+        python: str | os.PathLike = sys.executable,
+        *,
+        store: str | os.PathLike | None = None,
+        allow: Iterable[str | os.PathLike] = (),
+        models_dir: str | os.PathLike | None = None,
+        extra_args: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        on_event: Callable[[dict], None] | None = None,
+    ):
+        self.python = str(python)
+        self.store = None if store is None else str(store)
+        self.allow = [str(a) for a in allow]
+        self.models_dir = None if models_dir is None else str(models_dir)
+        self.extra_args = list(extra_args)
+        self.env = env
+        self.cwd = None if cwd is None else str(cwd)
+        self.on_event = on_event
+        self.requests: dict[str, Request] = {}
+        self.restarts = 0
+        self._proc: subprocess.Popen | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._generation = 0
+
+    # -- process ------------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        cmd = [self.python, "-u", "-m", "ex4d_backend", "serve"]
+        if self.store:
+            cmd += ["--store", self.store]
+        for a in self.allow:
+            cmd += ["--allow", a]
+        if self.models_dir:
+            cmd += ["--models-dir", self.models_dir]
+        return cmd + self.extra_args
+
+    def start(self) -> None:
+        """Start the backend process if it is not running (returns at once; does not wait for it)."""
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                return
+            if self._proc is not None:
+                self.restarts += 1
+            env = dict(os.environ if self.env is None else self.env)
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            env.setdefault("PYTHONIOENCODING", "utf-8")
+            kwargs: dict[str, Any] = {}
+            if os.name == "nt":
+                kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            self._stderr.clear()
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.cwd,
+                env=env,
+                **kwargs,
+            )
+            self._generation += 1
+            gen, proc = self._generation, self._proc
+        threading.Thread(target=self._read_stdout, args=(proc, gen), daemon=True, name="ex4d-stdout").start()
+        threading.Thread(target=self._read_stderr, args=(proc,), daemon=True, name="ex4d-stderr").start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def stderr_tail(self, n: int = 30) -> list[str]:
+        return list(self._stderr)[-n:]
+
+    def _read_stdout(self, proc: subprocess.Popen, gen: int) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                self._stderr.append(f"(stdout) {line}")
+                continue
+            if isinstance(event, dict):
+                self._events.put(event)
+        proc.wait()
+        self._events.put({"event": "_exit", "generation": gen, "returncode": proc.returncode})
+
+    def _read_stderr(self, proc: subprocess.Popen) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            self._stderr.append(raw.decode("utf-8", "replace").rstrip())
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Ask the backend to shut down; kill it if it does not exit within ``timeout`` seconds."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                self._write({"id": f"shutdown-{next(self._ids)}", "type": "shutdown", "params": {}})
+                proc.stdin.close()  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.poll()
+
+    def kill(self) -> None:
+        """Kill the backend at once (tests; a hung backend)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+
+    # -- requests -----------------------------------------------------------------------------
+    def new_id(self, type_: str) -> str:
+        return f"{type_}-{os.getpid()}-{next(self._ids)}"
+
+    def submit(self, type_: str, params: dict | None = None, *, id: str | None = None) -> Request:
+        """Send a request and return at once; follow it with :meth:`poll`. Restarts a dead backend."""
+        self.start()
+        req = Request(id or self.new_id(type_), type_, dict(params or {}))
+        self.requests[req.id] = req
+        try:
+            self._write({"id": req.id, "type": type_, "params": req.params, "protocol": PROTOCOL_VERSION})
+        except (OSError, ValueError) as exc:
+            req._apply(self._died_event(req.id, f"cannot write to the backend: {exc}"))
+        return req
+
+    def send_raw(self, line: str | bytes) -> None:
+        """Write one raw line (tests: malformed input). A newline is added."""
+        self.start()
+        data = line.encode() if isinstance(line, str) else line
+        with self._lock:
+            assert self._proc is not None and self._proc.stdin is not None
+            self._proc.stdin.write(data + b"\n")
+            self._proc.stdin.flush()
+
+    def _write(self, msg: dict) -> None:
+        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            if self._proc is None or self._proc.stdin is None:
+                raise OSError("the backend is not running")
+            self._proc.stdin.write(data)
+            self._proc.stdin.flush()
+
+    def cancel(self, target: str | None = None) -> Request:
+        """Cancel ``target`` (queued: dropped; running: stops at its next step boundary)."""
+        return self.submit("cancel", {"target": target} if target else {})
+
+    def poll(self, max_events: int = 1000) -> list[dict]:
+        """Dispatch the events that arrived (non-blocking) and return them."""
+        out: list[dict] = []
+        for _ in range(max_events):
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            out.extend(self._dispatch(event))
+        return out
+
+    def _dispatch(self, event: dict) -> list[dict]:
+        if event.get("event") == "_exit":
+            if event["generation"] != self._generation:
+                return []
+            msg = f"the backend exited (status {event['returncode']})"
+            events = [self._died_event(r.id, msg) for r in self.requests.values() if not r.done]
+            for e in events:
+                self._deliver(e)
+            return events
+        self._deliver(event)
+        return [event]
+
+    def _deliver(self, event: dict) -> None:
+        req = self.requests.get(event.get("id") or "")
+        if req is not None:
+            req._apply(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _died_event(self, rid: str, message: str) -> dict:
+        return {
+            "id": rid,
+            "event": "error",
+            "error": {
+                "code": BACKEND_DIED,
+                "message": message,
+                "hint": "the backend is restarted on the next request; see the log lines for the cause",
+                "where": None,
+                "log_tail": self.stderr_tail(),
+            },
+        }
+
+    def wait(
+        self,
+        req: Request,
+        timeout: float | None = None,
+        *,
+        on_event: Callable[[dict], None] | None = None,
+        interval: float = 0.02,
+    ) -> Request:
+        """Block until ``req`` is done (or ``timeout`` seconds pass: the request gets a ``timeout`` error
+        and is cancelled in the backend)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not req.done:
+            try:
+                event = self._events.get(timeout=interval)
+            except queue.Empty:
+                event = None
+            if event is not None:
+                for e in self._dispatch(event):
+                    if on_event is not None and e.get("id") == req.id:
+                        on_event(e)
+            if deadline is not None and time.monotonic() > deadline and not req.done:
+                if self.running:
+                    try:
+                        self._write({"id": self.new_id("cancel"), "type": "cancel", "params": {"target": req.id}})
+                    except (OSError, ValueError):
+                        pass
+                req._apply(
+                    {
+                        "id": req.id,
+                        "event": "error",
+                        "error": {
+                            "code": TIMEOUT,
+                            "message": f"no answer from the backend within {timeout:g} s",
+                            "hint": "the request was cancelled; raise the time limit for long jobs",
+                            "where": None,
+                            "log_tail": self.stderr_tail(),
+                        },
+                    }
+                )
+        return req
+
+    def request(
+        self,
+        type_: str,
+        params: dict | None = None,
+        *,
+        timeout: float | None = None,
+        on_event: Callable[[dict], None] | None = None,
+    ) -> dict:
+        """Send a request and block until its result (raises :class:`BackendError`)."""
+        req = self.submit(type_, params)
+        return self.wait(req, timeout, on_event=on_event).raise_for_error()
+
+    def __enter__(self) -> BackendClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,370 @@
+"""The ``ex4d serve`` wire protocol: one JSON object per line on stdin (requests) and stdout (events).
+
+Every message is validated against the JSON schemas below, in both directions. Large data (frames,
+depth, meshes) travels as file paths, never inline. ``PROTOCOL.md`` documents the same content for
+humans; ``PROTOCOL_VERSION`` changes its major number on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import jsonschema
+
+from ..errors import BAD_INPUT, CANCELLED, DEVICE, INTERNAL, MODEL_INVALID, MODEL_MISSING, NOT_FOUND
+
+PROTOCOL_VERSION = "1.0"
+MAX_LINE_BYTES = 4 * 1024 * 1024  # a request longer than this is refused (large data goes by path)
+
+# Stable error codes of the protocol (never rename one). The first group comes from ``errors.py``.
+BAD_JSON = "bad_json"  # the line is not one JSON object (or holds NaN / Infinity / a huge line)
+UNKNOWN_TYPE = "unknown_type"  # the request's ``type`` is not one of REQUEST_TYPES
+INVALID_REQUEST = "invalid_request"  # fields missing, of the wrong type or out of range
+FORBIDDEN_PATH = "forbidden_path"  # a path outside the allowed folders
+DUPLICATE_ID = "duplicate_id"  # the id of a request that is still queued or running
+BACKEND_DIED = "backend_died"  # client side: the backend process exited during the request
+TIMEOUT = "timeout"  # client side: no answer within the time limit
+ERROR_CODES = (
+    BAD_INPUT,
+    NOT_FOUND,
+    MODEL_MISSING,
+    MODEL_INVALID,
+    DEVICE,
+    CANCELLED,
+    INTERNAL,
+    BAD_JSON,
+    UNKNOWN_TYPE,
+    INVALID_REQUEST,
+    FORBIDDEN_PATH,
+    DUPLICATE_ID,
+    BACKEND_DIED,
+    TIMEOUT,
+)
+
+PRESETS = ("30", "60", "90", "180", "zoom_in", "zoom_out")
+MESH_FILTERS = ("angle", "boundary")
+GENERATORS = ("ex4d", "preview")
+RENDERERS = ("auto", "cpu", "cuda")
+
+# Requests answered at once by the reader (never queued) vs jobs run by the single GPU worker.
+CONTROL_TYPES = ("hello", "cancel", "shutdown", "jobs")
+LIGHT_TYPES = ("probe_footage",)  # cheap, CPU only: run beside the GPU job, never wait behind it
+JOB_TYPES = ("estimate_depth", "build_dwmesh", "camera_preset", "render_guide", "generate")
+REQUEST_TYPES = CONTROL_TYPES + LIGHT_TYPES + JOB_TYPES
+EVENT_TYPES = ("queued", "started", "progress", "log", "result", "error")
+
+# ----------------------------------------------------------------------------------------------
+# Schemas
+# ----------------------------------------------------------------------------------------------
+_ID = {"type": "string", "minLength": 1, "maxLength": 128}
+_PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
+_NUM = {"type": "number", "minimum": -1e9, "maximum": 1e9}
+_POS = {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6}
+_ROW4 = {"type": "array", "items": _NUM, "minItems": 4, "maxItems": 4}
+_MAT4 = {"type": "array", "items": _ROW4, "minItems": 4, "maxItems": 4}
+_ROW3 = {"type": "array", "items": _NUM, "minItems": 3, "maxItems": 3}
+_MAT3 = {"type": "array", "items": _ROW3, "minItems": 3, "maxItems": 3}
+_MAX_CAMERA_FRAMES = 10000
+
+CLIP = {
+    "footage": _PATH,
+    "max_frames": {"type": "integer", "minimum": 0, "maximum": 100000},
+    "max_side": {"type": "integer", "minimum": 16, "maximum": 8192},
+    "fps": {"anyOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}]},
+}
+DEPTH = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+        "path": _PATH,
+        "kind": {"enum": ["depth", "disparity"]},
+        "repair": {"type": "boolean"},
+        "scale": _POS,
+        "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
+        "options": {"type": "object", "maxProperties": 32},
+    },
+    "required": ["model"],
+    "additionalProperties": False,
+    "if": {"properties": {"model": {"const": "file"}}},
+    "then": {"required": ["path"]},
+}
+INTRINSICS = {
+    "focal_px": _POS,  # default 500 (the reference) at the processing resolution
+    "lens": _POS,  # alternatively: the source camera's lens in mm ...
+    "sensor_width": _POS,  # ... on this sensor width in mm (default 36)
+}
+MESH = {
+    "mesh_filter": {"enum": list(MESH_FILTERS)},
+    "border_depth": _POS,
+}
+BLENDER_CAMERA = {
+    "type": "object",
+    "properties": {
+        "matrix_world": {"type": "array", "items": _MAT4, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES},
+        "lens": {"anyOf": [_POS, {"type": "array", "items": _POS, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES}]},
+        "sensor_width": _POS,
+        "sensor_height": _POS,
+        "sensor_fit": {"enum": ["AUTO", "HORIZONTAL", "VERTICAL"]},
+        "shift_x": {"type": "number", "minimum": -100, "maximum": 100},
+        "shift_y": {"type": "number", "minimum": -100, "maximum": 100},
+        "resolution": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": 16384},
+            "minItems": 2,
+            "maxItems": 2,
+        },
+    },
+    "required": ["matrix_world", "lens"],
+    "additionalProperties": False,
+}
+OPENCV_CAMERA = {
+    "type": "object",
+    "properties": {
+        "extrinsics": {"type": "array", "items": _MAT4, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES},
+        "intrinsics": {
+            "anyOf": [_MAT3, {"type": "array", "items": _MAT3, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES}]
+        },
+    },
+    "required": ["extrinsics"],
+    "additionalProperties": False,
+}
+CAMERA = {
+    "type": "object",
+    "properties": {
+        "preset": {"enum": list(PRESETS)},
+        "blender": BLENDER_CAMERA,
+        "opencv": OPENCV_CAMERA,
+        "file": _PATH,
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+    },
+    "minProperties": 1,
+    "maxProperties": 2,
+    "additionalProperties": False,
+    "oneOf": [
+        {"required": ["preset"]},
+        {"required": ["blender"]},
+        {"required": ["opencv"]},
+        {"required": ["file"]},
+    ],
+}
+RENDER = {
+    "renderer": {"enum": list(RENDERERS)},
+    "use_dwmesh": {"type": "boolean"},
+}
+GENERATE = {
+    "generator": {"enum": list(GENERATORS)},
+    "steps": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "cfg": {"type": "number", "minimum": 0, "maximum": 100},
+    "shift": {"type": "number", "minimum": 0, "maximum": 100},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+    "prompt": {"type": "string", "maxLength": 10000},
+    "negative_prompt": {"type": "string", "maxLength": 10000},
+    "height": {"type": "integer", "minimum": 16, "maximum": 4096, "multipleOf": 16},
+    "width": {"type": "integer", "minimum": 16, "maximum": 4096, "multipleOf": 16},
+    "num_frames": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "vram_profile": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
+    "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
+}
+COMMON = {"force": {"type": "boolean"}}  # recompute this job's own result even if it is in the store
+
+
+def _params(props: dict, required: list[str]) -> dict:
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+PARAMS: dict[str, dict] = {
+    "hello": _params({}, []),
+    "cancel": _params({"target": _ID}, []),
+    "shutdown": _params({}, []),
+    "jobs": _params({}, []),
+    "probe_footage": _params({"footage": _PATH, "max_side": CLIP["max_side"], **INTRINSICS}, ["footage"]),
+    "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
+    "build_dwmesh": _params({**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **COMMON}, ["footage", "depth"]),
+    "camera_preset": _params(
+        {**CLIP, "depth": DEPTH, **INTRINSICS, "preset": {"enum": list(PRESETS)}, "sensor_width": _POS},
+        ["footage", "depth", "preset"],
+    ),
+    "render_guide": _params(
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **COMMON},
+        ["footage", "depth", "camera"],
+    ),
+    "generate": _params(
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **GENERATE, **COMMON},
+        ["footage", "depth", "camera"],
+    ),
+}
+
+REQUEST = {
+    "type": "object",
+    "properties": {
+        "id": _ID,
+        "type": {"type": "string", "maxLength": 64},
+        "params": {"type": "object"},
+        "protocol": {"type": "string", "maxLength": 16},
+    },
+    "required": ["id", "type"],
+    "additionalProperties": False,
+}
+
+_ERROR_BODY = {
+    "type": "object",
+    "properties": {
+        "code": {"enum": list(ERROR_CODES)},
+        "message": {"type": "string"},
+        "where": {"type": ["string", "null"]},
+        "hint": {"type": ["string", "null"]},
+        "log_tail": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["code", "message", "hint"],
+}
+EVENT = {
+    "type": "object",
+    "properties": {
+        "id": {"type": ["string", "null"]},
+        "event": {"enum": list(EVENT_TYPES)},
+        "time": {"type": "number"},
+    },
+    "required": ["id", "event"],
+    "allOf": [
+        {
+            "if": {"properties": {"event": {"const": "queued"}}},
+            "then": {"properties": {"position": {"type": "integer", "minimum": 1}}, "required": ["position"]},
+        },
+        {
+            "if": {"properties": {"event": {"const": "progress"}}},
+            "then": {
+                "properties": {
+                    "stage": {"type": "string"},
+                    "step": {"type": "integer", "minimum": 0},
+                    "total": {"type": "integer", "minimum": 0},
+                    "message": {"type": "string"},
+                },
+                "required": ["stage", "step", "total", "message"],
+            },
+        },
+        {
+            "if": {"properties": {"event": {"const": "log"}}},
+            "then": {
+                "properties": {"level": {"enum": ["debug", "info", "warning", "error"]}, "message": {"type": "string"}},
+                "required": ["level", "message"],
+            },
+        },
+        {
+            "if": {"properties": {"event": {"const": "result"}}},
+            "then": {"properties": {"result": {"type": "object"}}, "required": ["result"]},
+        },
+        {
+            "if": {"properties": {"event": {"const": "error"}}},
+            "then": {"properties": {"error": _ERROR_BODY}, "required": ["error"]},
+        },
+    ],
+}
+
+_REQUEST_VALIDATOR = jsonschema.Draft202012Validator(REQUEST)
+_EVENT_VALIDATOR = jsonschema.Draft202012Validator(EVENT)
+_PARAM_VALIDATORS = {name: jsonschema.Draft202012Validator(s) for name, s in PARAMS.items()}
+for _schema in (REQUEST, EVENT, *PARAMS.values()):
+    jsonschema.Draft202012Validator.check_schema(_schema)
+
+
+class ProtocolError(Exception):
+    """A request that cannot be served; carries the stable ``code`` and the request id if known."""
+
+    def __init__(self, code: str, message: str, *, hint: str | None = None, where: str | None = None, id=None):
+        super().__init__(message)
+        self.code, self.message, self.hint, self.where, self.id = code, message, hint, where, id
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "where": self.where, "hint": self.hint}
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed (JSON numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def loads_strict(line: str | bytes) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and numbers that overflow to infinity."""
+    return json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
+
+
+def _lenient_id(line: str | bytes) -> str | None:
+    """The id of a line that is JSON except for NaN / Infinity, so its error reaches its request."""
+    try:
+        msg = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+
+
+def parse_request(line: str | bytes) -> dict:
+    """Parse and validate one request line; raise :class:`ProtocolError` with a stable code."""
+    if len(line) > MAX_LINE_BYTES:
+        raise ProtocolError(
+            BAD_JSON, f"the request line is longer than {MAX_LINE_BYTES} bytes", hint="pass large data as file paths"
+        )
+    try:
+        msg = loads_strict(line)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(
+            BAD_JSON,
+            f"the line is not valid JSON: {str(exc)[:200]}",
+            hint="send one JSON object per line, UTF-8, without NaN or Infinity",
+            id=_lenient_id(line),
+        ) from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(BAD_JSON, "a request must be a JSON object", hint='send {"id": ..., "type": ...}')
+    rid = msg.get("id") if isinstance(msg.get("id"), str) and 0 < len(msg["id"]) <= 128 else None
+    _check(_REQUEST_VALIDATOR, msg, rid, "request")
+    if msg["type"] not in PARAMS:
+        raise ProtocolError(
+            UNKNOWN_TYPE,
+            f"unknown request type '{msg['type'][:64]}'",
+            hint=f"known types: {', '.join(REQUEST_TYPES)}",
+            id=rid,
+        )
+    params = msg.get("params") or {}
+    _check(_PARAM_VALIDATORS[msg["type"]], params, rid, "params")
+    return {"id": msg["id"], "type": msg["type"], "params": params}
+
+
+def validate_params(type_: str, params: dict) -> None:
+    """Validate a job definition's params (used by ``ex4d run``)."""
+    if type_ not in PARAMS:
+        raise ProtocolError(
+            UNKNOWN_TYPE, f"unknown request type '{str(type_)[:64]}'", hint=f"known types: {', '.join(REQUEST_TYPES)}"
+        )
+    _check(_PARAM_VALIDATORS[type_], params, None, "params")
+
+
+def _check(validator: jsonschema.Draft202012Validator, obj: Any, rid: str | None, what: str) -> None:
+    error = jsonschema.exceptions.best_match(validator.iter_errors(obj))
+    if error is None:
+        return
+    where = what + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    raise ProtocolError(
+        INVALID_REQUEST,
+        f"{where}: {error.message[:300]}",
+        where=where,
+        hint="see PROTOCOL.md for the fields of each request",
+        id=rid,
+    )
+
+
+def validate_event(event: dict) -> None:
+    """Raise ``jsonschema.ValidationError`` if an outgoing event breaks the protocol (a bug)."""
+    _EVENT_VALIDATOR.validate(event)
+
+
+def dumps(obj: dict) -> str:
+    """One protocol line (no NaN allowed, compact, ASCII-safe)."""
+    return json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=True)
