@@ -1,0 +1,69 @@
+"""EX-4D generation: guide (colour + mask) -> the shot seen from the new camera.
+
+``load_generator("ex4d")`` loads Wan2.1-I2V-14B-480P with EX-4D's LoRA and camera encoder on
+diffsynth 2.x (:class:`~.pipeline.Ex4dPipeline`); ``load_generator("preview")`` returns the
+weight-free OpenCV :class:`~.preview.PreviewGenerator`. Both are called the same way::
+
+    gen = load_generator("ex4d", models_dir=None, device="auto", vram_profile="full")
+    frames = gen(color, mask, height=512, width=512, num_frames=49, steps=25, cfg=5.0, shift=5.0,
+                 seed=0, callback=lambda stage, step, total, msg: ...)
+    write_outputs(frames, "out.mp4", fps=24, frames_dir="out_frames")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import BAD_INPUT, Ex4dError
+from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT
+
+GENERATORS = ("ex4d", "preview")
+
+
+class Generator(Protocol):
+    name: str
+
+    def __call__(self, color: np.ndarray, mask: np.ndarray, **kwargs) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def load_generator(
+    name: str = "ex4d", *, models_dir=None, device="auto", vram_profile: str = "full", dtype=None, progress=None
+) -> Generator:
+    """``"ex4d"`` (needs the weights, see ``ex4d models``) or ``"preview"`` (no weights)."""
+    if name == "preview":
+        from .preview import PreviewGenerator
+
+        return PreviewGenerator()
+    if name == "ex4d":
+        from .pipeline import Ex4dPipeline
+
+        return Ex4dPipeline.from_models_dir(
+            models_dir, device=device, dtype=dtype, vram_profile=vram_profile, progress=progress
+        )
+    raise Ex4dError(
+        f"unknown generator '{name}'", where="--generator", hint=f"one of {', '.join(GENERATORS)}", code=BAD_INPUT
+    )
+
+
+def write_outputs(
+    frames: np.ndarray, video: str | os.PathLike | None, fps: float, frames_dir: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """Write the result as an H.264 mp4 at ``fps`` and/or a PNG sequence (``frame_00000.png`` ...),
+    each atomically (nothing half-written is ever visible)."""
+    from ..footage import write_png_sequence, write_video
+
+    out: dict[str, Path] = {}
+    if frames_dir is not None:
+        out["frames"] = write_png_sequence(frames_dir, frames)
+    if video is not None:
+        out["video"] = write_video(video, frames, fps)
+    return out
+
+
+__all__ = ["GENERATORS", "REFERENCE_NEGATIVE", "REFERENCE_PROMPT", "Generator", "load_generator", "write_outputs"]

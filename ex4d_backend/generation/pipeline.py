@@ -1,0 +1,310 @@
+"""EX-4D generation pipeline on diffsynth 2.x: guide (colour + mask) -> new-view video.
+
+Built from diffsynth's Wan modules (``WanModel``, ``WanVideoVAE``, ``WanTextEncoder``,
+``WanImageEncoder``), its DiT step function (``model_fn_wan_video``) and its flow-matching scheduler
+(``FlowMatchScheduler("Wan")``). EX-4D adds, as the reference does:
+
+- the LoRA (peft, r=16, alpha=16 on q, k, v, o, ffn.0, ffn.2), loaded from ``ex4d.ckpt``;
+- the camera tokens: :class:`CamVidEncoder` on the VAE latents of the masked colour guide and the
+  mask guide, added to the DiT patch embedding by :class:`CameraTokenHook`.
+
+Differences from the reference, all with identical math: the two CFG branches run as one batch of 2,
+the three VAE encodes (I2V first frame, colour guide, mask guide) run as one batch of 3 (``full``),
+the prompt and negative prompt are encoded together, and latents are kept in float32 between steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import DEVICE, Ex4dError
+from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT, prepare_guide
+from .vram import PROFILES, Placement
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int, str], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Ex4dError("CUDA was requested but no NVIDIA GPU is available", where="--device", code=DEVICE)
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on the GPU (as the reference); float32 on the CPU (bf16 convolutions are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoiser needs, computed once per clip."""
+
+    context: torch.Tensor  # (B, L, 4096) text embeddings: [prompt] or [prompt, negative prompt]
+    clip_feature: torch.Tensor  # (B, 257, 1280) CLIP tokens of the first guide frame
+    y: torch.Tensor  # (B, 20, f, h, w): 4 first-frame mask channels + 16 latent channels
+    camera_tokens: torch.Tensor  # (1, dim, f, h/2, w/2) EX-4D camera tokens
+
+
+class Ex4dPipeline:
+    """Wan2.1-I2V-14B + EX-4D (LoRA + camera encoder). Call it with a guide; see :meth:`__call__`."""
+
+    name = "ex4d"
+
+    def __init__(
+        self,
+        *,
+        dit,
+        vae,
+        text_encoder,
+        tokenizer,
+        image_encoder,
+        camera_encoder,
+        device,
+        dtype,
+        vram_profile: str = "full",
+    ):
+        from .camera_encoder import CameraTokenHook
+
+        self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
+        self.tokenizer, self.image_encoder, self.camera_encoder = tokenizer, image_encoder, camera_encoder
+        self.device, self.dtype = device, dtype
+        self.camera_hook = CameraTokenHook(dit)
+        self.placement = Placement(self, PROFILES[vram_profile], device)
+
+    # ------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_models_dir(
+        cls, models_dir=None, *, device="auto", dtype=None, vram_profile="full", progress: Progress | None = None
+    ) -> Ex4dPipeline:
+        """Load Wan2.1-I2V-14B-480P and ex4d.ckpt from the models directory (published layouts)."""
+        from .. import modelstore
+        from . import loading, specs
+
+        if vram_profile not in PROFILES:
+            raise Ex4dError(
+                f"unknown VRAM profile '{vram_profile}'", where="--vram-profile", hint=f"one of {', '.join(PROFILES)}"
+            )
+        dev = resolve_device(device)
+        dtype = dtype or default_dtype(dev)
+        wan = modelstore.require(specs.WAN_NAME, models_dir)
+        ex4d = modelstore.require(specs.EX4D_NAME, models_dir)
+        profile = PROFILES[vram_profile]
+        load_dev = dev if profile.resident else torch.device("cpu")
+
+        def step(i: int, msg: str) -> None:
+            if progress:
+                progress("load", i, 5, msg)
+
+        step(0, "loading the DiT")
+        dit = loading.load_dit(wan, load_dev, dtype)
+        loading.inject_lora(dit)
+        step(1, "loading ex4d.ckpt")
+        camera_encoder, _ = loading.load_ex4d_checkpoint(ex4d / specs.EX4D_FILE, dit, load_dev, dtype)
+        step(2, "loading the text encoder")
+        text_encoder = loading.load_text_encoder(wan, load_dev, dtype)
+        tokenizer = loading.load_tokenizer(wan)
+        step(3, "loading the VAE and the image encoder")
+        vae = loading.load_vae(wan, load_dev, dtype)
+        image_encoder = loading.load_image_encoder(wan, load_dev, dtype)
+        step(4, "models loaded")
+        return cls(
+            dit=dit,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            image_encoder=image_encoder,
+            camera_encoder=camera_encoder,
+            device=dev,
+            dtype=dtype,
+            vram_profile=vram_profile,
+        )
+
+    # ---------------------------------------------------------------------------- encoders
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """umT5 embeddings (B, 512, 4096); positions after each prompt's last token are zero."""
+        ids, mask = self.tokenizer(prompts, return_mask=True, add_special_tokens=True)
+        with self.placement.onload(self.text_encoder):
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            emb = self.text_encoder(ids, mask)
+        for i, n in enumerate(mask.gt(0).sum(dim=1).tolist()):
+            emb[i, n:] = 0
+        return emb.to(self.dtype)
+
+    @torch.no_grad()
+    def vae_encode(self, videos: torch.Tensor) -> torch.Tensor:
+        """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, (T-1)/4+1, H/8, W/8)."""
+        with self.placement.onload(self.vae):
+            if self.placement.profile.vae_batch:
+                return self.vae.model.encode(videos.to(self.device, self.dtype), self.vae.scale)
+            return torch.cat(
+                [self.vae.model.encode(v[None].to(self.device, self.dtype), self.vae.scale) for v in videos]
+            )
+
+    @torch.no_grad()
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (1, 16, f, h, w) -> video (1, 3, T, H, W) in [-1, 1]."""
+        with self.placement.onload(self.vae):
+            if self.placement.profile.vae_tiled:
+                return self.vae.decode(latents.to(self.dtype), device=self.device, tiled=True).to(self.device)
+            return self.vae.model.decode(latents.to(self.device, self.dtype), self.vae.scale).clamp_(-1, 1)
+
+    @torch.no_grad()
+    def condition(self, color: np.ndarray, mask: np.ndarray, prompts: list[str]) -> Conditioning:
+        """Guide arrays from :func:`prepare_guide` -> :class:`Conditioning` (the reference's math).
+
+        colour_cond = colour * mask * 2 - 1; mask_cond = mask * 2 - 1 (3 channels). The first frame of
+        colour_cond goes through CLIP and, followed by zeros, through the VAE (Wan I2V). The camera
+        encoder takes the latents of colour_cond and of (mask_cond * 2 - 1), as the reference does.
+        """
+        dev, dt = self.device, self.dtype
+        color_t = torch.from_numpy(color).permute(3, 0, 1, 2)[None] * 2 - 1  # (1, 3, T, H, W)
+        mask_t = torch.from_numpy(mask)[None, None].expand(1, 3, -1, -1, -1) * 2 - 1
+        _, _, t, h, w = color_t.shape
+        first = torch.cat([color_t[:, :, :1], torch.zeros_like(color_t[:, :, 1:])], dim=2)
+        context = self.encode_prompts(prompts)
+        with self.placement.onload(self.image_encoder):
+            clip_feature = self.image_encoder.encode_image([color_t[:, :, 0].to(dev, dt)]).to(dt)
+        lat = self.vae_encode(torch.cat([first, color_t, mask_t * 2 - 1]))
+        first_lat, color_lat, mask_lat = lat[0:1], lat[1:2], lat[2:3]
+        with self.placement.onload(self.camera_encoder):
+            cam = self.camera_encoder(color_lat.to(dev, dt), mask_lat.to(dev, dt))
+        f = first_lat.shape[2]
+        msk = torch.zeros(1, 4 * f, h // 8, w // 8, device=dev, dtype=dt)
+        msk[:, :4] = 1  # frame 0 is given (its 1 frame fills all 4 slots of latent frame 0)
+        msk = msk.view(1, f, 4, h // 8, w // 8).transpose(1, 2)
+        y = torch.cat([msk, first_lat.to(dev, dt)], dim=1)
+        b = context.shape[0]
+        return Conditioning(
+            context=context,
+            clip_feature=clip_feature.expand(b, -1, -1),
+            y=y.expand(b, -1, -1, -1, -1),
+            camera_tokens=cam,
+        )
+
+    # ------------------------------------------------------------------------------ denoise
+    @torch.no_grad()
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One DiT evaluation (both CFG branches as one batch when ``cond`` has 2 prompts)."""
+        from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+        with self.camera_hook.active(cond.camera_tokens), self.placement.dit_forward():
+            if self.placement.profile.cfg_batch or cond.context.shape[0] == 1:
+                return model_fn_wan_video(
+                    self.dit,
+                    latents=latents.to(self.dtype),
+                    timestep=timestep,
+                    context=cond.context,
+                    clip_feature=cond.clip_feature,
+                    y=cond.y,
+                )
+            outs = [
+                model_fn_wan_video(
+                    self.dit,
+                    latents=latents.to(self.dtype),
+                    timestep=timestep,
+                    context=cond.context[i : i + 1],
+                    clip_feature=cond.clip_feature[i : i + 1],
+                    y=cond.y[i : i + 1],
+                )
+                for i in range(cond.context.shape[0])
+            ]
+            return torch.cat(outs)
+
+    # -------------------------------------------------------------------------------- call
+    def __call__(
+        self,
+        color: np.ndarray,
+        mask: np.ndarray,
+        *,
+        height: int = 512,
+        width: int = 512,
+        num_frames: int = 49,
+        steps: int = 25,
+        cfg: float = 5.0,
+        shift: float = 5.0,
+        seed: int = 0,
+        prompt: str = REFERENCE_PROMPT,
+        negative_prompt: str = REFERENCE_NEGATIVE,
+        resize: str = "crop",
+        callback: Progress | None = None,
+    ) -> np.ndarray:
+        """Generate the new-view video from a guide.
+
+        Args:
+            color: guide colour, uint8 (T, H, W, 3) RGB (holes may hold anything; they are masked).
+            mask: guide mask, uint8 (T, H, W), 255 = visible from the source, 0 = to be filled.
+            height, width: output size in px, multiples of 16 (reference: 512 x 512; 832 x 480 works).
+            num_frames: output frames, 4k + 1, sampled from the guide with linspace (reference: 49).
+            steps: denoising steps (25). cfg: classifier-free guidance scale (5; 1 = no negative branch).
+            shift: flow-matching sigma shift (5). seed: seeds the noise and the mask erosion.
+            prompt, negative_prompt: text conditioning (defaults: the reference's fixed prompts).
+            resize: ``crop`` keeps the guide's aspect (centred crop to the output aspect, then resize);
+                ``stretch`` squashes like the reference.
+            callback: ``callback(stage, step, total, message)``; called after every denoising step
+                with stage ``"denoise"``; raising :class:`~ex4d_backend.errors.Cancelled` stops the run
+                between steps and frees GPU memory.
+
+        Returns:
+            uint8 (num_frames, height, width, 3) RGB frames.
+        """
+        from diffsynth.diffusion.flow_match import FlowMatchScheduler
+
+        def report(stage: str, i: int, n: int, msg: str) -> None:
+            if callback:
+                callback(stage, i, n, msg)
+
+        color_f, mask_f = prepare_guide(
+            color, mask, height=height, width=width, num_frames=num_frames, seed=seed, resize=resize
+        )
+        cond = latents = video = None
+        try:
+            report("condition", 0, 1, "encoding prompt, first frame and guide")
+            prompts = [prompt, negative_prompt] if cfg != 1.0 else [prompt]
+            cond = self.condition(color_f, mask_f, prompts)
+            report("condition", 1, 1, "conditioning ready")
+            scheduler = FlowMatchScheduler("Wan")
+            scheduler.set_timesteps(steps, shift=shift)
+            shape = (1, 16, (num_frames - 1) // 4 + 1, height // 8, width // 8)
+            gen = torch.Generator("cpu").manual_seed(seed)
+            latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
+            for i, t in enumerate(scheduler.timesteps):
+                timestep = t[None].to(self.device, self.dtype)
+                pred = self.predict_noise(latents, timestep, cond).float()
+                if cond.context.shape[0] == 2:
+                    pos, neg = pred.chunk(2)
+                    pred = neg + cfg * (pos - neg)
+                latents = scheduler.step(pred, t, latents)
+                report("denoise", i + 1, steps, f"denoising step {i + 1}/{steps}")
+            report("decode", 0, 1, "decoding")
+            video = self.vae_decode(latents)
+            frames = ((video[0].float().permute(1, 2, 3, 0) + 1) * 127.5).clamp(0, 255).cpu().numpy()
+            report("decode", 1, 1, "done")
+            return frames.astype(np.uint8)
+        finally:
+            del cond, latents, video
+            self.placement.release()
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Drop every model and free GPU memory."""
+        self.camera_hook.remove()
+        self.placement.close()
+        for name in ("dit", "vae", "text_encoder", "image_encoder", "camera_encoder"):
+            setattr(self, name, None)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

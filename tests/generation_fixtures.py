@@ -1,0 +1,157 @@
+"""Tiny random-weight Wan2.1-I2V + EX-4D models in the published file layout (built at test time).
+
+Real diffsynth classes at toy sizes: DiT (2 layers, width 256, 2 heads), umT5 encoder (width 64),
+VAE (base width 16), CLIP ViT image tower (1 + 1 layers; width 1280 and 257 tokens are fixed by the
+DiT), a word-level tokenizer, and an ``ex4d.ckpt`` with the reference key names and non-zero LoRA /
+camera-encoder weights. Nothing here is committed as a binary: everything is written under a pytest
+temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WAN_REPO = "Wan-AI/Wan2.1-I2V-14B-480P"
+EX4D_REPO = "yihouxiang/EX-4D"
+DIT_CFG = dict(
+    dim=256,
+    in_dim=36,
+    ffn_dim=512,
+    out_dim=16,
+    text_dim=64,
+    freq_dim=256,
+    eps=1e-6,
+    patch_size=(1, 2, 2),
+    num_heads=2,
+    num_layers=2,
+    has_image_input=True,
+)
+T5_CFG = dict(vocab=64, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32, shared_pos=False)
+VAE_DIM = 16
+CLIP_CFG = dict(embed_dim=64, vision_dim=1280, vision_mlp_ratio=1, vision_heads=16, vision_layers=2)
+ENCODER_HIDDEN = 32
+
+
+def build_dit(seed: int = 0) -> torch.nn.Module:
+    from diffsynth.models.wan_video_dit import WanModel
+
+    torch.manual_seed(seed)
+    return WanModel(**DIT_CFG).eval()
+
+
+def write_dit(folder: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in build_dit(seed).state_dict().items()}
+    keys = sorted(state)
+    for i in range(7):
+        part = {k: state[k] for k in keys[i::7]}
+        save_file(part, str(folder / f"diffusion_pytorch_model-{i + 1:05d}-of-00007.safetensors"))
+    return state
+
+
+def write_text_encoder(folder: Path, seed: int = 1) -> None:
+    from diffsynth.models.wan_video_text_encoder import WanTextEncoder
+
+    torch.manual_seed(seed)
+    torch.save(WanTextEncoder(**T5_CFG).state_dict(), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+
+
+def write_vae(folder: Path, seed: int = 2) -> None:
+    from diffsynth.models.wan_video_vae import VideoVAE_
+
+    torch.manual_seed(seed)
+    torch.save(VideoVAE_(dim=VAE_DIM, z_dim=16).state_dict(), folder / "Wan2.1_VAE.pth")
+
+
+def write_image_encoder(folder: Path, seed: int = 3) -> None:
+    from diffsynth.models.wan_video_image_encoder import clip_xlm_roberta_vit_h_14
+
+    torch.manual_seed(seed)
+    model = clip_xlm_roberta_vit_h_14(pretrained=False, return_transforms=False, **CLIP_CFG)
+    state = dict(model.state_dict())
+    state["textual.token_embedding.weight"] = torch.zeros(4, 8)  # the published file has a text tower
+    torch.save(state, folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+
+
+def write_tokenizer(folder: Path) -> None:
+    import io
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ex4d_backend.generation.conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in (REFERENCE_PROMPT + " " + REFERENCE_NEGATIVE).lower().replace(",", " ").split():
+        if len(vocab) < T5_CFG["vocab"]:
+            vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(folder))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([REFERENCE_PROMPT, REFERENCE_NEGATIVE] * 8),
+        model_writer=model,
+        vocab_size=40,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (folder / "spiece.model").write_bytes(model.getvalue())
+
+
+def ex4d_state(seed: int = 4, *, zero_encoder: bool = False, lora_scale: float = 0.05) -> dict[str, torch.Tensor]:
+    """A tiny ex4d.ckpt state dict: every LoRA tensor of the tiny DiT + the 8 camera-encoder tensors."""
+    from ex4d_backend.generation.camera_encoder import CamVidEncoder
+    from ex4d_backend.generation.loading import inject_lora
+
+    gen = torch.Generator().manual_seed(seed)
+    dit = inject_lora(build_dit())
+    state = {k: torch.randn(v.shape, generator=gen) * lora_scale for k, v in dit.state_dict().items() if ".lora_" in k}
+    enc = CamVidEncoder(16, ENCODER_HIDDEN, DIT_CFG["dim"], DIT_CFG["patch_size"])
+    for k, v in enc.state_dict().items():
+        zero = zero_encoder and k.startswith("latent_patch_embedding")
+        state[k] = torch.zeros(v.shape) if zero else torch.randn(v.shape, generator=gen) * 0.05
+    return state
+
+
+def make_models_dir(root: Path, *, zero_encoder: bool = False) -> Path:
+    """Write the whole tiny models directory; returns ``root``."""
+    wan = root / WAN_REPO
+    wan.mkdir(parents=True, exist_ok=True)
+    write_dit(wan)
+    write_text_encoder(wan)
+    write_vae(wan)
+    write_image_encoder(wan)
+    write_tokenizer(wan / "google" / "umt5-xxl")
+    ex4d = root / EX4D_REPO
+    ex4d.mkdir(parents=True, exist_ok=True)
+    torch.save(ex4d_state(zero_encoder=zero_encoder), ex4d / "ex4d.ckpt")
+    return root
+
+
+def guide(t: int = 5, h: int = 64, w: int = 64, seed: int = 0):
+    """A small guide: smooth colour video and a mask with a moving hole (255 = keep, 0 = fill)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    color = np.empty((t, h, w, 3), np.uint8)
+    mask = np.full((t, h, w), 255, np.uint8)
+    for i in range(t):
+        color[i, ..., 0] = (xx * 255 // w + 10 * i) % 256
+        color[i, ..., 1] = yy * 255 // h
+        color[i, ..., 2] = rng.integers(0, 60)
+        if i > 0:
+            mask[i, :, w - (w // 4 + 2 * i) :] = 0
+    return color, mask
