@@ -1,0 +1,190 @@
+"""Depth input from files: depth or disparity videos, validated and resampled to the footage.
+
+Accepted: ``.npy`` / ``.npz`` arrays of shape (T, H, W) (npz key ``depth``, ``disparity`` or the only
+array), or a folder of per-frame EXR (float, first of Z/depth/Y/R channels) or 16-bit PNG files.
+``kind="depth"``: values are distances along the optical axis (z), in scene units, multiplied by
+``scale`` (e.g. 0.001 for millimetre PNGs). ``kind="disparity"``: any affine-invariant disparity (like
+DepthCrafter's output); it is min-max normalised over the clip and mapped to depth exactly like the
+reference (:func:`disparity_to_depth`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NOT_FOUND, Ex4dError
+
+DEPTH_MIN, DEPTH_MAX = 1e-4, 1e4  # the reference's clip range
+
+
+def disparity_to_depth(disparity: np.ndarray) -> np.ndarray:
+    """The reference mapping: d = minmax(disparity) over the clip; depth = 10000 / (3900 * max(d, 1e-5/3900)),
+    clipped to [1e-4, 1e4]. The nearest surface ends up about 2.56 units away."""
+    d = np.asarray(disparity, dtype=np.float64)
+    lo, hi = float(d.min()), float(d.max())
+    d = (d - lo) / (hi - lo) if hi > lo else np.ones_like(d)
+    depth = 10000.0 / (3900.0 * np.maximum(d, 1e-5 / 3900.0))
+    return np.clip(depth, DEPTH_MIN, DEPTH_MAX).astype(np.float32)
+
+
+def _read_array_file(p: Path) -> np.ndarray:
+    try:
+        if p.suffix.lower() == ".npy":
+            return np.load(p, allow_pickle=False)
+        with np.load(p, allow_pickle=False) as data:
+            for key in ("depth", "disparity", "arr_0"):
+                if key in data:
+                    return data[key]
+            if len(data.files) == 1:
+                return data[data.files[0]]
+            raise Ex4dError(
+                f"the npz holds several arrays ({', '.join(data.files)}) and none is named 'depth' or 'disparity'",
+                where=str(p),
+            )
+    except Ex4dError:
+        raise
+    except (ValueError, OSError, EOFError) as exc:
+        raise Ex4dError(f"cannot read the depth file: {exc}", where=str(p), hint="the file is corrupt") from None
+
+
+def _read_frame_folder(folder: Path) -> np.ndarray:
+    import cv2
+
+    from .footage import _natural_key, read_exr
+
+    files = sorted(
+        (f for f in folder.iterdir() if f.suffix.lower() in (".exr", ".png") and not f.name.startswith(".")),
+        key=lambda f: _natural_key(f.name),
+    )
+    if not files:
+        raise Ex4dError("the depth folder holds no EXR or PNG frames", where=str(folder))
+    frames = []
+    for f in files:
+        if f.suffix.lower() == ".exr":
+            arr = read_exr(f)
+            arr = arr if arr.ndim == 2 else arr[..., 0]
+        else:
+            arr = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+            if arr is None:
+                raise Ex4dError("cannot read the depth frame", where=str(f), hint="the file is corrupt")
+            if arr.ndim == 3:
+                arr = arr[..., 0]
+            if arr.dtype != np.uint16:
+                raise Ex4dError(
+                    f"depth PNGs must be 16-bit single-channel, got {arr.dtype}",
+                    where=str(f),
+                    hint="8-bit PNGs lose too much precision; save 16-bit PNG or EXR",
+                )
+        frames.append(arr.astype(np.float32))
+    if len({f.shape for f in frames}) != 1:
+        raise Ex4dError("the depth frames differ in size", where=str(folder))
+    return np.stack(frames)
+
+
+def read_depth_file(path: str | os.PathLike) -> np.ndarray:
+    """Raw (T, H, W) float32 values of a depth/disparity file or folder, unvalidated."""
+    p = Path(path)
+    if not p.exists():
+        raise Ex4dError("depth file not found", where=str(p), code=NOT_FOUND)
+    arr = _read_frame_folder(p) if p.is_dir() else _read_array_file(p)
+    arr = np.asarray(arr)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise Ex4dError(f"depth must have shape (T, H, W), got {arr.shape}", where=str(p))
+    if not np.issubdtype(arr.dtype, np.number):
+        raise Ex4dError(f"depth must be numeric, got {arr.dtype}", where=str(p))
+    return arr.astype(np.float32)
+
+
+def validate_depth(arr: np.ndarray, kind: str, where: str, repair: bool = False) -> np.ndarray:
+    """Reject (or, with ``repair``, fill from valid neighbours) NaN, inf and, for depth, values <= 0."""
+    bad = ~np.isfinite(arr)
+    if kind == "depth":
+        bad |= ~(arr > 0)
+    if not bad.any():
+        return arr
+    frames = np.flatnonzero(bad.reshape(len(arr), -1).any(axis=1))
+    what = "NaN/inf" + (" or non-positive" if kind == "depth" else "")
+    if not repair:
+        raise Ex4dError(
+            f"{int(bad.sum())} {what} depth values in {len(frames)} frame(s) (first: frame {int(frames[0])})",
+            where=where,
+            hint="fix the depth, or pass --repair-depth to fill them from neighbouring valid pixels",
+        )
+    import cv2
+
+    out = arr.copy()
+    for t in frames:
+        valid = ~bad[t]
+        if not valid.any():
+            raise Ex4dError(f"depth frame {int(t)} has no valid value to repair from", where=where)
+        frame = np.where(valid, out[t], 0.0).astype(np.float32)
+        lo, hi = float(frame[valid].min()), float(frame[valid].max())
+        scale = (hi - lo) or 1.0
+        norm = ((frame - lo) / scale).astype(np.float32)
+        filled = cv2.inpaint(norm, bad[t].astype(np.uint8), 3, cv2.INPAINT_TELEA)
+        out[t] = np.where(valid, out[t], filled * scale + lo)
+    return out
+
+
+def resample_depth(arr: np.ndarray, size: tuple[int, int], where: str) -> np.ndarray:
+    """Resize (T, h, w) to ``size`` = (W, H). Aspect ratios must agree within 2 %."""
+    t, h, w = arr.shape
+    width, height = size
+    if (w, h) == (width, height):
+        return arr
+    if abs((w / h) / (width / height) - 1.0) > 0.02:
+        raise Ex4dError(
+            f"depth is {w}x{h} but the footage is {width}x{height} (different aspect ratio)",
+            where=where,
+            hint="give depth computed on this footage (any resolution with the same aspect ratio)",
+        )
+    import cv2
+
+    interp = cv2.INTER_AREA if w > width else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(f, (width, height), interpolation=interp) for f in arr]).astype(np.float32)
+
+
+def load_depth(
+    path: str | os.PathLike,
+    *,
+    kind: str = "depth",
+    size: tuple[int, int] | None = None,
+    n_frames: int | None = None,
+    total_frames: int | None = None,
+    repair: bool = False,
+    scale: float = 1.0,
+) -> np.ndarray:
+    """Depth (T, H, W) float32 in scene units at ``size`` = (W, H), for the first ``n_frames`` frames.
+
+    The file must have ``n_frames`` frames, or ``total_frames`` (the whole footage, of which the first
+    ``n_frames`` are used).
+    """
+    if kind not in ("depth", "disparity"):
+        raise Ex4dError(f"unknown depth kind '{kind}'", where="--depth-kind", hint="use depth or disparity")
+    where = str(path)
+    arr = read_depth_file(path)
+    if n_frames is not None:
+        ok = {n_frames} | ({total_frames} if total_frames else set())
+        if len(arr) not in ok:
+            raise Ex4dError(
+                f"depth has {len(arr)} frames but the footage has {total_frames or n_frames}"
+                + (f" ({n_frames} used)" if total_frames and total_frames != n_frames else ""),
+                where=where,
+                hint="give one depth frame per footage frame",
+            )
+        arr = arr[:n_frames]
+    arr = validate_depth(arr, kind, where, repair)
+    if size is not None:
+        arr = resample_depth(arr, size, where)
+    if kind == "disparity":
+        return disparity_to_depth(arr)
+    if not (np.isfinite(scale) and scale > 0):
+        raise Ex4dError(f"depth scale must be positive, got {scale}", where="--depth-scale")
+    return np.clip(arr * np.float32(scale), DEPTH_MIN, DEPTH_MAX).astype(np.float32)

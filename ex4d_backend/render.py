@@ -1,0 +1,113 @@
+"""Guide rendering: DW-meshes seen from the novel camera -> colour + occlusion-mask frames.
+
+As the reference: rasterise each frame's DW-mesh (OpenGL projection from K, near 1e-3, far 1e3, rows
+top-down), interpolate RGBA, antialias (cuda backend), mask = 255 where alpha > 125 else 0,
+colour = colour * mask / 255, and frame 0 = the source frame with a full mask.
+Two backends behind one function: ``cuda`` (nvdiffrast) and ``cpu`` (numba, no antialiasing).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import raster_cuda
+from .cameras import CameraPath, projection_matrix
+from .dwmesh import DWMesh
+from .errors import DEVICE, Ex4dError
+
+NEAR, FAR = 1e-3, 1e3
+MASK_THRESHOLD = 125  # alpha (0..255) above which a rendered pixel counts as seen
+RENDERERS = ("auto", "cuda", "cpu")
+
+
+def resolve_renderer(name: str = "auto") -> str:
+    """ "auto" -> "cuda" when an NVIDIA GPU and nvdiffrast are available, else "cpu"."""
+    if name not in RENDERERS:
+        raise Ex4dError(f"unknown renderer '{name}'", where="--renderer", hint="use auto, cuda or cpu")
+    if name == "auto":
+        return "cuda" if raster_cuda.available() else "cpu"
+    if name == "cuda" and not raster_cuda.available():
+        raise Ex4dError(
+            "the cuda renderer needs an NVIDIA GPU with nvdiffrast installed",
+            where="--renderer cuda",
+            hint="use --renderer cpu (or auto)",
+            code=DEVICE,
+        )
+    return name
+
+
+def clip_positions(
+    vertices: torch.Tensor, extrinsics: np.ndarray, intrinsics: np.ndarray, width: int, height: int
+) -> torch.Tensor:
+    """(T, V, 4) float32 clip-space positions of (T, V, 3) world vertices for per-frame cameras."""
+    mvp = projection_matrix(intrinsics, width, height, NEAR, FAR) @ extrinsics  # (T, 4, 4) float64
+    mvp = torch.as_tensor(mvp, dtype=torch.float32, device=vertices.device)
+    rot, trans = mvp[:, :, :3], mvp[:, :, 3]
+    return torch.baddbmm(trans.unsqueeze(1), vertices, rot.transpose(1, 2))
+
+
+def rasterize_rgba(
+    mesh: DWMesh,
+    extrinsics: np.ndarray,
+    intrinsics: np.ndarray,
+    *,
+    renderer: str = "cpu",
+    use_dwmesh: bool = True,
+) -> torch.Tensor:
+    """(T, H, W, 4) float32 RGBA (0..255) of each frame's DW-mesh seen by that frame's camera."""
+    h, w = mesh.height, mesh.width
+    clip = clip_positions(mesh.vertices, extrinsics, intrinsics, w, h)
+    attr = mesh.colors.to(torch.float32)
+    if renderer == "cuda":
+        faces = mesh.faces.to(device=clip.device, dtype=torch.int32).contiguous()
+        if use_dwmesh:
+            out, _ = raster_cuda.rasterize_interpolate(clip, faces, attr, (h, w))
+            return out
+        frames = []
+        for t in range(len(mesh)):  # the non-watertight baseline: each frame has its own face list
+            keep = faces[~mesh.invalid[t].to(clip.device)].contiguous()
+            out, _ = raster_cuda.rasterize_interpolate(clip[t : t + 1], keep, attr[t : t + 1], (h, w))
+            frames.append(out)
+        return torch.cat(frames)
+    from . import raster_cpu
+
+    valid = None if use_dwmesh else (~mesh.invalid).cpu().numpy()
+    tri, bary = raster_cpu.rasterize(clip.cpu().numpy(), mesh.faces.cpu().numpy(), (h, w), valid)
+    return torch.from_numpy(raster_cpu.interpolate(attr.cpu().numpy(), mesh.faces.cpu().numpy(), tri, bary))
+
+
+def rgba_to_guide(rgba: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Reference post-processing: mask = 255 where alpha > 125; colour = colour * mask / 255 (uint8)."""
+    seen = rgba[..., 3] > MASK_THRESHOLD
+    color = torch.where(seen.unsqueeze(-1), rgba[..., :3], torch.zeros((), device=rgba.device))
+    color = color.clamp_(0, 255).round_().to(torch.uint8)
+    mask = seen.to(torch.uint8) * 255
+    return color.cpu().numpy(), mask.cpu().numpy()
+
+
+def render_guide(
+    mesh: DWMesh,
+    camera: CameraPath,
+    source_frames: np.ndarray,
+    *,
+    renderer: str = "auto",
+    use_dwmesh: bool = True,
+    first_frame: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Colour (T, H, W, 3) uint8 and mask (T, H, W) uint8 {0, 255} guide frames.
+
+    ``mesh`` frame i is seen by ``camera`` frame ``first_frame + i``; the guide's frame 0 is the source frame
+    with a full mask (only when ``first_frame`` is 0). ``use_dwmesh=False`` removes occlusion faces instead
+    of keeping them (the reference's non-watertight baseline)."""
+    backend = resolve_renderer(renderer)
+    n = len(mesh)
+    sl = slice(first_frame, first_frame + n)
+    if len(camera) < first_frame + n:
+        raise Ex4dError(f"the camera path has {len(camera)} frames, {first_frame + n} needed", where="camera")
+    rgba = rasterize_rgba(mesh, camera.extrinsics[sl], camera.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
+    color, mask = rgba_to_guide(rgba)
+    if first_frame == 0:
+        color[0] = source_frames[0]
+        mask[0] = 255
+    return color, mask
