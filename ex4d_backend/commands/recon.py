@@ -1,0 +1,143 @@
+"""``ex4d recon``: footage + depth + camera -> colour/mask guide videos, camera file, optional mesh."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..errors import Ex4dError
+
+log = logging.getLogger("ex4d")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "recon",
+        help="render the colour/mask guide of a novel camera",
+        description="Footage + depth -> DW-mesh -> colour and occlusion-mask guide videos seen from a new camera.",
+    )
+    p.add_argument("--input", required=True, help="video file or image-sequence folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--depth", help="depth/disparity file: .npy/.npz (T,H,W) or a folder of EXR / 16-bit PNG")
+    src.add_argument("--depth-model", help="estimate depth: depthcrafter, depth-anything-v2[-small|-base|-large]")
+    p.add_argument("--depth-kind", choices=("depth", "disparity"), default="depth", help="what --depth holds")
+    p.add_argument("--depth-scale", type=float, default=1.0, help="multiply file depth by this (e.g. 0.001 for mm)")
+    p.add_argument("--repair-depth", action="store_true", help="fill NaN/inf/non-positive depth from neighbours")
+    p.add_argument("--cam", default="90", help="preset (30, 60, 90, 180, any angle, zoom_in, zoom_out) or .json/.npz")
+    p.add_argument("--output-dir", required=True, help="folder for the outputs (created)")
+    p.add_argument("--frames", type=int, default=49, help="use the first N frames (0 = all; default 49)")
+    p.add_argument("--max-side", type=int, default=1024, help="cap of the long side in pixels (0 = none)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of image sequences / outputs")
+    p.add_argument("--save-mesh", action="store_true", help="also write DW-Mesh.ply (frame 0)")
+    p.add_argument("--png", action="store_true", help="also write PNG sequences color_<cam>/ and mask_<cam>/")
+    p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--mesh-filter", choices=("angle", "boundary"), default="angle", help="occlusion-face test")
+    p.add_argument("--no-dwmesh", action="store_true", help="remove occlusion faces (non-watertight baseline)")
+    p.add_argument("--fx", type=float, help="focal length in pixels at the processing resolution (default 500)")
+    p.add_argument("--fy", type=float, help="default: --fx")
+    p.add_argument("--cx", type=float, help="principal point, pixels (default W/2)")
+    p.add_argument("--cy", type=float, help="principal point, pixels (default H/2)")
+    p.add_argument("--focal-mm", type=float, help="focal length in mm (with --sensor-width), instead of --fx")
+    p.add_argument("--sensor-width", type=float, default=36.0, help="sensor width in mm (default 36)")
+    p.add_argument("--models-dir", help="models folder for --depth-model")
+    p.add_argument("--depth-cache", help="depth cache folder for --depth-model (default: user cache)")
+    p.set_defaults(func=run)
+
+
+def intrinsics_from_args(args: argparse.Namespace, width: int, height: int):
+    from ..cameras import intrinsics_from_focal
+
+    k = intrinsics_from_focal(
+        width, height, focal_mm=args.focal_mm, sensor_width_mm=args.sensor_width, focal_px=args.fx
+    )
+    if args.fy is not None:
+        k[1, 1] = args.fy
+    if args.cx is not None:
+        k[0, 2] = args.cx
+    if args.cy is not None:
+        k[1, 2] = args.cy
+    return k
+
+
+def check_camera_arg(cam: str) -> str:
+    """Validate --cam before any work; returns the output name (<cam>)."""
+    from ..cameras import preset_eyes
+
+    if cam.lower().endswith((".json", ".npz")):
+        if not Path(cam).is_file():
+            raise Ex4dError("camera file not found", where=cam, code="not_found")
+        return Path(cam).stem
+    preset_eyes(cam, 2, 1.0)  # raises the clear error for an unknown preset
+    return cam.strip().lower()
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..depth_io import load_depth
+    from ..footage import read_footage
+    from ..recon import run_recon, write_recon_outputs
+
+    cam_name = check_camera_arg(args.cam)
+    if args.frames < 0:
+        raise Ex4dError("--frames must be >= 0", where="--frames")
+    footage = read_footage(args.input, max_frames=args.frames or None, max_side=args.max_side or None, fps=args.fps)
+    t = len(footage.frames)
+    if args.frames and t < args.frames:
+        log.warning("the footage has %d frames; using all of them (asked for %d)", t, args.frames)
+    w, h = footage.size
+    k = intrinsics_from_args(args, w, h)
+    if args.depth:
+        depth = load_depth(
+            args.depth,
+            kind=args.depth_kind,
+            size=(w, h),
+            n_frames=t,
+            total_frames=footage.total_frames,
+            repair=args.repair_depth,
+            scale=args.depth_scale,
+        )
+    else:
+        from ..depth import estimate_cached
+
+        bar = tqdm(desc="depth", unit="step", leave=False)
+
+        def depth_progress(stage: str, step: int, total: int, message: str = "") -> None:
+            bar.total = total
+            bar.n = step
+            bar.set_postfix_str(f"{stage} {message}"[:40])
+            bar.refresh()
+
+        depth = estimate_cached(
+            footage.path,
+            footage.frames,
+            args.depth_model,
+            args.depth_cache,
+            models_dir=args.models_dir,
+            progress=depth_progress,
+        ).depth
+        bar.close()
+    bar = tqdm(desc="render", unit="chunk", leave=False)
+
+    def progress(stage: str, step: int, total: int, message: str = "") -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    guide = run_recon(
+        footage.frames,
+        depth,
+        args.cam,
+        k=k,
+        renderer=args.renderer,
+        mesh_filter=args.mesh_filter,
+        use_dwmesh=not args.no_dwmesh,
+        keep_mesh0=args.save_mesh,
+        progress=progress,
+    )
+    bar.close()
+    paths = write_recon_outputs(guide, args.output_dir, cam_name, footage.fps, png=args.png, save_mesh=args.save_mesh)
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+    return 0
