@@ -1,0 +1,93 @@
+"""``ex4d run JOB.json``: run a job definition (as the add-on writes it) from a terminal or a farm worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import NOT_FOUND, Ex4dError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a job file ({'type': ..., 'params': {...}}) with the same outputs as the service",
+        description="Run one job definition: the request of PROTOCOL.md without its id, e.g. the job.json "
+        "that every job folder of the store holds. Relative paths are relative to the job file. The result "
+        "is printed as JSON on stdout; progress goes to stderr.",
+    )
+    p.add_argument("job", metavar="JOB.json", help="job file")
+    p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")
+    p.add_argument(
+        "--allow",
+        metavar="DIR",
+        action="append",
+        default=None,
+        help="folder inputs may be read from (repeatable; default: home, current folder, the job's folder)",
+    )
+    p.add_argument("--models-dir", metavar="DIR", help="models folder")
+    p.add_argument("--force", action="store_true", help="recompute the job's own result even if it is stored")
+    p.add_argument("--output", metavar="DIR", help="also copy the result files into DIR")
+    p.set_defaults(func=run)
+
+
+def _absolutise(params: dict, base: Path) -> dict:
+    def fix(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else base / p)
+
+    params = json.loads(json.dumps(params))
+    if isinstance(params.get("footage"), str):
+        params["footage"] = fix(params["footage"])
+    depth = params.get("depth")
+    if isinstance(depth, dict) and isinstance(depth.get("path"), str):
+        depth["path"] = fix(depth["path"])
+    cam = params.get("camera")
+    if isinstance(cam, dict) and isinstance(cam.get("file"), str):
+        cam["file"] = fix(cam["file"])
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..service import jobs, protocol
+    from ..service.jobstore import JobStore
+
+    job_path = Path(args.job).expanduser().resolve()
+    if not job_path.is_file():
+        raise Ex4dError("job file not found", where=str(job_path), code=NOT_FOUND)
+    try:
+        job = protocol.loads_strict(job_path.read_text(encoding="utf-8"))
+        type_, params = jobs.check_job_file(job)
+    except ValueError as exc:
+        raise Ex4dError(f"the job file is not valid JSON: {exc}", where=str(job_path)) from None
+    except protocol.ProtocolError as exc:
+        raise Ex4dError(exc.message, where=str(job_path), hint=exc.hint or "see PROTOCOL.md", code=exc.code) from None
+    params = _absolutise(params, job_path.parent)
+    if args.force:
+        params["force"] = True
+    allowed = args.allow if args.allow is not None else [Path.home(), Path.cwd(), job_path.parent]
+    store = JobStore(args.store, allowed)
+    logging.getLogger().addHandler(store.log_handler())
+
+    def progress(stage: str, step: int, total: int, message: str = "") -> None:
+        print(f"[{stage} {step}/{total}] {message}", file=sys.stderr, flush=True)
+
+    result = jobs.run_job(type_, params, jobs.Context(store, progress, args.models_dir, request_id=None))
+    if args.output:
+        out = Path(args.output).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        for name, value in list(result.items()):
+            if isinstance(value, str) and name.endswith(("_npy", "_pc2", "_mp4", "_npz", "_dir")):
+                src = Path(value)
+                dst = out / src.name
+                if src.is_dir():
+                    shutil.copytree(src, dst, dirs_exist_ok=True)
+                elif src.is_file():
+                    shutil.copy2(src, dst)
+                result[f"output_{name}"] = str(dst)
+    print(json.dumps(result, indent=1))
+    return 0

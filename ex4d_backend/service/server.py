@@ -1,0 +1,347 @@
+"""The ``ex4d serve`` loop: requests on stdin, events on stdout (see ``PROTOCOL.md``).
+
+Threads: the reader (the caller's thread) parses and validates each line and answers control requests
+(``cancel``, ``jobs``, ``shutdown``) at once; one GPU worker runs one job at a time from a FIFO queue
+(waiting jobs get ``queued`` events); one light worker answers ``hello`` and ``probe_footage`` so they
+never wait behind a generation. Every outgoing event is validated against the protocol schema. No bad
+request, bad input or failing job ends the process.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from ..errors import CANCELLED, INTERNAL, Cancelled, Ex4dError
+from . import jobs, protocol
+from .jobstore import JobStore, TailHandler
+
+log = logging.getLogger("ex4d_backend.service")
+_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
+
+
+@dataclass
+class Task:
+    id: str
+    type: str
+    params: dict
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class _EventLogHandler(logging.Handler):
+    """Forwards log records raised while a request runs as ``log`` events of that request."""
+
+    def __init__(self, server: Server):
+        super().__init__(logging.INFO)
+        self.server = server
+
+    def emit(self, record: logging.LogRecord) -> None:
+        rid = getattr(self.server._current, "id", None)
+        if rid is None or not record.name.startswith(("ex4d_backend", "py.warnings")):
+            return
+        try:
+            level = _LEVELS.get(record.levelno, "error")
+            self.server.emit({"id": rid, "event": "log", "level": level, "message": record.getMessage()[:2000]})
+        except Exception:  # noqa: BLE001 - logging must never raise
+            pass
+
+
+class Server:
+    """One service instance reading ``stdin`` and writing ``stdout`` (binary streams)."""
+
+    def __init__(self, store: JobStore, stdin: BinaryIO, stdout: BinaryIO, *, models_dir: str | None = None):
+        self.store = store
+        self.stdin, self.stdout = stdin, stdout
+        self.models_dir = models_dir
+        self._out_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Task] = collections.deque()
+        self._running: Task | None = None
+        self._light: queue.Queue[Task | None] = queue.Queue()
+        self._light_ids: set[str] = set()
+        self._stopping = False
+        self._current = threading.local()
+        self.tail = TailHandler(30)
+        self.interrupted: list[dict] = []
+
+    # -- output -------------------------------------------------------------------------------
+    def emit(self, event: dict) -> None:
+        event.setdefault("time", time.time())
+        protocol.validate_event(event)
+        data = (protocol.dumps(event) + "\n").encode()
+        with self._out_lock:
+            try:
+                self.stdout.write(data)
+                self.stdout.flush()
+            except (OSError, ValueError):
+                pass  # the client went away; the reader sees EOF and shuts down
+
+    def emit_error(self, rid: str | None, err: dict) -> None:
+        self.emit(self.error_event(rid, err))
+
+    def error_event(self, rid: str | None, err: dict) -> dict:
+        body = {
+            "code": err.get("code") if err.get("code") in protocol.ERROR_CODES else INTERNAL,
+            "message": str(err.get("message") or "unknown error")[:2000],
+            "where": err.get("where"),
+            "hint": err.get("hint"),
+            "log_tail": self.tail.tail(),
+        }
+        return {"id": rid, "event": "error", "error": body}
+
+    # -- main loop ----------------------------------------------------------------------------
+    def serve(self) -> int:
+        self.store.clean_partials()
+        self.interrupted = self.store.recover()
+        for j in self.interrupted:
+            log.warning("job %s was left unfinished by an earlier run: marked interrupted", j["job"])
+        threading.Thread(target=self._gpu_worker, name="gpu-worker", daemon=True).start()
+        threading.Thread(target=self._light_worker, name="light-worker", daemon=True).start()
+        log.info(
+            "ex4d serve ready (protocol %s, store %s, pid %d)", protocol.PROTOCOL_VERSION, self.store.root, os.getpid()
+        )
+        while not self._stopping:
+            line = self.stdin.readline(protocol.MAX_LINE_BYTES + 1)
+            if not line:
+                log.info("stdin closed: shutting down")
+                self._shutdown(None)
+                break
+            if len(line) > protocol.MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):  # drop the rest of the oversized line
+                    line = self.stdin.readline(protocol.MAX_LINE_BYTES)
+                line = b"x" * (protocol.MAX_LINE_BYTES + 1)
+            if not line.strip():
+                continue
+            try:
+                self._handle(line.strip())
+            except Exception as exc:  # noqa: BLE001 - the service survives any request
+                log.error("internal error on a request: %s\n%s", exc, traceback.format_exc())
+                self.emit_error(None, {"code": INTERNAL, "message": f"{type(exc).__name__}: {exc}"})
+        self._join()
+        return 0
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.emit_error(None, {"code": protocol.BAD_JSON, "message": "the line is not UTF-8", "hint": None})
+            return
+        try:
+            req = protocol.parse_request(text)
+        except protocol.ProtocolError as exc:
+            log.info("refused a request: %s (%s)", exc.message, exc.code)
+            self.emit_error(exc.id, exc.to_dict())
+            return
+        rid, type_, params = req["id"], req["type"], req["params"]
+        if self._busy_id(rid):
+            self.emit_error(
+                rid,
+                {
+                    "code": protocol.DUPLICATE_ID,
+                    "message": f"request id '{rid}' is still in use",
+                    "hint": "use a new id for every request",
+                },
+            )
+            return
+        log.info("request %s: %s", rid, type_)
+        if type_ == "cancel":
+            self.emit({"id": rid, "event": "result", "result": self._cancel(params.get("target"))})
+        elif type_ == "shutdown":
+            self._shutdown(rid)
+        elif type_ == "jobs":
+            self.emit({"id": rid, "event": "result", "result": {"jobs": self.store.list_jobs()}})
+        elif type_ in protocol.CONTROL_TYPES or type_ in protocol.LIGHT_TYPES:
+            with self._cond:
+                self._light_ids.add(rid)
+            self._light.put(Task(rid, type_, params))
+        else:
+            with self._cond:
+                task = Task(rid, type_, params)
+                self._queue.append(task)
+                waiting = self._running is not None or len(self._queue) > 1
+                position = len(self._queue) if self._running is not None else len(self._queue) - 1
+                if waiting:
+                    self.emit({"id": rid, "event": "queued", "position": position})
+                self._cond.notify_all()
+
+    def _busy_id(self, rid: str) -> bool:
+        with self._cond:
+            return (
+                (self._running is not None and self._running.id == rid)
+                or any(t.id == rid for t in self._queue)
+                or rid in self._light_ids
+            )
+
+    # -- control ------------------------------------------------------------------------------
+    def _cancel(self, target: str | None) -> dict:
+        with self._cond:
+            running = self._running
+            if target is None or (running is not None and running.id == target):
+                if running is None:
+                    return {"target": target, "state": "unknown"}
+                running.cancel.set()
+                log.info("cancelling %s at its next step", running.id)
+                return {"target": running.id, "state": "cancelling"}
+            for task in list(self._queue):
+                if task.id == target:
+                    self._queue.remove(task)
+                    self.emit_error(
+                        task.id, {"code": CANCELLED, "message": "cancelled before it started", "hint": None}
+                    )
+                    self._report_positions()
+                    return {"target": target, "state": "dropped"}
+        return {"target": target, "state": "unknown"}
+
+    def _report_positions(self) -> None:
+        for i, task in enumerate(self._queue):
+            self.emit({"id": task.id, "event": "queued", "position": i + 1})
+
+    def _shutdown(self, rid: str | None) -> None:
+        with self._cond:
+            self._stopping = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancel.set()
+            self._cond.notify_all()
+        for task in dropped:
+            self.emit_error(task.id, {"code": CANCELLED, "message": "the service is shutting down", "hint": None})
+        self._light.put(None)
+        self._join()
+        if rid is not None:
+            self.emit({"id": rid, "event": "result", "result": {}})
+
+    def _join(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._running is not None and time.monotonic() < deadline:
+                self._cond.wait(0.1)
+
+    # -- workers ------------------------------------------------------------------------------
+    def _gpu_worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                task = self._queue.popleft()
+                self._running = task
+                self._report_positions()
+            final = self._run(task)
+            with self._cond:
+                self._running = None
+                self._cond.notify_all()
+            self.emit(final)
+
+    def _light_worker(self) -> None:
+        while True:
+            task = self._light.get()
+            if task is None:
+                return
+            final = self._run(task)
+            with self._cond:
+                self._light_ids.discard(task.id)
+            self.emit(final)
+
+    def _run(self, task: Task) -> dict:
+        """Run a task, emitting ``started`` and its progress; return its final event (result or error)."""
+        self._current.id = task.id
+        self.emit({"id": task.id, "event": "started"})
+        step_delay = float(os.environ.get("EX4D_SERVICE_STEP_DELAY") or 0)  # test hook (see docs/service.md)
+        last: dict[str, int] = {}
+
+        def progress(stage: str, step: int, total: int, message: str = "") -> None:
+            if task.cancel.is_set():
+                raise Cancelled()
+            step, total = max(0, int(step)), max(0, int(total))
+            if stage in last and step < last[stage]:
+                step = last[stage]  # steps of a stage never go back
+            last[stage] = step
+            self.emit(
+                {
+                    "id": task.id,
+                    "event": "progress",
+                    "stage": str(stage),
+                    "step": step,
+                    "total": total,
+                    "message": str(message)[:500],
+                }
+            )
+            if step_delay:
+                time.sleep(step_delay)
+            if task.cancel.is_set():
+                raise Cancelled()
+
+        t0 = time.monotonic()
+        try:
+            if task.type == "hello":
+                result = jobs.hello(self.store, self.models_dir, self.interrupted)
+            elif task.type == "probe_footage":
+                result = jobs.probe_footage(self.store, task.params)
+            else:
+                ctx = jobs.Context(self.store, progress, self.models_dir, task.id)
+                result = jobs.run_job(task.type, task.params, ctx)
+        except Ex4dError as exc:
+            level = logging.INFO if exc.code == CANCELLED else logging.WARNING
+            log.log(level, "request %s (%s) failed: %s", task.id, task.type, exc)
+            final = self.error_event(task.id, exc.to_dict())
+        except MemoryError:
+            log.error("request %s ran out of memory", task.id)
+            self.emit_error(
+                task.id,
+                {
+                    "code": "device",
+                    "message": "out of memory",
+                    "hint": "use a shorter clip, a smaller max_side or a lower VRAM profile",
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - a bug in a job never ends the service
+            name = type(exc).__name__
+            if name == "OutOfMemoryError":
+                log.error("request %s ran out of GPU memory: %s", task.id, exc)
+                self.emit_error(
+                    task.id,
+                    {
+                        "code": "device",
+                        "message": f"out of GPU memory: {str(exc)[:300]}",
+                        "hint": "use a lower VRAM profile, fewer frames or a smaller size",
+                    },
+                )
+            else:
+                log.error("request %s (%s) crashed: %s\n%s", task.id, task.type, exc, traceback.format_exc())
+                self.emit_error(
+                    task.id,
+                    {
+                        "code": INTERNAL,
+                        "message": f"{name}: {str(exc)[:1000]}",
+                        "hint": "this is a bug: please report it with the log file",
+                    },
+                )
+        else:
+            log.info("request %s (%s) done in %.2f s", task.id, task.type, time.monotonic() - t0)
+            final = {"id": task.id, "event": "result", "result": result}
+        finally:
+            self._current.id = None
+            jobs._free_memory()
+        return final
+
+
+def configure_logging(store: JobStore, server: Server, verbose: bool = False) -> None:
+    """Root logging: the store's rotating file, the error tail, ``log`` events, and stderr."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    stderr = logging.StreamHandler()
+    stderr.setFormatter(logging.Formatter("ex4d serve: %(levelname)s %(message)s"))
+    for handler in (store.log_handler(), server.tail, _EventLogHandler(server), stderr):
+        root.addHandler(handler)
+    logging.captureWarnings(True)
