@@ -1,0 +1,672 @@
+#!/usr/bin/env python3
+"""Set up (or update) the EX-4D backend: one virtual environment with ``ex4d_backend``, torch and the rest.
+
+Standard library only; runs with any Python >= 3.10, Blender's bundled one included. The virtual
+environment uses the Python that runs this script (or ``--python``). Typical use::
+
+    python3 scripts/install_deps.py            # .venv in the repository, torch build picked for this machine
+    python3 scripts/install_deps.py --dev      # + test tools and the two Blender (bpy) test environments
+    python3 scripts/install_deps.py --torch cu128 --venv ~/ex4d-venv
+    python3 scripts/install_deps.py --download-wheelhouse wheels/        # online machine: fetch everything
+    python3 scripts/install_deps.py --offline --wheelhouse wheels/       # studio machine without internet
+
+A re-run with nothing changed is a quick no-op: the state file ``<venv>/ex4d-install.json`` records a
+hash of pyproject.toml and of the options; it is removed when an install starts and written last, so
+an interrupted or failed run never looks ready. pip's full output goes to ``<venv>/ex4d-install.log``.
+At the end the backend Python's path is written to ``~/.config/ex4d/backend_python``
+(``$XDG_CONFIG_HOME``; Windows ``%APPDATA%\\ex4d\\backend_python``), where the Blender add-on finds it.
+Exit status: 0 ready, 1 failed (the last line says what failed and what to do), 2 bad options.
+See docs/install.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+INSTALLER_VERSION = 1
+REPO = Path(__file__).resolve().parent.parent
+TORCH_VERSION = "2.13.0"
+TORCHVISION_VERSION = "0.28.0"  # diffsynth (the generation library) imports torchvision at import time
+TORCH_INDEX = "https://download.pytorch.org/whl"
+MARKER = "ex4d-install.json"
+LOG = "ex4d-install.log"
+
+# CUDA builds of torch 2.13.0, newest first: (tag, minimum Linux driver, minimum Windows driver, GPU
+# architectures (compute capabilities) with native kernels). Driver minimums are the CUDA toolkits'
+# (CUDA release notes, table 3). Update this table together with TORCH_VERSION.
+CUDA_BUILDS: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[str, ...]], ...] = (
+    ("cu130", (580, 65, 6), (580, 88), ("7.5", "8.0", "8.6", "9.0", "10.0", "12.0")),
+    ("cu128", (570, 26), (570, 65), ("7.0", "7.5", "8.0", "8.6", "9.0", "10.0", "12.0")),
+    ("cu126", (560, 28, 3), (560, 76), ("5.0", "6.0", "7.0", "7.5", "8.0", "8.6", "9.0")),
+)
+MINOR_COMPAT_DRIVER = (525, 60, 13)  # CUDA 12.x minor-version compatibility: cu12x runs on any driver >= this
+PYPI_LINUX_BUILD = "cu130"  # what `pip install torch==2.13.0` from PyPI gives on Linux x86_64
+
+# Blender test environments for --dev (bpy wheels exist for Python 3.11 only).
+BPY_VENVS = (
+    (".venv-bpy5.0", ("bpy==5.0.1", "numpy<2", "pytest>=8", "pytest-timeout>=2.3")),
+    (".venv-bpy4.2", ("bpy==4.2.23", "numpy<2", "pytest>=8", "pytest-timeout>=2.3")),
+)
+BPY_PYTHON = "3.11"
+
+# pip lines worth showing live; everything goes to the log.
+PROGRESS = re.compile(
+    r"^(Collecting|Downloading|Installing|Successfully|Building|Obtaining|Processing|Saved|ERROR|error)"
+)
+
+
+class InstallError(Exception):
+    """A failure with the one line that tells the user what to do."""
+
+    def __init__(self, what: str, todo: str):
+        super().__init__(what)
+        self.what, self.todo = what, todo
+
+
+# ---------------------------------------------------------------------------- machine detection
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'575.51.03' -> (575, 51, 3)."""
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def detect_gpu() -> dict | None:
+    """The first NVIDIA GPU as reported by ``nvidia-smi`` (name, driver, capability, memory), or None."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    query = "name,driver_version,memory.total"
+    try:
+        out = subprocess.run(
+            [exe, f"--query-gpu={query},compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        if out.returncode != 0:  # old drivers do not know compute_cap
+            out = subprocess.run(
+                [exe, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not lines:
+        return None
+    fields = [f.strip() for f in lines[0].split(",")]
+    gpu = {
+        "name": fields[0],
+        "driver": fields[1],
+        "memory_mb": fields[2] if len(fields) > 2 else "",
+        "count": len(lines),
+    }
+    gpu["capability"] = fields[3] if len(fields) > 3 and re.fullmatch(r"\d+\.\d+", fields[3]) else None
+    return gpu
+
+
+def arch_supported(capability: str | None, archs: Sequence[str]) -> bool:
+    """Whether kernels built for ``archs`` run on ``capability`` (same major, equal or lower minor)."""
+    if not capability:
+        return True
+    major, minor = (int(x) for x in capability.split("."))
+    return any(int(a.split(".")[0]) == major and int(a.split(".")[1]) <= minor for a in archs)
+
+
+def choose_cuda_build(gpu: dict, system: str | None = None) -> tuple[str, str]:
+    """(build tag, reason): the newest CUDA build of torch that this driver and GPU support."""
+    system = system or platform.system()
+    driver = parse_version(gpu["driver"])
+    cap = gpu.get("capability")
+    for tag, linux_min, windows_min, archs in CUDA_BUILDS:
+        minimum = windows_min if system == "Windows" else linux_min
+        if driver >= minimum and arch_supported(cap, archs):
+            return tag, f"driver {gpu['driver']} >= {'.'.join(map(str, minimum))}, compute capability {cap or '?'}"
+    fits_arch = [t for t, _, _, archs in CUDA_BUILDS if t.startswith("cu12") and arch_supported(cap, archs)]
+    if fits_arch and driver >= MINOR_COMPAT_DRIVER:
+        tag = fits_arch[-1]
+        return tag, f"driver {gpu['driver']} runs CUDA 12 builds through minor-version compatibility"
+    if not fits_arch:
+        raise InstallError(
+            f"no CUDA build of torch {TORCH_VERSION} supports the {gpu['name']} (compute capability {cap})",
+            "use --torch cpu (preview generator and CPU guide renderer only)",
+        )
+    raise InstallError(
+        f"NVIDIA driver {gpu['driver']} is too old for torch {TORCH_VERSION}",
+        f"update the NVIDIA driver to {'.'.join(map(str, CUDA_BUILDS[-1][1]))} or newer, or use --torch cpu",
+    )
+
+
+def reachable(url: str, timeout: float = 6.0) -> bool:
+    """Quick connectivity check (any HTTP answer counts)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def config_file() -> Path:
+    """Where the Blender add-on looks for the backend Python."""
+    if os.name == "nt":
+        base = os.environ.get("APPDATA") or str(Path.home() / "AppData" / "Roaming")
+    else:
+        base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "ex4d" / "backend_python"
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+
+
+def tree_hash(folder: Path) -> str:
+    """Content hash of a package's sources (for non-editable installs, which copy them)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(folder)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def resolve_torch(args: argparse.Namespace) -> tuple[str, str, dict | None]:
+    """(build: 'cpu' | 'cuXXX' | 'none', why, gpu) for --torch."""
+    gpu = detect_gpu()
+    if args.torch in ("none", "cpu") or args.torch.startswith("cu"):
+        return args.torch, "requested with --torch", gpu
+    if gpu is None:
+        return "cpu", "no NVIDIA GPU found (nvidia-smi)", None
+    if platform.system() == "Darwin":
+        return "cpu", "macOS: CPU/MPS build", gpu
+    tag, why = choose_cuda_build(gpu)
+    return tag, f"{gpu['name']}: {why}", gpu
+
+
+def torch_source(build: str, args: argparse.Namespace, log) -> tuple[list[str], list[str], str]:
+    """(requirements, extra pip options, description) for installing torch + torchvision."""
+    if args.offline:
+        return [f"torch=={TORCH_VERSION}", f"torchvision=={TORCHVISION_VERSION}"], [], f"wheelhouse {args.wheelhouse}"
+    pypi = [f"torch==={TORCH_VERSION}", f"torchvision==={TORCHVISION_VERSION}"]  # '===': PyPI's own build only
+    system = platform.system()
+    if build == "cpu" and system != "Linux":
+        return pypi, [], f"PyPI ({system} builds are CPU builds)"
+    index = f"{args.torch_index.rstrip('/')}/{build}"
+    if reachable(index + "/torch/"):
+        return (
+            [f"torch=={TORCH_VERSION}+{build}", f"torchvision=={TORCHVISION_VERSION}+{build}"],
+            ["--index-url", index],
+            index,
+        )
+    if system == "Linux" and build in ("cpu", PYPI_LINUX_BUILD):
+        if build == "cpu":
+            log(
+                f"note: {index} cannot be reached, and PyPI has no CPU torchvision {TORCHVISION_VERSION} for Linux; "
+                f"installing PyPI's default torch {TORCH_VERSION} ({PYPI_LINUX_BUILD}, about 2.6 GB with its CUDA "
+                "libraries), which also runs on machines without a GPU."
+            )
+        return pypi, [], f"PyPI (its Linux build is {PYPI_LINUX_BUILD})"
+    raise InstallError(
+        f"cannot reach {index} for torch {TORCH_VERSION}+{build}",
+        f"check the connection or proxy, use --torch {PYPI_LINUX_BUILD} (PyPI's build), or --offline --wheelhouse DIR",
+    )
+
+
+def extras_for(build: str, args: argparse.Namespace) -> list[str]:
+    extras = ["models"]
+    if build.startswith("cu"):
+        extras.append("cuda")
+    if args.dev:
+        extras.append("dev")
+    return extras
+
+
+def state_key(args: argparse.Namespace, build: str, python: str) -> dict:
+    """Everything that, when changed, calls for a new install."""
+    key = {
+        "installer": INSTALLER_VERSION,
+        "pyproject": file_hash(REPO / "pyproject.toml"),
+        "python": python,
+        "torch_request": build,
+        "torch_version": TORCH_VERSION,
+        "torchvision_version": TORCHVISION_VERSION,
+        "editable": not args.no_editable,
+        "dev": args.dev,
+        "offline": bool(args.offline),
+        "wheelhouse": str(Path(args.wheelhouse).resolve()) if args.wheelhouse else None,
+    }
+    if args.no_editable:
+        key["sources"] = tree_hash(REPO / "ex4d_backend")
+    return key
+
+
+# ---------------------------------------------------------------------------- running pip
+
+
+class Runner:
+    """Runs commands, shows the progress lines, keeps the full output in a log file."""
+
+    def __init__(self, log_path: Path | None, quiet: bool = False):
+        self.log_path = log_path
+        self.quiet = quiet
+        self.pip_calls = 0
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self._log(text)
+
+    def _log(self, text: str) -> None:
+        if self.log_path:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(text.rstrip("\n") + "\n")
+
+    def run(self, cmd: Sequence[str], what: str, todo: str, env: dict | None = None) -> str:
+        """Run ``cmd``; on failure show the tail of its output and raise InstallError(what, todo)."""
+        self._log(f"$ {' '.join(map(str, cmd))}")
+        tail: list[str] = []
+        out: list[str] = []
+        try:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                env=env,
+            )
+        except OSError as exc:
+            raise InstallError(f"{what}: {exc}", todo) from None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self._log(line)
+            out.append(line)
+            tail = (tail + [line.rstrip()])[-25:]
+            if PROGRESS.match(line.strip()) and not self.quiet:
+                print("    " + line.strip()[:160], flush=True)
+        code = proc.wait()
+        if code != 0:
+            print("\n".join("    | " + t for t in tail if t), file=sys.stderr)
+            where = f" (full log: {self.log_path})" if self.log_path else ""
+            raise InstallError(f"{what} (exit status {code}){where}", todo)
+        return "".join(out)
+
+    def pip(self, python: Path, pip_args: Sequence[str], what: str, todo: str) -> str:
+        self.pip_calls += 1
+        return self.run([str(python), "-m", "pip", *pip_args], what, todo)
+
+
+def pip_source_options(args: argparse.Namespace) -> list[str]:
+    if args.offline:
+        return ["--no-index", "--find-links", str(Path(args.wheelhouse).resolve())]
+    if args.wheelhouse:
+        return ["--find-links", str(Path(args.wheelhouse).resolve())]
+    return []
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def ensure_venv(venv: Path, python: str, recreate: bool, runner: Runner) -> Path:
+    """Create the virtual environment if needed; return its Python."""
+    py = venv_python(venv)
+    if venv.exists() and not (venv / "pyvenv.cfg").is_file():
+        if any(venv.iterdir()):
+            raise InstallError(f"{venv} exists and is not a virtual environment", "pass another folder with --venv")
+    if recreate and (venv / "pyvenv.cfg").is_file():
+        runner.say(f"removing {venv} (--recreate)")
+        shutil.rmtree(venv)
+    if (venv / "pyvenv.cfg").is_file():
+        probe = subprocess.run([str(py), "-c", "import sys"], capture_output=True) if py.exists() else None
+        if probe is None or probe.returncode != 0:
+            raise InstallError(
+                f"the virtual environment {venv} is broken (its Python does not start)",
+                "re-run with --recreate to build it again",
+            )
+        return py
+    runner.say(f"creating the virtual environment {venv} with {python}")
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([python, "-m", "venv", str(venv)], capture_output=True, text=True)
+    if done.returncode != 0 or not py.exists():
+        raise InstallError(
+            f"could not create a virtual environment with {python}: {(done.stderr or done.stdout).strip()[-300:]}",
+            "install the venv module (Debian/Ubuntu: apt install python3-venv) or pass --python",
+        )
+    return py
+
+
+def venv_python_version(py: Path) -> str:
+    done = subprocess.run(
+        [str(py), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], capture_output=True, text=True
+    )
+    return done.stdout.strip()
+
+
+VERIFY = """
+import importlib.metadata as md, json, sys
+import torch, torchvision, ex4d_backend
+print(json.dumps({"torch": torch.__version__, "torch_cuda": getattr(getattr(torch, "version", None), "cuda", None),
+                  "torchvision": torchvision.__version__, "ex4d_backend": md.version("ex4d-backend"),
+                  "location": ex4d_backend.__file__}))
+"""
+
+VERIFY_NO_TORCH = """
+import importlib.metadata as md, json, ex4d_backend
+print(json.dumps({"ex4d_backend": md.version("ex4d-backend"), "location": ex4d_backend.__file__}))
+"""
+
+WARM_NVDIFFRAST = """
+import torch
+from ex4d_backend import raster_cuda
+clip = torch.tensor([[[-1.0, -1.0, 0.0, 1.0], [1.0, -1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]]], device="cuda")
+faces = torch.tensor([[0, 1, 2]], dtype=torch.int32, device="cuda")
+out, rast = raster_cuda.rasterize_interpolate(clip, faces, torch.ones(1, 3, 1, device="cuda"), (16, 16))
+torch.cuda.synchronize()
+assert int((rast[..., 3] > 0).sum()) > 0, "empty rasterisation"
+print("nvdiffrast plugin ready:", raster_cuda.plugin_status().get("build_dir"))
+"""
+
+
+def install_backend(args: argparse.Namespace, runner: Runner, py: Path, build: str) -> dict:
+    """torch + torchvision, then ex4d_backend with its extras; returns what was installed."""
+    src = pip_source_options(args)
+    info: dict = {"torch_build": build}
+    if build != "none":
+        reqs, opts, where = torch_source(build, args, runner.say)
+        info["torch_source"] = where
+        runner.say(f"installing torch {TORCH_VERSION} + torchvision {TORCHVISION_VERSION} ({build}) from {where}")
+        runner.pip(
+            py,
+            ["install", *src, *opts, *reqs],
+            f"installing torch {TORCH_VERSION} ({build}) failed",
+            "check the connection (or the wheelhouse), then run the installer again; --torch cpu avoids CUDA builds",
+        )
+    extras = extras_for(build, args)
+    target = f"{REPO}[{','.join(extras)}]"
+    runner.say(f"installing ex4d_backend [{', '.join(extras)}] ({'normal' if args.no_editable else 'editable'})")
+    runner.pip(
+        py,
+        ["install", *src, *([target] if args.no_editable else ["-e", target])],
+        "installing ex4d_backend and its dependencies failed",
+        "read the log for the package that failed, fix the connection or wheelhouse, then run the installer again",
+    )
+    info["extras"] = extras
+    out = runner.run(
+        [str(py), "-c", VERIFY if build != "none" else VERIFY_NO_TORCH],
+        "the backend does not import after installing",
+        "re-run with --recreate; if it persists, report the log",
+    )
+    info.update(json.loads(out.strip().splitlines()[-1]))
+    return info
+
+
+def warm_nvdiffrast(runner: Runner, py: Path) -> str:
+    runner.say("building the nvdiffrast CUDA plugin (first time: about a minute)")
+    try:
+        runner.run(
+            [str(py), "-c", WARM_NVDIFFRAST],
+            "building the nvdiffrast plugin failed",
+            "install the CUDA toolkit (nvcc) matching torch and a C++ compiler, then re-run; the CPU renderer works meanwhile",
+        )
+        return "ready"
+    except InstallError as exc:
+        runner.say(f"warning: {exc.what} -- {exc.todo}")
+        return "failed"
+
+
+def find_python311() -> str | None:
+    if sys.version_info[:2] == (3, 11):
+        return sys.executable
+    for name in ("python3.11", "python3.11.exe"):
+        exe = shutil.which(name)
+        if exe and subprocess.run([exe, "-c", "import sys, venv"], capture_output=True).returncode == 0:
+            return exe
+    if os.name == "nt" and shutil.which("py"):
+        done = subprocess.run(
+            ["py", "-3.11", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return None
+
+
+def setup_bpy_venvs(args: argparse.Namespace, runner: Runner) -> list[str]:
+    """The Blender test environments (--dev). Returns warnings."""
+    python = find_python311()
+    if python is None:
+        msg = (
+            f"warning: Python {BPY_PYTHON} not found (bpy wheels exist for {BPY_PYTHON} only): skipping "
+            f"{', '.join(n for n, _ in BPY_VENVS)}; the Blender tests will be skipped. Install python3.11 and re-run."
+        )
+        runner.say(msg)
+        return [msg]
+    for name, reqs in BPY_VENVS:
+        venv = REPO / name
+        key = {"installer": INSTALLER_VERSION, "requirements": list(reqs), "offline": bool(args.offline)}
+        marker = venv / MARKER
+        if not args.force and read_marker(marker).get("key") == key and venv_python(venv).exists():
+            runner.say(f"{name}: up to date")
+            continue
+        marker.unlink(missing_ok=True)
+        py = ensure_venv(venv, python, args.recreate, runner)
+        runner.say(f"{name}: installing {' '.join(reqs)}")
+        runner.pip(
+            py,
+            ["install", *pip_source_options(args), *reqs],
+            f"setting up the Blender test environment {name} failed",
+            "check the connection (bpy wheels are about 300 MB), then run the installer again",
+        )
+        runner.run([str(py), "-c", "import bpy"], f"bpy does not import in {name}", "re-run with --recreate")
+        write_json(marker, {"key": key, "python": str(venv_python(venv)), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return []
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def register(py: Path, runner: Runner) -> None:
+    """Tell the Blender add-on where the backend Python is."""
+    target = config_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(str(py) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        runner.say(
+            f"warning: could not write {target} ({exc}); set EX4D_BACKEND_PYTHON={py} "
+            "or the add-on's 'Backend Python' preference"
+        )
+
+
+def download_wheelhouse(args: argparse.Namespace, runner: Runner, build: str) -> int:
+    """Fetch every wheel an offline install needs into a folder (for this platform and Python)."""
+    house = Path(args.download_wheelhouse).resolve()
+    house.mkdir(parents=True, exist_ok=True)
+    runner.log_path = house / "ex4d-download.log"
+    runner.say(f"downloading wheels for torch {build} into {house}")
+    py = sys.executable
+    if build != "none":
+        reqs, opts, _ = torch_source(build, args, runner.say)
+        runner.pip(
+            Path(py), ["download", "-d", str(house), *opts, *reqs], "downloading torch failed", "check the connection"
+        )
+    extras = extras_for(build, args)
+    runner.pip(
+        Path(py),
+        ["download", "-d", str(house), f"{REPO}[{','.join(extras)}]", "setuptools>=68", "wheel", "pip"],
+        "downloading the backend's dependencies failed",
+        "check the connection",
+    )
+    if args.dev:
+        for _, reqs in BPY_VENVS:
+            runner.pip(
+                Path(py), ["download", "-d", str(house), *reqs], "downloading bpy failed", "check the connection"
+            )
+    for sdist in list(house.glob("*.tar.gz")) + list(house.glob("*.zip")):
+        if sdist.name.startswith("ex4d_backend") or sdist.name.startswith("ex4d-backend"):
+            sdist.unlink()  # the backend itself is installed from the repository
+    runner.say(
+        f"wheelhouse ready: {house}\nCopy it with the repository, then run: "
+        f"python3 scripts/install_deps.py --offline --wheelhouse {house} --torch {build}"
+        + (" --dev" if args.dev else "")
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="install_deps.py",
+        description="Create or update the EX-4D backend environment (see docs/install.md).",
+    )
+    p.add_argument(
+        "--venv", default=str(REPO / ".venv"), help="virtual environment folder (default: .venv in the repository)"
+    )
+    p.add_argument("--python", default=sys.executable, help="Python used to create the environment (default: this one)")
+    p.add_argument(
+        "--torch",
+        default="auto",
+        help="torch build: auto (NVIDIA driver -> newest CUDA build it supports, else cpu), cpu, cu126, cu128, "
+        "cu130, ... or none (do not install torch; you provide it)",
+    )
+    p.add_argument(
+        "--torch-index",
+        default=os.environ.get("EX4D_TORCH_INDEX", TORCH_INDEX),
+        help="PyTorch wheel index base URL (a mirror)",
+    )
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="also the test tools and the Blender test environments .venv-bpy5.0, .venv-bpy4.2",
+    )
+    p.add_argument(
+        "--no-editable", action="store_true", help="install ex4d_backend as a normal package (default: editable)"
+    )
+    p.add_argument("--offline", action="store_true", help="install only from --wheelhouse (no network)")
+    p.add_argument("--wheelhouse", help="folder of wheels (with --offline: the only source; otherwise tried first)")
+    p.add_argument(
+        "--download-wheelhouse",
+        metavar="DIR",
+        help="download every wheel needed into DIR for a later --offline install",
+    )
+    p.add_argument("--recreate", action="store_true", help="delete and rebuild the virtual environment(s)")
+    p.add_argument("--force", action="store_true", help="reinstall even when the state file says nothing changed")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the decisions (torch build, extras, up to date?) and stop"
+    )
+    p.add_argument("--quiet", action="store_true", help="do not echo pip's progress lines")
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"auto|cpu|none|cu\d{3,4}", args.torch):
+        p.error(f"--torch {args.torch!r} is not one of auto, cpu, none, cuXXX (e.g. cu128)")
+    if args.offline and not args.wheelhouse:
+        p.error("--offline needs --wheelhouse DIR (make one with --download-wheelhouse DIR on a connected machine)")
+    if args.wheelhouse and not Path(args.wheelhouse).is_dir():
+        p.error(f"--wheelhouse {args.wheelhouse}: no such folder")
+    if args.download_wheelhouse and args.offline:
+        p.error("--download-wheelhouse needs the network; it cannot be combined with --offline")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    runner = Runner(None, quiet=args.quiet)
+    venv = Path(args.venv).expanduser().resolve()
+    try:
+        if sys.version_info < (3, 10):  # noqa: UP036 (Blender or an old system Python may run this)
+            raise InstallError(
+                f"Python {sys.version.split()[0]} is too old", "run this script with Python 3.10 or newer"
+            )
+        build, why, gpu = resolve_torch(args)
+        runner.say(f"torch build: {build} ({why})")
+        if args.download_wheelhouse:
+            return download_wheelhouse(args, runner, build)
+        py = venv_python(venv)
+        marker = venv / MARKER
+        state = read_marker(marker)
+        python_version = venv_python_version(py) if py.exists() else venv_python_version(Path(args.python))
+        key = state_key(args, build, python_version)
+        up_to_date = (
+            not args.force and not args.recreate and state.get("key") == key and py.exists() and bool(python_version)
+        )
+        if args.dry_run:
+            source = "-"
+            if build != "none":
+                try:
+                    source = torch_source(build, args, runner.say)[2]
+                except InstallError as exc:
+                    source = f"unavailable ({exc.what})"
+            runner.say(f"torch source: {source}\nvenv: {venv}\nextras: {', '.join(extras_for(build, args))}")
+            runner.say(f"up to date: {up_to_date}")
+            return 0
+        if up_to_date:
+            runner.say(f"backend environment up to date ({venv}); nothing to install")
+        else:
+            marker.unlink(missing_ok=True)  # from here on the environment is not ready until the end
+            py = ensure_venv(venv, args.python, args.recreate, runner)
+            runner.log_path = venv / LOG
+            runner._log(f"\n==== ex4d install {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv[1:])}")
+            info = install_backend(args, runner, py, build)
+            if gpu is not None and build.startswith("cu") and "cuda" in info["extras"]:
+                info["nvdiffrast"] = warm_nvdiffrast(runner, py)
+            key = state_key(args, build, venv_python_version(py))
+            state = {"key": key, "installed": info, "python": str(py), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        warnings = setup_bpy_venvs(args, runner) if args.dev else []
+        register(py, runner)
+        if not up_to_date:
+            write_json(marker, state)  # last: only a complete install is marked ready
+        installed = state.get("installed", {})
+        runner.say(
+            f"\nready in {time.monotonic() - started:.0f} s: backend Python {py}\n"
+            f"  torch {installed.get('torch', '-')} (CUDA {installed.get('torch_cuda') or 'none'}), "
+            f"ex4d_backend {installed.get('ex4d_backend', '-')}\n"
+            f"  the Blender add-on finds it through {config_file()}\n"
+            f"  next: {py.parent / 'ex4d'} doctor   (or: {py} -m ex4d_backend doctor)"
+        )
+        for w in warnings:
+            print(w)
+        return 0
+    except InstallError as exc:
+        print(f"\ninstall failed: {exc.what} -- {exc.todo}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninstall failed: interrupted -- run the installer again to finish", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
