@@ -334,6 +334,8 @@ def download(
     folders = []
     specs = with_requirements(name)
     todo = [(s, f) for s in specs for f in s.files if force or not (model_folder(s, root) / f.path).is_file()]
+    created = [model_folder(s, root) for s in specs if not model_folder(s, root).exists()]
+    top_existed = models_dir(root).exists()
     for i, (spec, f) in enumerate(todo):
         folder = model_folder(spec, root)
         if progress:
@@ -341,14 +343,41 @@ def download(
         try:
             hf_hub_download(spec.repo_id, f.path, local_dir=folder, token=token, force_download=force)
         except Exception as exc:  # offline, gated, not found, HTTP errors: all end the same way for users
-            err = _missing_error(spec, folder, missing_files(spec, root) or [f.path])
-            err.what = f"cannot download {spec.repo_id}/{f.path} ({type(exc).__name__}: {_short(exc)}); " + err.what
-            raise err from None
+            for new in created:  # leave the disk as it was: no half-made model folders
+                _remove_if_no_model_files(new, root)
+            if not top_existed and models_dir(root).is_dir() and not any(models_dir(root).iterdir()):
+                models_dir(root).rmdir()
+            missing = missing_files(spec, root) or [f.path]
+            gated = "accept the licence of this gated repository on huggingface.co, set HF_TOKEN, " if spec.gated else ""
+            raise Ex4dError(
+                f"cannot download {spec.repo_id}/{f.path} ({type(exc).__name__}: {_short(exc)}); "
+                f"model '{spec.name}' still lacks {len(missing)} file(s): {', '.join(missing[:8])}",
+                where=str(folder),
+                hint=f"check the internet connection, {gated}or copy the files of the Hugging Face repository "
+                f"{spec.repo_id} into {folder}",
+                code=MODEL_MISSING,
+            ) from None
     if progress:
         progress("download", len(todo), len(todo), "done")
     for spec in specs:
         folders.append(require(spec.name, root))
     return folders
+
+
+def _remove_if_no_model_files(folder: Path, root) -> None:
+    """Remove ``folder`` (and empty parents up to the models directory) when it holds no finished file."""
+    import shutil
+
+    if not folder.exists():
+        return
+    if any(p.is_file() for p in folder.rglob("*") if ".cache" not in p.relative_to(folder).parts):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    top = models_dir(root)
+    parent = folder.parent
+    while parent != top and parent.is_relative_to(top) and parent.exists() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def _short(exc: Exception) -> str:

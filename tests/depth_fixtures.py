@@ -139,3 +139,44 @@ def build_depth_anything(root: Path, size: str = "small", seed: int = 0) -> Path
     DepthAnythingForDepthEstimation(config).save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(DPT_PREPROCESSOR, indent=2))
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# pytest fixtures (import them into a test module: ``from depth_fixtures import depth_models``)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+_BUILT: dict[str, Path] = {}
+
+
+@pytest.fixture
+def depth_models(tmp_path_factory) -> Path:
+    """A read-only models directory with tiny DepthCrafter + SVD parts + Depth Anything V2 Small.
+
+    Built once per test session; tests that damage files must copy it first (``copy_models``).
+    """
+    if "root" not in _BUILT:
+        root = tmp_path_factory.mktemp("depth-models")
+        build_depthcrafter(root)
+        build_depth_anything(root, "small")
+        _BUILT["root"] = root
+    return _BUILT["root"]
+
+
+def copy_models(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def gradient_clip(n: int = 10, h: int = 64, w: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (n, h, w, 3): a colour gradient drifting right one pixel per frame, with a little noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = []
+    for t in range(n):
+        img = np.stack([(xx + t) * 255 / (w + n), yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+        frames.append(np.clip(img + rng.normal(0, 2, img.shape), 0, 255))
+    return np.stack(frames).astype(np.uint8)

@@ -119,6 +119,17 @@ def _resize(disp: np.ndarray, width: int, height: int) -> np.ndarray:
     return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)).astype(np.float32)
 
 
+def quiet_loading() -> None:
+    """Silence the libraries' own loading bars: our ``progress`` callback reports instead."""
+    for mod in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            import importlib
+
+            importlib.import_module(mod).disable_progress_bar()
+        except (ImportError, AttributeError):
+            pass
+
+
 def _free(device) -> None:
     import gc
 
@@ -158,6 +169,7 @@ def estimate(
         return _estimate_file(frames, options)
     dev = resolve_device(device)
     report = progress or (lambda *a: None)
+    quiet_loading()
     if name == DEPTHCRAFTER:
         from . import depthcrafter as provider
 

@@ -130,29 +130,31 @@ def infer(
     return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
 
 
-def fit_scale_shift(src: np.ndarray, dst: np.ndarray, keep: float = 0.8) -> tuple[float, float]:
-    """(s, b) minimising |s * src + b - dst|^2, refitted on the ``keep`` fraction of best-fitting pixels.
+def fit_scale_shift(src: np.ndarray, dst: np.ndarray, keep: float = 0.8, iters: int = 4) -> tuple[float, float]:
+    """(s, b) with s * src + b ~= dst, robust to outliers (moving objects, occlusions).
 
-    Falls back to matching mean and standard deviation when the fit is degenerate (s <= 0).
+    Starts from a median / inter-quartile-range match, then refits by least squares on the ``keep``
+    fraction of pixels with the smallest residuals, ``iters`` times. Falls back to the robust start
+    when a fit is degenerate (no variance, s <= 0).
     """
     a, d = src.ravel().astype(np.float64), dst.ravel().astype(np.float64)
-    for _ in range(2):
-        var = a.var()
-        if var <= 1e-12:
-            return 1.0, float(d.mean() - a.mean())
-        s = float(((a - a.mean()) * (d - d.mean())).mean() / var)
-        b = float(d.mean() - s * a.mean())
+    qa, qd = np.percentile(a, [25, 50, 75]), np.percentile(d, [25, 50, 75])
+    s = (qd[2] - qd[0]) / (qa[2] - qa[0]) if qa[2] - qa[0] > 1e-12 else 1.0
+    b = qd[1] - s * qa[1]
+    for _ in range(iters):
         r = np.abs(s * a + b - d)
-        cut = np.quantile(r, keep)
-        sel = r <= cut
+        sel = r <= np.quantile(r, keep)
         if sel.sum() < 16:
             break
-        a, d = a[sel], d[sel]
-    if not np.isfinite(s) or s <= 0:
-        sa, sd = src.std(), dst.std()
-        s = float(sd / sa) if sa > 1e-12 else 1.0
-        b = float(dst.mean() - s * src.mean())
-    return s, b
+        x, y = a[sel], d[sel]
+        var = x.var()
+        if var <= 1e-12:
+            break
+        s_new = float(((x - x.mean()) * (y - y.mean())).mean() / var)
+        if not np.isfinite(s_new) or s_new <= 0:
+            break
+        s, b = s_new, float(y.mean() - s_new * x.mean())
+    return float(s), float(b)
 
 
 def align_to_previous(disp: np.ndarray, max_pixels: int = 65536) -> np.ndarray:

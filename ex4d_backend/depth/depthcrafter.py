@@ -192,6 +192,23 @@ def windows(n_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
     return out
 
 
+def stitch(result, latents, overlap: int):
+    """Append window ``latents`` (1, t, ...) to ``result`` (1, n, ...) whose last ``overlap`` frames they share.
+
+    The shared frames are blended linearly, weight of the new window rising from 0 to 1 across the
+    overlap (DepthCrafter's blending), so the hand-over between windows has no step.
+    """
+    import torch
+
+    if overlap == 0:
+        return torch.cat([result, latents], dim=1)
+    w = torch.linspace(0, 1, overlap, device=latents.device, dtype=latents.dtype)
+    w = w.view(1, overlap, *([1] * (latents.ndim - 2)))
+    out = result.clone()
+    out[:, -overlap:] = latents[:, :overlap] * w + result[:, -overlap:] * (1 - w)
+    return torch.cat([out, latents[:, overlap:]], dim=1)
+
+
 class _OnDevice:
     """Context: move a module to the compute device for its use when CPU offload is on."""
 
@@ -303,7 +320,6 @@ def infer(
         c_lat = models.unet.config.in_channels // 2
         shape = (1, win, c_lat, frame_latents.shape[-2], frame_latents.shape[-1])
         init = torch.randn(shape, generator=gen, dtype=torch.float32).to(dev, dtype) * sched.init_noise_sigma
-        blend = torch.linspace(0, 1, ov, device=dev, dtype=dtype).view(1, ov, 1, 1, 1) if ov else None
         result = None
         step_no = 1
         with _OnDevice(models, models.unet) as unet:
@@ -314,7 +330,7 @@ def infer(
                     init = torch.cat([init[:, -ov:], init[:, :stride]], dim=1)
                 cond_lat, cond_emb = frame_latents[:, s:e], embeds[:, s:e]
                 for i, t in enumerate(timesteps):
-                    if result is not None and i == 0:  # continue from the previous window's overlap
+                    if result is not None and ov and i == 0:  # continue from the previous window's overlap
                         latents[:, :ov] = result[:, -ov:] + latents[:, :ov] / sched.init_noise_sigma * sched.sigmas[0]
                     x = torch.cat([sched.scale_model_input(latents, t), cond_lat], dim=2)
                     pred = unet(x, t, encoder_hidden_states=cond_emb, added_time_ids=time_ids, return_dict=False)[0]
@@ -331,11 +347,7 @@ def infer(
                     latents = sched.step(pred, t, latents).prev_sample.to(dtype)
                     report("depth", step_no, total, f"window {wi + 1}/{len(spans)}, step {i + 1}/{steps}")
                     step_no += 1
-                if result is None:
-                    result = latents.clone()
-                else:
-                    result[:, -ov:] = latents[:, :ov] * blend + result[:, -ov:] * (1 - blend)
-                    result = torch.cat([result, latents[:, ov:]], dim=1)
+                result = latents.clone() if result is None else stitch(result, latents, ov)
         del frame_latents, embeds, init
 
         # Decode (temporal decoder, in chunks), mean of the channels, clip-wise min-max.
