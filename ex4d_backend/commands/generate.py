@@ -1,0 +1,92 @@
+"""``ex4d generate``: guide videos (colour + mask from ``ex4d recon``) -> the new-view video."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="fill the guide's holes: EX-4D (Wan2.1-I2V-14B + EX-4D) or the weight-free preview",
+        description=(
+            "Generate the shot seen from the new camera from the guide colour and mask videos. "
+            "--generator ex4d needs the Wan2.1-I2V-14B-480P and EX-4D weights (see `ex4d models`); "
+            "--generator preview needs none (OpenCV inpainting, labelled PREVIEW)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--color-video", required=True, help="guide colour video or image-sequence folder")
+    p.add_argument("--mask-video", required=True, help="guide mask video or folder (white = seen, black = fill)")
+    p.add_argument("--output-video", required=True, help="output mp4")
+    p.add_argument("--output-frames", default=None, help="also write the frames as PNGs into this folder")
+    p.add_argument("--generator", choices=("ex4d", "preview"), default="ex4d")
+    p.add_argument("--models-dir", default=None, help="models directory (default: $EX4D_MODELS_DIR or the cache)")
+    p.add_argument("--height", type=int, default=512, help="output height, multiple of 16")
+    p.add_argument("--width", type=int, default=512, help="output width, multiple of 16")
+    p.add_argument("--frames", type=int, default=49, help="output frames (4k+1), sampled evenly from the guide")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and of the mask erosion")
+    p.add_argument("--prompt", default=None, help="text prompt (default: the reference's)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the reference's)")
+    p.add_argument(
+        "--resize",
+        choices=("crop", "stretch"),
+        default="crop",
+        help="crop keeps the guide's aspect (centred crop); stretch squashes like the reference",
+    )
+    p.add_argument("--vram-profile", choices=("full", "24gb", "12gb"), default="full")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu")
+    p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the colour video's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..footage import read_footage
+    from ..generation import REFERENCE_NEGATIVE, REFERENCE_PROMPT, load_generator, write_outputs
+    from ..generation.conditioning import validate_guide, validate_size
+
+    validate_size(args.height, args.width, args.frames)
+    color = read_footage(args.color_video, max_side=None)
+    mask = read_footage(args.mask_video, max_side=None)
+    mask_frames = mask.frames[..., 0]
+    validate_guide(color.frames, mask_frames)
+
+    def progress(stage: str, step: int, total: int, message: str) -> None:
+        log.info("[%s %d/%d] %s", stage, step, total, message)
+
+    gen = load_generator(
+        args.generator,
+        models_dir=args.models_dir,
+        device=args.device,
+        vram_profile=args.vram_profile,
+        progress=progress,
+    )
+    try:
+        frames = gen(
+            color.frames,
+            mask_frames,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+            steps=args.steps,
+            cfg=args.cfg,
+            shift=args.shift,
+            seed=args.seed,
+            prompt=args.prompt if args.prompt is not None else REFERENCE_PROMPT,
+            negative_prompt=args.negative_prompt if args.negative_prompt is not None else REFERENCE_NEGATIVE,
+            resize=args.resize,
+            callback=progress,
+        )
+    finally:
+        gen.close()
+    fps = args.fps or color.fps
+    out = write_outputs(frames, args.output_video, fps, args.output_frames)
+    for kind, path in out.items():
+        print(f"{kind}: {path}")
+    return 0
