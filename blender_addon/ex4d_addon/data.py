@@ -1,0 +1,342 @@
+"""Thin data layer: numpy arrays in and out of Blender data (no operators, no UI, no backend).
+
+Conventions:
+- DW-mesh vertices are in the backend's **OpenCV world** (x right, y down, z forward, depth units);
+  the object gets ``matrix_world = CV_TO_BLENDER`` (X = x, Y = z, Z = -y), so the source camera
+  "EX4D Source" sits at the Blender origin looking along +Y with Z up.
+- Vertex ``i = row * W + col`` of the pixel grid; its UV is the centre of that footage pixel:
+  ``u = (col + 0.5) / W``, ``v = 1 - (row + 0.5) / H`` (Blender's UV origin is bottom-left).
+- Cameras are Blender ``matrix_world`` (camera looks down its local -Z, +Y up) and ``lens`` in mm.
+- Scene frame ``frame_start + i`` shows clip frame ``i``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import bpy
+import numpy as np
+from mathutils import Matrix
+
+from . import compat
+
+CV_TO_BLENDER = np.array(
+    [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=np.float64
+)
+OCCLUSION_ATTRIBUTE = "ex4d_occluded"  # BOOLEAN face attribute: True = occlusion ("invalid") face
+OCCLUDED_COLOR = (1.0, 0.0, 1.0, 1.0)  # magenta: the occlusion faces in the viewport and renders
+PC2_MAGIC = b"POINTCACHE2\0"
+
+
+# -- point caches (PC2) -----------------------------------------------------------------------------
+def write_pc2(path: str | os.PathLike, positions: np.ndarray, start: float = 0.0, rate: float = 1.0) -> Path:
+    """Write (T, N, 3) float positions as a PC2 point cache (little-endian float32)."""
+    positions = np.ascontiguousarray(positions, dtype="<f4")
+    t, n, _ = positions.shape
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as fh:
+        fh.write(PC2_MAGIC + struct.pack("<iiffi", 1, n, float(start), float(rate), t))
+        fh.write(positions.tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def read_pc2(path: str | os.PathLike) -> np.ndarray:
+    """Read a PC2 point cache as a (T, N, 3) float32 array (memory-mapped)."""
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    if head[:12] != PC2_MAGIC:
+        raise ValueError(f"{path}: not a PC2 point cache")
+    _version, n, _start, _rate, t = struct.unpack("<iiffi", head[12:32])
+    return np.memmap(path, dtype="<f4", mode="r", offset=32, shape=(t, n, 3))
+
+
+# -- mesh -----------------------------------------------------------------------------------------
+def grid_uvs(width: int, height: int) -> np.ndarray:
+    """(H*W, 2) float32 UVs of the pixel-grid vertices (row-major), at pixel centres."""
+    cols, rows = np.meshgrid(np.arange(width), np.arange(height))
+    u = (cols.ravel() + 0.5) / width
+    v = 1.0 - (rows.ravel() + 0.5) / height
+    return np.stack([u, v], axis=1).astype(np.float32)
+
+
+def mesh_from_arrays(
+    name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None
+) -> bpy.types.Mesh:
+    """A triangle mesh from (N, 3) vertices and (F, 3) vertex indices, optionally per-vertex UVs (N, 2)."""
+    vertices = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+    faces = np.ascontiguousarray(faces, dtype=np.int32).reshape(-1, 3)
+    n_faces = len(faces)
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(vertices))
+    mesh.vertices.foreach_set("co", vertices.ravel())
+    mesh.loops.add(n_faces * 3)
+    mesh.loops.foreach_set("vertex_index", faces.ravel())
+    mesh.polygons.add(n_faces)
+    mesh.polygons.foreach_set("loop_start", np.arange(0, n_faces * 3, 3, dtype=np.int32))
+    try:  # read-only (derived from loop_start) in newer Blenders
+        mesh.polygons.foreach_set("loop_total", np.full(n_faces, 3, dtype=np.int32))
+    except (AttributeError, TypeError, RuntimeError):
+        pass
+    if uvs is not None:
+        layer = mesh.uv_layers.new(name="UVMap")
+        corner_uv = np.ascontiguousarray(uvs, dtype=np.float32)[faces.ravel()]
+        layer.data.foreach_set("uv", corner_uv.ravel())
+    mesh.update()
+    return mesh
+
+
+def set_face_bool(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
+    """Create or overwrite a BOOLEAN face attribute from an (F,) array."""
+    attr = mesh.attributes.get(name)
+    if attr is None or attr.domain != "FACE" or attr.data_type != "BOOLEAN":
+        if attr is not None:
+            mesh.attributes.remove(attr)
+        attr = mesh.attributes.new(name, "BOOLEAN", "FACE")
+    attr.data.foreach_set("value", np.ascontiguousarray(values, dtype=bool).ravel())
+    mesh.update_tag()
+
+
+def get_face_bool(mesh: bpy.types.Mesh, name: str) -> np.ndarray:
+    """A BOOLEAN face attribute as an (F,) bool array."""
+    attr = mesh.attributes[name]
+    out = np.zeros(len(attr.data), dtype=bool)
+    attr.data.foreach_get("value", out)
+    return out
+
+
+def evaluated_positions(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> np.ndarray:
+    """(N, 3) evaluated vertex positions in the object's local frame (OpenCV for the DW-mesh)."""
+    ob_eval = obj.evaluated_get(depsgraph)
+    mesh = ob_eval.to_mesh()
+    try:
+        out = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+        mesh.vertices.foreach_get("co", out)
+    finally:
+        ob_eval.to_mesh_clear()
+    return out.reshape(-1, 3)
+
+
+def add_mesh_cache(obj: bpy.types.Object, pc2_path: str, frame_start: int) -> bpy.types.Modifier:
+    """A Mesh Cache modifier playing a PC2 cache so that cache sample 0 shows at ``frame_start``."""
+    mod = obj.modifiers.new("EX4D Mesh Cache", "MESH_CACHE")
+    mod.cache_format = "PC2"
+    mod.filepath = str(pc2_path)
+    mod.play_mode = "SCENE"
+    mod.time_mode = "FRAME"
+    mod.frame_start = float(frame_start)
+    mod.frame_scale = 1.0
+    mod.interpolation = "NONE"
+    mod.forward_axis = "POS_Y"  # identity: the cache holds the object's local (OpenCV) coordinates
+    mod.up_axis = "POS_Z"
+    return mod
+
+
+def footage_material(name: str, image: bpy.types.Image | None, frame_start: int, n_frames: int) -> bpy.types.Material:
+    """Unlit material: the footage frame (UVs on the pixel grid), magenta on occlusion faces."""
+    mat = bpy.data.materials.new(name)
+    mat.use_nodes = True
+    nodes, links = mat.node_tree.nodes, mat.node_tree.links
+    nodes.clear()
+    out = nodes.new("ShaderNodeOutputMaterial")
+    emit = nodes.new("ShaderNodeEmission")
+    mix = nodes.new("ShaderNodeMix")
+    mix.data_type = "RGBA"
+    attr = nodes.new("ShaderNodeAttribute")
+    attr.attribute_type = "GEOMETRY"
+    attr.attribute_name = OCCLUSION_ATTRIBUTE
+    mix.inputs["B"].default_value = OCCLUDED_COLOR
+    links.new(attr.outputs["Fac"], mix.inputs["Factor"])
+    if image is not None:
+        tex = nodes.new("ShaderNodeTexImage")
+        tex.image = image
+        tex.interpolation = "Closest"
+        tex.extension = "EXTEND"
+        configure_image_user(tex.image_user, image, frame_start, n_frames)
+        links.new(tex.outputs["Color"], mix.inputs["A"])
+        nodes.active = tex  # Workbench's "Texture" colour shows the active image node
+    links.new(mix.outputs["Result"], emit.inputs["Color"])
+    links.new(emit.outputs["Emission"], out.inputs["Surface"])
+    mat.diffuse_color = (0.8, 0.8, 0.8, 1.0)
+    return mat
+
+
+def configure_image_user(user, image: bpy.types.Image, frame_start: int, n_frames: int) -> None:
+    """Make an ImageUser play a movie / image sequence so that clip frame 0 shows at ``frame_start``."""
+    if image.source not in {"MOVIE", "SEQUENCE"}:
+        return
+    user.frame_duration = int(n_frames)
+    user.frame_start = int(frame_start)
+    user.frame_offset = sequence_first_number(image) - 1 if image.source == "SEQUENCE" else 0
+    user.use_auto_refresh = True
+    user.use_cyclic = False
+
+
+def sequence_first_number(image: bpy.types.Image) -> int:
+    """The frame number in the file name of an image sequence's first file (e.g. 1 for frame_0001.png)."""
+    import re
+
+    name = os.path.basename(bpy.path.abspath(image.filepath))
+    nums = re.findall(r"(\d+)", name)
+    return int(nums[-1]) if nums else 1
+
+
+def load_footage_image(path: str) -> bpy.types.Image:
+    """The footage as a Blender image: a movie, or the first file of an image sequence (source SEQUENCE)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted_images(p)
+        if not files:
+            raise ValueError(f"no images in {p}")
+        image = bpy.data.images.load(str(files[0]), check_existing=True)
+        image.source = "SEQUENCE"
+        return image
+    image = bpy.data.images.load(str(p), check_existing=True)
+    if p.suffix.lower() in {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mxf"}:
+        image.source = "MOVIE"
+    return image
+
+
+def sorted_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder in natural order (frame_2 before frame_10)."""
+    import re
+
+    def key(p: Path) -> list:
+        return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+    exts = {".png", ".jpg", ".jpeg", ".exr", ".tif", ".tiff"}
+    return sorted((p for p in Path(folder).iterdir() if p.suffix.lower() in exts), key=key)
+
+
+# -- cameras -------------------------------------------------------------------------------------
+def keyframe_camera(cam_obj: bpy.types.Object, matrices: np.ndarray, lens: Sequence[float], frame_start: int) -> None:
+    """Key ``cam_obj`` on every frame: Blender ``matrix_world`` (N, 4, 4) and ``lens`` (N,) in mm, linear.
+
+    The object must have no parent or constraints (its matrix_world is its basis)."""
+    matrices = np.asarray(matrices, dtype=np.float64).reshape(-1, 4, 4)
+    lens = np.asarray(lens, dtype=np.float64).reshape(-1)
+    n = len(matrices)
+    if len(lens) == 1:
+        lens = np.full(n, lens[0])
+    cam_obj.rotation_mode = "XYZ"
+    locs = np.empty((n, 3))
+    rots = np.empty((n, 3))
+    prev = None
+    for i, m in enumerate(matrices):
+        mat = Matrix(m.tolist())
+        loc, quat, _scale = mat.decompose()
+        eul = quat.to_euler("XYZ", prev) if prev is not None else quat.to_euler("XYZ")
+        prev = eul
+        locs[i] = loc
+        rots[i] = eul
+    cam_obj.location = locs[0]
+    cam_obj.rotation_euler = rots[0]
+    cam_obj.scale = (1.0, 1.0, 1.0)
+    cam_obj.data.lens = float(lens[0])
+    cam_obj.keyframe_insert("location", frame=frame_start)
+    cam_obj.keyframe_insert("rotation_euler", frame=frame_start)
+    cam_obj.data.keyframe_insert("lens", frame=frame_start)
+    frames = frame_start + np.arange(n, dtype=np.float64)
+    for fc in compat.action_fcurves(cam_obj):
+        values = {"location": locs, "rotation_euler": rots}.get(fc.data_path)
+        if values is not None:
+            _fill_fcurve(fc, frames, values[:, fc.array_index])
+    for fc in compat.action_fcurves(cam_obj.data):
+        if fc.data_path == "lens":
+            _fill_fcurve(fc, frames, lens)
+
+
+def _fill_fcurve(fc, frames: np.ndarray, values: np.ndarray) -> None:
+    """Replace an F-curve's keys by linear keys at (frames, values)."""
+    points = fc.keyframe_points
+    while len(points) > 1:
+        points.remove(points[-1], fast=True)
+    points.add(len(frames) - len(points))
+    co = np.stack([frames, values], axis=1).astype(np.float32).ravel()
+    points.foreach_set("co", co)
+    points.foreach_set("handle_left", co)
+    points.foreach_set("handle_right", co)
+    points.foreach_set("interpolation", np.full(len(frames), 1, dtype=np.int32))  # 1 = LINEAR
+    fc.update()
+
+
+def sample_camera(scene: bpy.types.Scene, cam_obj: bpy.types.Object, frames: Sequence[int]) -> dict:
+    """Raw Blender camera data per frame, evaluated with constraints, parents and drivers.
+
+    Returns the protocol's ``{"blender": {...}}`` payload: ``matrix_world`` (N x 4x4), ``lens`` (N, mm),
+    sensor width/height (mm), sensor_fit, shift_x/shift_y (fraction of the larger side, as Blender),
+    resolution [W, H] (pixels, render size)."""
+    current = scene.frame_current
+    mats, lens = [], []
+    shift_x = shift_y = None
+    try:
+        for f in frames:
+            scene.frame_set(int(f))
+            dg = bpy.context.evaluated_depsgraph_get()
+            ob = cam_obj.evaluated_get(dg)
+            mats.append([list(row) for row in ob.matrix_world])
+            lens.append(float(ob.data.lens))
+            if shift_x is None:
+                shift_x, shift_y = float(ob.data.shift_x), float(ob.data.shift_y)
+    finally:
+        scene.frame_set(current)
+    cam = cam_obj.data
+    r = scene.render
+    return {
+        "matrix_world": mats,
+        "lens": lens,
+        "sensor_width": float(cam.sensor_width),
+        "sensor_height": float(cam.sensor_height),
+        "sensor_fit": cam.sensor_fit,
+        "shift_x": shift_x or 0.0,
+        "shift_y": shift_y or 0.0,
+        "resolution": [
+            int(r.resolution_x * r.resolution_percentage / 100),
+            int(r.resolution_y * r.resolution_percentage / 100),
+        ],
+    }
+
+
+# -- sequencer -----------------------------------------------------------------------------------
+def free_channel(scene: bpy.types.Scene, start: int, end: int) -> int:
+    """The lowest VSE channel with no strip overlapping frames [start, end)."""
+    used: set[int] = set()
+    for s in compat.vse_strips_all(scene):
+        if s.frame_final_start < end and s.frame_final_end > start:
+            used.add(s.channel)
+    ch = 1
+    while ch in used:
+        ch += 1
+    return ch
+
+
+def add_image_strip(
+    scene: bpy.types.Scene,
+    name: str,
+    files: Sequence[str | os.PathLike],
+    frame_start: int,
+    settings: dict | None = None,
+):
+    """An image-sequence strip of ``files`` (same folder) at ``frame_start`` on a free channel.
+
+    ``settings`` are stored on the strip as custom properties ``ex4d_<key>`` (strings or numbers)."""
+    files = [Path(f) for f in files]
+    if not files:
+        raise ValueError("no frames to add")
+    channel = free_channel(scene, frame_start, frame_start + len(files))
+    strips = compat.vse_strips(scene)
+    strip = strips.new_image(name=name, filepath=str(files[0]), channel=channel, frame_start=int(frame_start))
+    for f in files[1:]:
+        strip.elements.append(f.name)
+    for key, value in (settings or {}).items():
+        if isinstance(value, (str, int, float, bool)):
+            strip[f"ex4d_{key}"] = value
+        else:
+            import json
+
+            strip[f"ex4d_{key}"] = json.dumps(value)
+    return strip
