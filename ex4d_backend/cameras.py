@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,13 +230,19 @@ def load_camera_file(
                 ks = np.asarray(data["intrinsics"], dtype=np.float64) if "intrinsics" in data else None
         elif p.suffix.lower() == ".json":
             data = json.loads(p.read_text())
+            if not isinstance(data, dict):
+                raise Ex4dError(
+                    "a JSON camera file must hold an object with 'extrinsics' (and optional 'intrinsics')",
+                    where=where,
+                    hint='write {"extrinsics": [[4x4], ...], "intrinsics": [3x3]}',
+                )
             ext = np.asarray(data["extrinsics"], dtype=np.float64)
             ks = np.asarray(data["intrinsics"], dtype=np.float64) if data.get("intrinsics") is not None else None
         else:
             raise Ex4dError("camera files must be .npz or .json", where=where)
     except KeyError as exc:
         raise Ex4dError(f"the camera file has no {exc.args[0]!r} entry", where=where) from None
-    except (ValueError, OSError) as exc:
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise Ex4dError(f"cannot read the camera file: {exc}", where=where) from None
     if ks is None:
         ks = default_k if default_k is not None else reference_intrinsics(width, height)
