@@ -79,9 +79,12 @@ def test_camera_tokens_reach_dit_patch_tokens(pipe, guide):
         pipe.predict_noise(lat, t, cond)
     finally:
         h.remove()
-    expected = torch.nn.functional.conv3d(
-        seen["x"], pipe.dit.patch_embedding.weight, pipe.dit.patch_embedding.bias, stride=(1, 2, 2)
-    ) + cond.camera_tokens
+    expected = (
+        torch.nn.functional.conv3d(
+            seen["x"], pipe.dit.patch_embedding.weight, pipe.dit.patch_embedding.bias, stride=(1, 2, 2)
+        )
+        + cond.camera_tokens
+    )
     assert cond.camera_tokens.abs().max() > 0
     torch.testing.assert_close(seen["out"], expected)
 
@@ -89,13 +92,16 @@ def test_camera_tokens_reach_dit_patch_tokens(pipe, guide):
 def test_zero_encoder_changes_nothing_nonzero_changes_result(pipe, guide):
     cond, lat, t = _dit_inputs(pipe, guide)
     with_cam = pipe.predict_noise(lat, t, cond)
-    zero = pipe.predict_noise(lat, t, type(cond)(**{**cond.__dict__, "camera_tokens": torch.zeros_like(cond.camera_tokens)}))
+    zero = pipe.predict_noise(
+        lat, t, type(cond)(**{**cond.__dict__, "camera_tokens": torch.zeros_like(cond.camera_tokens)})
+    )
     pipe.camera_hook.remove()  # the DiT without any camera hook
     try:
         from diffsynth.pipelines.wan_video import model_fn_wan_video
 
-        plain = model_fn_wan_video(pipe.dit, latents=lat, timestep=t, context=cond.context,
-                                   clip_feature=cond.clip_feature, y=cond.y)
+        plain = model_fn_wan_video(
+            pipe.dit, latents=lat, timestep=t, context=cond.context, clip_feature=cond.clip_feature, y=cond.y
+        )
     finally:
         pipe.camera_hook.handle = pipe.dit.patch_embedding.register_forward_hook(pipe.camera_hook._hook)
     torch.testing.assert_close(zero, plain, rtol=0, atol=0)
@@ -118,8 +124,9 @@ def test_zero_encoder_checkpoint_equals_no_camera(tmp_path, tiny_models_dir, gui
     p.camera_hook.remove()
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
-    plain = model_fn_wan_video(p.dit, latents=lat, timestep=t, context=cond.context, clip_feature=cond.clip_feature,
-                               y=cond.y)
+    plain = model_fn_wan_video(
+        p.dit, latents=lat, timestep=t, context=cond.context, clip_feature=cond.clip_feature, y=cond.y
+    )
     torch.testing.assert_close(with_zero, plain, rtol=0, atol=0)
 
 
@@ -176,8 +183,19 @@ def test_reference_sizes_on_meta():
     from ex4d_backend.generation.loading import inject_lora
 
     with torch.device("meta"):
-        dit = WanModel(dim=5120, in_dim=36, ffn_dim=13824, out_dim=16, text_dim=4096, freq_dim=256, eps=1e-6,
-                       patch_size=(1, 2, 2), num_heads=40, num_layers=40, has_image_input=True)
+        dit = WanModel(
+            dim=5120,
+            in_dim=36,
+            ffn_dim=13824,
+            out_dim=16,
+            text_dim=4096,
+            freq_dim=256,
+            eps=1e-6,
+            patch_size=(1, 2, 2),
+            num_heads=40,
+            num_layers=40,
+            has_image_input=True,
+        )
         inject_lora(dit)
         enc = CamVidEncoder()
     lora = {k: v for k, v in dit.state_dict().items() if ".lora_" in k}
@@ -186,7 +204,9 @@ def test_reference_sizes_on_meta():
     sd = enc.state_dict()
     assert len(sd) == 8 and sum(v.numel() for v in sd.values()) == 23_109_632
     assert set(sd) == {f"latent_encoder.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")} | {
-        "latent_patch_embedding.weight", "latent_patch_embedding.bias"}
+        "latent_patch_embedding.weight",
+        "latent_patch_embedding.bias",
+    }
 
 
 @pytest.mark.cuda

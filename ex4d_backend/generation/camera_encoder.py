@@ -41,12 +41,26 @@ class CamVidEncoder(nn.Module):
         return self.latent_patch_embedding(self.latent_encoder(x))
 
 
+def _timestep_to_weight_dtype(module: nn.Module, args):
+    """The reference passes the timestep in float32 (its DiT embeds it under float32 autocast);
+    diffsynth 2.x needs the embedding input in the weight dtype. Taking the float32 timestep and
+    casting only its sinusoidal embedding keeps e.g. t = 999.0 exact instead of rounding it to a
+    bf16 timestep (1000.0) first."""
+    weight = module[0].weight
+    return (args[0].to(weight.dtype),) + tuple(args[1:])
+
+
 class CameraTokenHook:
-    """Adds camera tokens to the output of ``dit.patch_embedding`` while :meth:`active` is entered."""
+    """Adds camera tokens to the output of ``dit.patch_embedding`` while :meth:`active` is entered.
+
+    Also lets the DiT take a float32 timestep (a pre-hook on ``dit.time_embedding`` casts the
+    sinusoidal embedding to the weight dtype), as the reference pipeline does.
+    """
 
     def __init__(self, dit: nn.Module):
         self.tokens: torch.Tensor | None = None
         self.handle = dit.patch_embedding.register_forward_hook(self._hook)
+        self.time_handle = dit.time_embedding.register_forward_pre_hook(_timestep_to_weight_dtype)
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         if self.tokens is None:
@@ -65,3 +79,4 @@ class CameraTokenHook:
 
     def remove(self) -> None:
         self.handle.remove()
+        self.time_handle.remove()

@@ -56,6 +56,39 @@ class Conditioning:
     camera_tokens: torch.Tensor  # (1, dim, f, h/2, w/2) EX-4D camera tokens
 
 
+@torch.no_grad()
+def conditioned_dit(
+    dit,
+    camera_hook,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    clip_feature: torch.Tensor,
+    y: torch.Tensor,
+    camera_tokens: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """EX-4D's conditioned DiT: diffsynth 2.x ``model_fn_wan_video`` with the camera tokens added
+    right after patchify (``camera_hook``, a :class:`~.camera_encoder.CameraTokenHook` on ``dit``).
+
+    ``latents`` (1, 16, f, h, w) (repeated to the batch of ``context`` for merged CFG); ``timestep``
+    (1,) float32; ``context`` (B, 512, 4096); ``clip_feature`` (B, 257, 1280); ``y`` (B, 20, f, h, w);
+    ``camera_tokens`` (1, dim, f, h/2, w/2). Returns the flow prediction (B, 16, f, h, w).
+    ``benchmarks/compare_diffsynth_112.py`` compares exactly this function with diffsynth 1.1.2.
+    """
+    from diffsynth.pipelines.wan_video import model_fn_wan_video
+
+    with camera_hook.active(camera_tokens):
+        return model_fn_wan_video(
+            dit,
+            latents=latents.to(dtype),
+            timestep=timestep.float(),
+            context=context.to(dtype),
+            clip_feature=clip_feature.to(dtype),
+            y=y.to(dtype),
+        )
+
+
 class Ex4dPipeline:
     """Wan2.1-I2V-14B + EX-4D (LoRA + camera encoder). Call it with a guide; see :meth:`__call__`."""
 
@@ -196,27 +229,33 @@ class Ex4dPipeline:
     # ------------------------------------------------------------------------------ denoise
     @torch.no_grad()
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One DiT evaluation (both CFG branches as one batch when ``cond`` has 2 prompts)."""
-        from diffsynth.pipelines.wan_video import model_fn_wan_video
+        """One DiT evaluation (both CFG branches as one batch when ``cond`` has 2 prompts).
 
-        with self.camera_hook.active(cond.camera_tokens), self.placement.dit_forward():
+        ``latents`` (1, 16, f, h, w); ``timestep`` (1,) float32 in [0, 1000]."""
+        with self.placement.dit_forward():
             if self.placement.profile.cfg_batch or cond.context.shape[0] == 1:
-                return model_fn_wan_video(
+                return conditioned_dit(
                     self.dit,
-                    latents=latents.to(self.dtype),
-                    timestep=timestep,
-                    context=cond.context,
-                    clip_feature=cond.clip_feature,
-                    y=cond.y,
+                    self.camera_hook,
+                    latents,
+                    timestep,
+                    cond.context,
+                    cond.clip_feature,
+                    cond.y,
+                    cond.camera_tokens,
+                    self.dtype,
                 )
             outs = [
-                model_fn_wan_video(
+                conditioned_dit(
                     self.dit,
-                    latents=latents.to(self.dtype),
-                    timestep=timestep,
-                    context=cond.context[i : i + 1],
-                    clip_feature=cond.clip_feature[i : i + 1],
-                    y=cond.y[i : i + 1],
+                    self.camera_hook,
+                    latents,
+                    timestep,
+                    cond.context[i : i + 1],
+                    cond.clip_feature[i : i + 1],
+                    cond.y[i : i + 1],
+                    cond.camera_tokens,
+                    self.dtype,
                 )
                 for i in range(cond.context.shape[0])
             ]
@@ -280,7 +319,7 @@ class Ex4dPipeline:
             gen = torch.Generator("cpu").manual_seed(seed)
             latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
             for i, t in enumerate(scheduler.timesteps):
-                timestep = t[None].to(self.device, self.dtype)
+                timestep = t[None].to(self.device, torch.float32)  # float32, as the reference
                 pred = self.predict_noise(latents, timestep, cond).float()
                 if cond.context.shape[0] == 2:
                     pos, neg = pred.chunk(2)
