@@ -14,13 +14,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import transfer
 from .cameras import CameraPath, load_camera_file, preset_path, reference_intrinsics, save_camera_npz
 from .dwmesh import DWMesh, build_dwmesh, write_ply
 from .errors import Ex4dError
-from .render import render_guide, resolve_renderer
+from .render import guide_tensors, rasterize_rgba, resolve_renderer, rgba_to_guide
 
 Progress = Callable[[str, int, int, str], None]
-CHUNK_PIXELS = {"cuda": 64_000_000, "cpu": 6_000_000}  # pixels x frames per chunk (memory bound)
+CHUNK_PIXELS = {"cuda": 16_000_000, "cpu": 6_000_000}  # pixels x frames per chunk (memory bound)
+
+
+def _finish(pending: tuple, color: np.ndarray, mask: np.ndarray) -> None:
+    """Wait for a chunk's asynchronous read-back and copy it out of the pinned buffers."""
+    start, stop, col_h, mask_h, event = pending
+    event.synchronize()
+    torch.from_numpy(color[start:stop]).copy_(col_h)
+    torch.from_numpy(mask[start:stop]).copy_(mask_h)
 
 
 @dataclass
@@ -92,24 +101,38 @@ def run_recon(
     mask = np.empty((t, h, w), np.uint8)
     mesh0 = None
     n_chunks = (t + chunk - 1) // chunk
+    pending: tuple | None = None  # CUDA: (start, stop, pinned colour, pinned mask, event) being read back
     for i, start in enumerate(range(0, t, chunk)):
         if progress:
             progress("render", i, n_chunks, f"frames {start}-{min(t, start + chunk) - 1}")
         stop = min(t, start + chunk)
-        mesh = build_dwmesh(
-            torch.from_numpy(depth[start:stop]).to(device),
-            k,
-            torch.from_numpy(frames[start:stop]).to(device),
-            mesh_filter=mesh_filter,
-        )
-        color[start:stop], mask[start:stop] = render_guide(
-            mesh, cam, frames, renderer=backend, use_dwmesh=use_dwmesh, first_frame=start
-        )
+        if backend == "cuda":  # pinned, asynchronous copies; chunk i's read-back overlaps chunk i+1's work
+            slot = i % 2
+            d = transfer.upload(depth[start:stop], "depth", slot, device)
+            c = transfer.upload(frames[start:stop], "frames", slot, device)
+        else:
+            d, c = torch.from_numpy(depth[start:stop]), torch.from_numpy(frames[start:stop])
+        mesh = build_dwmesh(d, k, c, mesh_filter=mesh_filter)
+        sl = slice(start, stop)
+        rgba = rasterize_rgba(mesh, cam.extrinsics[sl], cam.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
+        if backend == "cuda":
+            col_t, mask_t = guide_tensors(rgba)
+            col_h, ev_c = transfer.download_async(col_t, "color", slot)
+            mask_h, ev_m = transfer.download_async(mask_t, "mask", slot)
+            if pending is not None:
+                _finish(pending, color, mask)
+            pending = (start, stop, col_h, mask_h, ev_m)
+        else:
+            color[sl], mask[sl] = rgba_to_guide(rgba)
         if keep_mesh0 and start == 0:
             mesh0 = DWMesh(
                 mesh.vertices[:1].cpu(), mesh.faces.cpu(), mesh.invalid[:1].cpu(), mesh.colors[:1].cpu(), h, w
             )
-        del mesh
+        del mesh, rgba
+    if pending is not None:
+        _finish(pending, color, mask)
+    color[0] = frames[0]  # reference: the guide's frame 0 is the source frame with a full mask
+    mask[0] = 255
     if progress:
         progress("render", n_chunks, n_chunks, "done")
     return Guide(color, mask, CameraPath(cam.extrinsics[:t], cam.intrinsics[:t], w, h, cam.name), mesh0)

@@ -77,12 +77,19 @@ def rasterize_rgba(
     return torch.from_numpy(raster_cpu.interpolate(attr.cpu().numpy(), mesh.faces.cpu().numpy(), tri, bary))
 
 
-def rgba_to_guide(rgba: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Reference post-processing: mask = 255 where alpha > 125; colour = colour * mask / 255 (uint8)."""
+def guide_tensors(rgba: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference post-processing on the renderer's device: mask = 255 where alpha > 125; colour = colour * mask
+    (uint8 tensors (T, H, W, 3) and (T, H, W))."""
     seen = rgba[..., 3] > MASK_THRESHOLD
     color = torch.where(seen.unsqueeze(-1), rgba[..., :3], torch.zeros((), device=rgba.device))
     color = color.clamp_(0, 255).round_().to(torch.uint8)
     mask = seen.to(torch.uint8) * 255
+    return color, mask
+
+
+def rgba_to_guide(rgba: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`guide_tensors` read back as numpy uint8 arrays."""
+    color, mask = guide_tensors(rgba)
     return color.cpu().numpy(), mask.cpu().numpy()
 
 
