@@ -150,7 +150,7 @@ import pytest  # noqa: E402
 _BUILT: dict[str, Path] = {}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def depth_models(tmp_path_factory) -> Path:
     """A read-only models directory with tiny DepthCrafter + SVD parts + Depth Anything V2 Small.
 

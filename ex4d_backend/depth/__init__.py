@@ -38,7 +38,8 @@ Progress = Callable[[str, int, int, str], None]
 MODELS = (DEPTHCRAFTER, "depth-anything-v2", *(f"depth-anything-v2-{s}" for s in DA2_SIZES), "file")
 MAX_FRAMES = 2000  # longest clip accepted (memory of the latents / disparity on the host)
 MAX_SIDE = 2048  # largest frame side accepted; footage is normally capped at 1024 by read_footage
-CACHE_VERSION = 1  # bump when a change alters results, so stale cache entries are never reused
+CACHE_VERSION = 2  # bump when a change alters results, so stale cache entries are never reused
+NO_KEY_OPTIONS = ("cpu_offload",)  # options that do not change the result (left out of the cache key)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class DepthResult:
     model: str = ""
     options: dict = field(default_factory=dict)
     cached: bool = False  # True when read from the depth cache
+    # float64 (3, 3) pixel intrinsics at the footage size: the reference's fx = fy = 500, (W/2, H/2),
+    # unless a focal length was given (``focal_px``, or ``focal_mm`` + ``sensor_width_mm``).
+    intrinsics: np.ndarray | None = None
 
 
 def canonical_model(model: str) -> str:
@@ -147,14 +151,21 @@ def estimate(
     models_dir: str | os.PathLike | None = None,
     device: str | None = "auto",
     progress: Progress | None = None,
+    focal_px: float | None = None,
+    focal_mm: float | None = None,
+    sensor_width_mm: float = 36.0,
     **options,
 ) -> DepthResult:
     """Depth and disparity (float32 (T, H, W), at the footage size) for uint8 RGB ``frames`` (T, H, W, 3).
 
+    ``DepthResult.intrinsics`` is K at the footage size: ``focal_px`` (pixels), else ``focal_mm`` with
+    ``sensor_width_mm`` (the sensor width spans the frame width), else the reference's 500 px.
+
     ``model``: see the module docstring. ``options`` are per provider:
 
     - depthcrafter: ``steps`` (5), ``guidance`` (1.0), ``window`` (110), ``overlap`` (25),
-      ``max_res`` (1024), ``seed`` (42), ``decode_chunk`` (8), ``cpu_offload`` (False).
+      ``max_res`` (1024), ``seed`` (42), ``noise_aug`` (0.02), ``decode_chunk`` (8),
+      ``cpu_offload`` (False; CUDA only: each component visits the GPU only while it runs).
     - depth-anything-v2*: ``batch`` (4), ``align`` ("previous" | "none").
     - file: ``path`` (required), ``kind`` ("depth"), ``repair`` (False), ``scale`` (1.0),
       ``total_frames`` (frames in the whole footage when ``frames`` is its first part).
@@ -165,8 +176,11 @@ def estimate(
     name = canonical_model(model)
     _check_frames(frames, name)
     t, h, w = frames.shape[:3]
+    k = intrinsics(w, h, focal_px, focal_mm, sensor_width_mm)
     if name == "file":
-        return _estimate_file(frames, options)
+        result = _estimate_file(frames, options)
+        result.intrinsics = k
+        return result
     dev = resolve_device(device)
     report = progress or (lambda *a: None)
     quiet_loading()
@@ -201,7 +215,27 @@ def estimate(
             del m
             _free(dev)
     disp = _resize(disp, w, h)
-    return DepthResult(depth=_to_depth(disp), disparity=disp, model=name, options=dict(options))
+    return DepthResult(depth=_to_depth(disp), disparity=disp, model=name, options=dict(options), intrinsics=k)
+
+
+def intrinsics(
+    width: int,
+    height: int,
+    focal_px: float | None = None,
+    focal_mm: float | None = None,
+    sensor_width_mm: float = 36.0,
+) -> np.ndarray:
+    """K (float64 3x3) at ``width`` x ``height``: see :func:`ex4d_backend.cameras.intrinsics_from_focal`."""
+    from ..cameras import intrinsics_from_focal
+
+    if focal_px is not None and focal_mm is not None:
+        raise Ex4dError(
+            "give the focal length either in pixels or in mm, not both", where="focal", hint="drop one of them"
+        )
+    return np.asarray(
+        intrinsics_from_focal(width, height, focal_mm=focal_mm, sensor_width_mm=sensor_width_mm, focal_px=focal_px),
+        dtype=np.float64,
+    )
 
 
 def _estimate_file(frames: np.ndarray, options: dict) -> DepthResult:
@@ -234,17 +268,48 @@ def default_cache_dir() -> Path:
     return Path(cache) / "ex4d" / "depth"
 
 
-def cache_key(frames: np.ndarray, model: str, options: dict, footage_hash: str | None = None) -> str:
-    """Hex key of a depth result: the frames' bytes and shape, the model, its options, the cache version.
+def model_fingerprint(model: str, models_dir: str | os.PathLike | None = None) -> list:
+    """(file, size, mtime_ns) of every weight file of ``model`` and what it requires; [] when absent.
+
+    Part of the cache key, so replacing the weights (another version) never reuses old results.
+    """
+    from .. import modelstore
+
+    name = canonical_model(model)
+    if name == "file":
+        return []
+    out = []
+    for spec in modelstore.with_requirements(name):
+        folder = modelstore.model_folder(spec, models_dir)
+        for f in spec.files:
+            try:
+                st = (folder / f.path).stat()
+            except OSError:
+                continue
+            out.append([spec.repo_id, f.path, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cache_key(
+    frames: np.ndarray,
+    model: str,
+    options: dict,
+    footage_hash: str | None = None,
+    fingerprint: list | None = None,
+) -> str:
+    """Hex key of a depth result: the frames' bytes and shape, the model, its options (those that change
+    the result), the weights' ``fingerprint`` (:func:`model_fingerprint`) and the cache version.
 
     The frames themselves are hashed (fast) so a different frame range, size or footage never hits;
-    ``footage_hash`` (``footage.content_hash``) is only mixed in when given.
+    the camera, mesh and generation settings are not part of it. ``footage_hash``
+    (``footage.content_hash``) is only mixed in when given.
     """
     name = canonical_model(model)
+    opts = sorted((k, v) for k, v in options.items() if k not in NO_KEY_OPTIONS)
     h = hashlib.sha256()
     h.update(
         json.dumps(
-            [CACHE_VERSION, name, sorted(options.items()), list(frames.shape), footage_hash], default=str
+            [CACHE_VERSION, name, opts, list(frames.shape), footage_hash, fingerprint or []], default=str
         ).encode()
     )
     h.update(hashlib.blake2b(np.ascontiguousarray(frames).data, digest_size=32).digest())
@@ -261,6 +326,9 @@ def estimate_cached(
     device: str | None = "auto",
     progress: Progress | None = None,
     refresh: bool = False,
+    focal_px: float | None = None,
+    focal_mm: float | None = None,
+    sensor_width_mm: float = 36.0,
     **options,
 ) -> DepthResult:
     """:func:`estimate`, reusing ``<cache_dir>/<key>.npz`` when the same frames, model and options ran before.
@@ -271,11 +339,13 @@ def estimate_cached(
     The ``file`` provider is never cached (it is a file read already).
     """
     name = canonical_model(model)
+    focal = {"focal_px": focal_px, "focal_mm": focal_mm, "sensor_width_mm": sensor_width_mm}
     if name == "file":
-        return estimate(frames, name, models_dir=models_dir, device=device, progress=progress, **options)
+        return estimate(frames, name, models_dir=models_dir, device=device, progress=progress, **focal, **options)
     _check_frames(frames, name)
+    k = intrinsics(frames.shape[2], frames.shape[1], focal_px, focal_mm, sensor_width_mm)
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(frames, name, options)
+    key = cache_key(frames, name, options, fingerprint=model_fingerprint(name, models_dir))
     entry = folder / f"{key}.npz"
     if entry.is_file() and not refresh:
         try:
@@ -285,10 +355,10 @@ def estimate_cached(
                 log.info("depth: reusing the cached result %s", entry)
                 if progress:
                     progress("depth", 1, 1, "cached")
-                return DepthResult(depth, disparity, name, dict(options), cached=True)
+                return DepthResult(depth, disparity, name, dict(options), cached=True, intrinsics=k)
         except (OSError, ValueError, KeyError):
             log.warning("depth: ignoring an unreadable cache entry %s", entry)
-    result = estimate(frames, name, models_dir=models_dir, device=device, progress=progress, **options)
+    result = estimate(frames, name, models_dir=models_dir, device=device, progress=progress, **focal, **options)
     from ..atomic import atomic_path
 
     try:
@@ -312,5 +382,7 @@ __all__ = [
     "default_cache_dir",
     "estimate",
     "estimate_cached",
+    "intrinsics",
+    "model_fingerprint",
     "resolve_device",
 ]

@@ -4,12 +4,13 @@ The published algorithm (DepthCrafter, Hu et al. 2024), reproduced step by step:
 
 1. Frames (RGB in [0, 1]) are resized to multiples of 64 (long side capped at ``max_res``), mapped to
    [-1, 1]; each frame is embedded by the CLIP image encoder (224 x 224, antialiased resize, CLIP
-   normalisation) and encoded by the SVD VAE (``latent_dist.mode()``, unscaled; fp32 when the VAE
-   asks for ``force_upcast``).
+   normalisation); the frames plus 0.02 x Gaussian noise (DepthCrafter's noise augmentation) are
+   encoded by the SVD VAE (``latent_dist.mode()``, unscaled; fp32 when the VAE asks for
+   ``force_upcast``).
 2. The UNet (diffusers ``UNetSpatioTemporalConditionModel`` with DepthCrafter's weights) denoises
    4-channel latents; its input is the scaled noisy latent concatenated with the frames' latents
    (8 channels) and it cross-attends to each frame's own CLIP embedding. Added time ids are
-   (fps 7, motion bucket 127, noise augmentation 0). EulerDiscrete scheduler with the SVD settings
+   (fps 7, motion bucket 127, noise augmentation 0.02). EulerDiscrete scheduler with the SVD settings
    (v-prediction, Karras sigmas), 5 steps, guidance 1.0 (no unconditional pass).
 3. Long clips are processed in windows of 110 frames overlapping by 25: the first ``overlap``
    latents of a window start from the previous window's result re-noised to the first sigma, and
@@ -41,7 +42,8 @@ DEFAULTS = {
     "window": 110,  # frames per window
     "overlap": 25,  # frames shared by consecutive windows
     "max_res": 1024,  # cap of the long side of the processing size (rounded to multiples of 64)
-    "seed": 42,  # initial noise seed (DepthCrafter's default)
+    "seed": 42,  # noise seed (DepthCrafter's default)
+    "noise_aug": 0.02,  # noise augmentation of the VAE input, also the 3rd added time id (DepthCrafter's)
     "decode_chunk": 8,  # frames per VAE / CLIP chunk
     "cpu_offload": False,  # keep components on the CPU, move each to the GPU only while it runs
 }
@@ -241,6 +243,165 @@ def _resize_224(video):
         return F.interpolate(video, size=(224, 224), mode="bicubic", align_corners=True, antialias=True)
 
 
+def _video_chunks(frames: np.ndarray, w: int, h: int, chunk: int):
+    """Yield (start, float32 (n, 3, h, w) in [-1, 1]) chunks of uint8 ``frames`` at the processing size.
+
+    Chunked so a long clip never sits on the host as one float tensor.
+    """
+    import torch
+
+    for i in range(0, len(frames), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + chunk])).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-2:] != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        yield i, x * 2.0 - 1.0
+
+
+def encode(
+    frames: np.ndarray,
+    models: DepthCrafterModels,
+    size: tuple[int, int],
+    generator,
+    *,
+    noise_aug: float = DEFAULTS["noise_aug"],
+    chunk: int = DEFAULTS["decode_chunk"],
+):
+    """(CLIP embeddings (1, T, dim), VAE latents (1, T, 4, h/8, w/8)) of the frames, both in ``models.dtype``.
+
+    As DepthCrafter: the CLIP embedding sees the clean frames; the VAE sees the frames plus
+    ``noise_aug`` times unit Gaussian noise (drawn from ``generator``, frame by frame, so the values
+    do not depend on ``chunk``), encoded with ``latent_dist.mode()`` and unscaled.
+    """
+    import torch
+
+    w, h = size
+    dev, dtype = models.device, models.dtype
+    mean = torch.tensor(models.clip_mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(models.clip_std, device=dev).view(1, 3, 1, 1)
+    embeds = []
+    with _OnDevice(models, models.image_encoder) as enc:
+        for _, video in _video_chunks(frames, w, h, chunk):
+            x = (_resize_224(video.to(dev)) + 1.0) / 2.0
+            embeds.append(enc(((x - mean) / std).to(dtype)).image_embeds)
+    embeds = torch.cat(embeds).unsqueeze(0)
+
+    vae = models.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # fp32 encode, like diffusers' SVD
+    lat = []
+    with _OnDevice(models, vae):
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            for _, video in _video_chunks(frames, w, h, chunk):
+                if noise_aug:
+                    noise = torch.stack([torch.randn(video.shape[1:], generator=generator) for _ in range(len(video))])
+                    video = video + noise_aug * noise
+                lat.append(vae.encode(video.to(dev, vae.dtype)).latent_dist.mode().to(dtype))
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+    return embeds, torch.cat(lat).unsqueeze(0)
+
+
+def denoise(
+    embeds,
+    frame_latents,
+    models: DepthCrafterModels,
+    generator,
+    *,
+    steps: int = DEFAULTS["steps"],
+    guidance: float = DEFAULTS["guidance"],
+    window: int = DEFAULTS["window"],
+    overlap: int = DEFAULTS["overlap"],
+    noise_aug: float = DEFAULTS["noise_aug"],
+    progress: Progress | None = None,
+    trace: dict | None = None,
+):
+    """Denoised latents (1, T, 4, h/8, w/8) of the whole clip, window by window (DepthCrafter's loop).
+
+    Window k + 1 starts from the previous windows' result on its first ``overlap`` frames, re-noised
+    to the first sigma with the same noise draws, and its result is blended into them linearly
+    (:func:`stitch`). ``trace`` (a dict, for tests) receives ``windows``: per window its ``span``,
+    ``initial`` latents (after re-noising) and ``final`` latents, float32 on the CPU.
+    """
+    import torch
+
+    n = frame_latents.shape[1]
+    dev, dtype = models.device, models.dtype
+    spans = windows(n, window, overlap)
+    win = spans[0][1] - spans[0][0]
+    ov = overlap if len(spans) > 1 else 0
+    stride = win - ov
+    report = progress or (lambda *a: None)
+    sched = models.scheduler
+    sched.set_timesteps(steps, device=dev)
+    timesteps = sched.timesteps
+    time_ids = torch.tensor([[7.0, 127.0, float(noise_aug)]], dtype=dtype, device=dev)  # fps, motion, noise aug
+    c_lat = models.unet.config.in_channels // 2
+    shape = (1, win, c_lat, frame_latents.shape[-2], frame_latents.shape[-1])
+    init = torch.randn(shape, generator=generator, dtype=torch.float32).to(dev, dtype) * sched.init_noise_sigma
+    if trace is not None:
+        trace["windows"] = []
+    result = None
+    total = len(spans) * steps
+    with _OnDevice(models, models.unet) as unet:
+        for wi, (s, e) in enumerate(spans):
+            sched.set_timesteps(steps, device=dev)
+            latents = init[:, : e - s].clone()
+            if ov:  # DepthCrafter's noise for the next window: the last `overlap` + first `stride` draws
+                init = torch.cat([init[:, -ov:], init[:, :stride]], dim=1)
+            cond_lat, cond_emb = frame_latents[:, s:e], embeds[:, s:e]
+            for i, t in enumerate(timesteps):
+                if result is not None and ov and i == 0:  # continue from the previous window's overlap
+                    latents[:, :ov] = result[:, -ov:] + latents[:, :ov] / sched.init_noise_sigma * sched.sigmas[0]
+                if trace is not None and i == 0:
+                    trace["windows"].append({"span": (s, e), "initial": latents.float().cpu()})
+                x = torch.cat([sched.scale_model_input(latents, t), cond_lat], dim=2)
+                pred = unet(x, t, encoder_hidden_states=cond_emb, added_time_ids=time_ids, return_dict=False)[0]
+                if guidance != 1.0:
+                    x0 = torch.cat([sched.scale_model_input(latents, t), torch.zeros_like(cond_lat)], dim=2)
+                    uncond = unet(
+                        x0,
+                        t,
+                        encoder_hidden_states=torch.zeros_like(cond_emb),
+                        added_time_ids=time_ids,
+                        return_dict=False,
+                    )[0]
+                    pred = uncond + guidance * (pred - uncond)
+                latents = sched.step(pred, t, latents).prev_sample.to(dtype)
+                report("denoise", wi * steps + i + 1, total, f"window {wi + 1}/{len(spans)}, step {i + 1}/{steps}")
+            if trace is not None:
+                trace["windows"][-1]["final"] = latents.float().cpu()
+            result = latents.clone() if result is None else stitch(result, latents, ov)
+    return result
+
+
+def decode(latents, models: DepthCrafterModels, *, chunk: int = DEFAULTS["decode_chunk"]) -> np.ndarray:
+    """Relative disparity (T, h, w) float32 in [0, 1]: VAE temporal decoder (in chunks), mean of the
+    three channels of (image / 2 + 0.5) clamped to [0, 1], min-max normalised over the clip."""
+    import torch
+
+    vae = models.vae
+    out = []
+    with _OnDevice(models, vae):
+        z = latents[0] / vae.config.scaling_factor
+        for i in range(0, z.shape[0], chunk):
+            part = z[i : i + chunk].to(models.device, vae.dtype)
+            img = vae.decode(part, num_frames=part.shape[0]).sample.float()
+            out.append(((img / 2 + 0.5).clamp(0, 1)).mean(dim=1).cpu())
+    disp = torch.cat(out).numpy().astype(np.float32)
+    lo, hi = float(disp.min()), float(disp.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise Ex4dError(
+            "DepthCrafter produced non-finite values",
+            where="depthcrafter",
+            hint="the weights may be corrupt (run `ex4d models verify depthcrafter`); on a GPU without fp16 "
+            "support use --device cpu",
+            code=MODEL_INVALID,
+        )
+    return (disp - lo) / (hi - lo) if hi > lo else np.zeros_like(disp)
+
+
 def infer(
     frames: np.ndarray,
     models: DepthCrafterModels,
@@ -251,13 +412,17 @@ def infer(
     overlap: int = DEFAULTS["overlap"],
     max_res: int = DEFAULTS["max_res"],
     seed: int = DEFAULTS["seed"],
+    noise_aug: float = DEFAULTS["noise_aug"],
     decode_chunk: int = DEFAULTS["decode_chunk"],
     progress: Progress | None = None,
+    trace: dict | None = None,
 ) -> np.ndarray:
-    """Relative disparity (T, h, w) float32 in [0, 1] at DepthCrafter's processing size.
+    """Relative disparity (T, h, w) float32 in [0, 1] at DepthCrafter's processing size (1 = nearest).
 
-    ``frames``: uint8 (T, H, W, 3) RGB. ``progress("depth", step, total, message)`` is called at each
-    stage and denoising step; it may raise ``errors.Cancelled``.
+    ``frames``: uint8 (T, H, W, 3) RGB. All noise (the VAE input's noise augmentation, then the
+    initial latents) comes from one CPU generator seeded with ``seed``, so a seed gives the same noise
+    on every device. ``progress("depth", step, total, message)`` is called after encoding, after
+    every denoising step of every window and after decoding; it may raise ``errors.Cancelled``.
     """
     import torch
 
@@ -265,103 +430,41 @@ def infer(
         raise Ex4dError(f"overlap {overlap} must be >= 0 and smaller than the window {window}", where="--overlap")
     if steps < 1:
         raise Ex4dError(f"steps must be >= 1, got {steps}", where="--steps")
+    if decode_chunk < 1:
+        raise Ex4dError(f"decode_chunk must be >= 1, got {decode_chunk}", where="decode_chunk")
     n, height, width = frames.shape[:3]
-    w, h = processing_size(width, height, max_res)
-    spans = windows(n, window, overlap)
-    total = 2 + len(spans) * steps
+    size = processing_size(width, height, max_res)
+    n_windows = len(windows(n, window, overlap))
+    total = 2 + n_windows * steps  # encode, each window step, decode: one "depth" stage, steps never decrease
     report = progress or (lambda *a: None)
-    dev, dtype = models.device, models.dtype
 
+    def window_progress(stage: str, step: int, _total: int, message: str) -> None:
+        report("depth", 1 + step, total, message)
+
+    gen = torch.Generator("cpu").manual_seed(int(seed))
     with torch.inference_mode():
-        report("depth", 0, total, "encoding frames")
-        video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
-        if (w, h) != (width, height):
-            video = torch.nn.functional.interpolate(
-                video, size=(h, w), mode="bilinear", align_corners=False, antialias=True
-            )
-        video = video * 2.0 - 1.0  # (T, 3, h, w) in [-1, 1]
-
-        # CLIP embedding of every frame.
-        mean = torch.tensor(models.clip_mean).view(1, 3, 1, 1)
-        std = torch.tensor(models.clip_std).view(1, 3, 1, 1)
-        embeds = []
-        with _OnDevice(models, models.image_encoder) as enc:
-            for i in range(0, n, decode_chunk):
-                chunk = video[i : i + decode_chunk].to(dev, torch.float32)
-                x = (_resize_224(chunk) + 1.0) / 2.0
-                x = ((x - mean.to(dev)) / std.to(dev)).to(dtype)
-                embeds.append(enc(x).image_embeds)
-        embeds = torch.cat(embeds).unsqueeze(0)  # (1, T, dim)
-
-        # VAE latents of every frame (fp32 when the VAE asks for it, like diffusers' SVD pipeline).
-        vae = models.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        with _OnDevice(models, vae):
-            if upcast:
-                vae.to(torch.float32)
-            lat = []
-            for i in range(0, n, decode_chunk):
-                chunk = video[i : i + decode_chunk].to(dev, vae.dtype)
-                lat.append(vae.encode(chunk).latent_dist.mode())
-            if upcast:
-                vae.to(torch.float16)
-        frame_latents = torch.cat(lat).unsqueeze(0).to(dtype)  # (1, T, 4, h/8, w/8)
-        del video, lat
-
-        # Denoising, window by window.
-        sched = models.scheduler
-        sched.set_timesteps(steps, device=dev)
-        timesteps = sched.timesteps
-        time_ids = torch.tensor([[7.0, 127.0, 0.0]], dtype=dtype, device=dev)
-        win = spans[0][1] - spans[0][0]
-        ov = overlap if len(spans) > 1 else 0
-        stride = win - ov
-        gen = torch.Generator("cpu").manual_seed(int(seed))
-        c_lat = models.unet.config.in_channels // 2
-        shape = (1, win, c_lat, frame_latents.shape[-2], frame_latents.shape[-1])
-        init = torch.randn(shape, generator=gen, dtype=torch.float32).to(dev, dtype) * sched.init_noise_sigma
-        result = None
-        step_no = 1
-        with _OnDevice(models, models.unet) as unet:
-            for wi, (s, e) in enumerate(spans):
-                sched.set_timesteps(steps, device=dev)
-                latents = init[:, : e - s].clone()
-                if ov:  # DepthCrafter's noise for the next window: the last `overlap` + first `stride` draws
-                    init = torch.cat([init[:, -ov:], init[:, :stride]], dim=1)
-                cond_lat, cond_emb = frame_latents[:, s:e], embeds[:, s:e]
-                for i, t in enumerate(timesteps):
-                    if result is not None and ov and i == 0:  # continue from the previous window's overlap
-                        latents[:, :ov] = result[:, -ov:] + latents[:, :ov] / sched.init_noise_sigma * sched.sigmas[0]
-                    x = torch.cat([sched.scale_model_input(latents, t), cond_lat], dim=2)
-                    pred = unet(x, t, encoder_hidden_states=cond_emb, added_time_ids=time_ids, return_dict=False)[0]
-                    if guidance != 1.0:
-                        x0 = torch.cat([sched.scale_model_input(latents, t), torch.zeros_like(cond_lat)], dim=2)
-                        uncond = unet(
-                            x0,
-                            t,
-                            encoder_hidden_states=torch.zeros_like(cond_emb),
-                            added_time_ids=time_ids,
-                            return_dict=False,
-                        )[0]
-                        pred = uncond + guidance * (pred - uncond)
-                    latents = sched.step(pred, t, latents).prev_sample.to(dtype)
-                    report("depth", step_no, total, f"window {wi + 1}/{len(spans)}, step {i + 1}/{steps}")
-                    step_no += 1
-                result = latents.clone() if result is None else stitch(result, latents, ov)
-        del frame_latents, embeds, init
-
-        # Decode (temporal decoder, in chunks), mean of the channels, clip-wise min-max.
-        out = []
-        with _OnDevice(models, vae):
-            z = result[0] / vae.config.scaling_factor
-            for i in range(0, n, decode_chunk):
-                part = z[i : i + decode_chunk].to(vae.dtype)
-                img = vae.decode(part, num_frames=part.shape[0]).sample.float()
-                out.append(((img / 2 + 0.5).clamp(0, 1)).mean(dim=1).cpu())
+        report("depth", 0, total, f"encoding {n} frames at {size[0]}x{size[1]}")
+        embeds, frame_latents = encode(frames, models, size, gen, noise_aug=noise_aug, chunk=decode_chunk)
+        report("depth", 1, total, "encoded")
+        latents = denoise(
+            embeds,
+            frame_latents,
+            models,
+            gen,
+            steps=steps,
+            guidance=guidance,
+            window=window,
+            overlap=overlap,
+            noise_aug=noise_aug,
+            progress=window_progress,
+            trace=trace,
+        )
+        del embeds, frame_latents
+        if trace is not None:
+            trace["latents"] = latents.float().cpu()
+        disp = decode(latents, models, chunk=decode_chunk)
         report("depth", total, total, "decoded")
-    disp = torch.cat(out).numpy().astype(np.float32)
-    lo, hi = float(disp.min()), float(disp.max())
-    return (disp - lo) / (hi - lo) if hi > lo else np.zeros_like(disp)
+    return disp
 
 
 # ----------------------------------------------------------------------------------------------
