@@ -1,0 +1,161 @@
+"""One backend service per Blender session, and the request parameters built from the scene.
+
+The add-on never imports torch nor ``ex4d_backend``: it runs ``<backend python> -m ex4d_backend serve``
+through :mod:`.backend_client` (owned by the service) and exchanges JSON lines (``ex4d_backend/PROTOCOL.md``).
+The backend may only read inside the folders it was started with (``--allow``): when a request needs a
+folder not yet allowed, the idle backend is restarted with it added.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import bpy
+
+from . import props
+from .backend_client import BackendClient, BackendError, Request
+
+_client: BackendClient | None = None
+_config: tuple | None = None
+_allowed: set[str] = set()
+_listeners: list[Callable[[dict], None]] = []
+ENV_STORE = "EX4D_STORE"  # job store override (tests, farms); the preference wins when set
+
+
+def add_listener(fn: Callable[[dict], None]) -> None:
+    """Call ``fn(event)`` for every event the backend sends, whoever polls the client."""
+    if fn not in _listeners:
+        _listeners.append(fn)
+
+
+def remove_listener(fn: Callable[[dict], None]) -> None:
+    if fn in _listeners:
+        _listeners.remove(fn)
+
+
+def _fan_out(event: dict) -> None:
+    for fn in list(_listeners):
+        try:
+            fn(event)
+        except Exception as exc:  # noqa: BLE001 - a listener must never break the event stream
+            print(f"EX-4D: event listener failed: {exc!r}")
+
+
+def _settings(context) -> tuple[str, str | None, str | None]:
+    pref = props.prefs(context)
+    python, where = props.find_backend_python(pref.backend_python if pref else "")
+    if not python:
+        raise BackendError("not_found", "backend Python not found", hint=where)
+    store = (bpy.path.abspath(pref.store_dir) if pref and pref.store_dir else "") or os.environ.get(ENV_STORE) or None
+    models = bpy.path.abspath(pref.models_dir) if pref and pref.models_dir else None
+    return python, store, models
+
+
+def _covered(path: str) -> bool:
+    p = os.path.realpath(path)
+    return any(p == a or p.startswith(a.rstrip(os.sep) + os.sep) for a in _allowed)
+
+
+def get_client(context, paths: list[str] = ()) -> BackendClient:
+    """The session's client, started (or restarted when idle) so that it may read ``paths``."""
+    global _client, _config
+    python, store, models = _settings(context)
+    new_dirs = []
+    for p in paths:
+        if p and not _covered(p):
+            d = os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p) or ".")
+            new_dirs.append(d)
+    blend_dir = os.path.dirname(bpy.data.filepath) if bpy.data.filepath else ""
+    if blend_dir and not _covered(blend_dir):
+        new_dirs.append(os.path.realpath(blend_dir))
+    config = (python, store, models)
+    if _client is not None:
+        _client.poll()  # deliver a pending exit so requests of a dead backend count as done
+    busy = _client is not None and _client.running and any(not r.done for r in _client.requests.values())
+    if _client is not None and (config != _config or new_dirs):
+        if busy:
+            raise BackendError(
+                "busy",
+                "the backend is running a job and must be restarted to read " + ", ".join(new_dirs or ["new settings"]),
+                hint="wait for the job to finish (or cancel it), then try again",
+            )
+        _client.close(timeout=10)
+        _client = None
+    _allowed.update(new_dirs)
+    if _client is None:
+        _client = BackendClient(
+            python=python, store=store, models_dir=models, allow=sorted(_allowed), on_event=_fan_out
+        )
+        _config = config
+    return _client
+
+
+def shutdown() -> None:
+    """Stop the backend (add-on unregister, Blender exit)."""
+    global _client
+    if _client is not None:
+        try:
+            _client.close(timeout=5)
+        except Exception:  # noqa: BLE001 - never fail an unregister
+            _client.kill()
+        _client = None
+
+
+def current_client() -> BackendClient | None:
+    return _client
+
+
+# -- request parameters from the scene ---------------------------------------------------------
+def clip_params(context) -> tuple[dict, list[str]]:
+    """The common job parameters (footage, depth, intrinsics) and the paths they read."""
+    s = context.scene.ex4d
+    if not s.footage_path:
+        raise BackendError("bad_input", "no footage", hint="import footage first (EX-4D panel > Import Footage)")
+    footage = bpy.path.abspath(s.footage_path)
+    params: dict = {"footage": footage, "max_side": int(s.max_side), "focal_px": float(s.focal_px)}
+    if s.max_frames:
+        params["max_frames"] = int(s.max_frames)
+    paths = [footage]
+    if s.depth_filepath:
+        depth = bpy.path.abspath(s.depth_filepath)
+        params["depth"] = {"model": "file", "path": depth, "kind": s.depth_kind}
+        paths.append(depth)
+    else:
+        pref = props.prefs(context)
+        params["depth"] = {
+            "model": pref.depth_model if pref else "depthcrafter",
+            "device": pref.device if pref else "auto",
+        }
+    return params, paths
+
+
+def submit(context, type_: str, params: dict, paths: list[str] = ()) -> tuple[BackendClient, Request]:
+    """Submit a request (starting the backend if needed); returns at once."""
+    client = get_client(context, list(paths))
+    return client, client.submit(type_, params)
+
+
+def run_blocking(context, type_: str, params: dict, paths: list[str] = (), timeout: float | None = None) -> dict:
+    """Submit and wait for the result (background mode, scripts). Raises BackendError."""
+    client, req = submit(context, type_, params, paths)
+    client.wait(req, timeout)
+    return req.raise_for_error()
+
+
+def error_text(err: dict | BackendError) -> str:
+    """One line for a Blender report: message, hint, and the code."""
+    if isinstance(err, BackendError):
+        err = {"code": err.code, "message": err.message, "hint": err.hint}
+    text = f"EX-4D: {err.get('message', 'error')}"
+    if err.get("hint"):
+        text += f" -- {err['hint']}"
+    return text + f" [{err.get('code', 'internal')}]"
+
+
+def store_path(path: str) -> str:
+    """A result path as given by the backend, checked to exist."""
+    if not Path(path).exists():
+        raise BackendError("not_found", f"the backend's result is missing: {path}")
+    return path

@@ -1,0 +1,390 @@
+"""The job operators (ex4d.render_guide, ex4d.generate, ex4d.check_backend, ex4d.cancel_job) in headless
+Blender against a real ``ex4d serve`` subprocess on the CPU.
+
+Ground truth: a card clip with exact, piecewise-constant depth and colours (a wall at z = 4, a card at
+z = 2 covering columns [24, 40) and rows [12, 36) of a 64 x 48 image, focal 50 px). A camera translated by
+t along x sees a point at depth z move by -f t / z pixels, so the wall strip uncovered right of the card
+is known in closed form: the guide's mask must be exactly 0 there, the card and wall keep their colours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import addon_module, backend_py
+
+bpy = pytest.importorskip("bpy")
+
+W, H, T, F = 64, 48, 6, 50.0
+Z_WALL, Z_CARD = 4.0, 2.0
+CARD = (24, 40, 12, 36)  # x0, x1, y0, y1 (pixel columns / rows, end exclusive)
+WALL_RGB, CARD_RGB = (40, 90, 200), (220, 60, 30)
+TX = 0.4  # the novel camera's translation along x at the last frame (Blender X = OpenCV x)
+
+_MAKE_CLIP = """
+from pathlib import Path
+import numpy as np
+from ex4d_backend.footage import write_png_sequence
+w, h, t = ARGS["w"], ARGS["h"], ARGS["t"]
+x0, x1, y0, y1 = ARGS["card"]
+out = Path(ARGS["out"]); out.mkdir(parents=True, exist_ok=True)
+frames = np.empty((t, h, w, 3), np.uint8); frames[:] = ARGS["wall_rgb"]
+frames[:, y0:y1, x0:x1] = ARGS["card_rgb"]
+if ARGS["noise"]:  # texture so that frames differ (the preview and the cache see distinct content)
+    rng = np.random.default_rng(0)
+    frames[:, : h // 6] = rng.integers(0, 255, (t, h // 6, w, 3), dtype=np.uint8)
+depth = np.full((t, h, w), ARGS["z_wall"], np.float32); depth[:, y0:y1, x0:x1] = ARGS["z_card"]
+write_png_sequence(out / "frames", frames)
+np.save(out / "depth.npy", depth)
+np.save(out / "frames.npy", frames)
+"""
+
+
+def _make_clip(out: Path, w=W, h=H, t=T, card=CARD, noise=False) -> dict:
+    backend_py(
+        _MAKE_CLIP, out=str(out), w=w, h=h, t=t, card=list(card), wall_rgb=list(WALL_RGB),
+        card_rgb=list(CARD_RGB), z_wall=Z_WALL, z_card=Z_CARD, noise=noise,
+    )  # fmt: skip
+    return {"frames_dir": out / "frames", "depth": out / "depth.npy", "frames_npy": out / "frames.npy",
+            "width": w, "height": h, "n_frames": t}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def card_clip(job_store) -> dict:
+    return _make_clip(job_store.parent / "card_clip")
+
+
+@pytest.fixture
+def ops(addon):
+    mod = addon_module("ops_jobs")
+    yield mod
+    mod.event_hooks.clear()
+
+
+def setup_shot(sc, clip: dict, frame_start: int = 1, parented: bool = True):
+    """Scene fields as Import Footage + Build DW-Mesh leave them, a source camera and a novel camera that
+    moves by TX along X (through an animated parent empty when ``parented``)."""
+    s = sc.ex4d
+    w, h, n = clip["width"], clip["height"], clip["n_frames"]
+    s.footage_path = str(clip["frames_dir"])
+    s.depth_filepath = str(clip["depth"])
+    s.depth_kind = "depth"
+    s.focal_px = F
+    s.processing_width, s.processing_height, s.n_frames = w, h, n
+    sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = w, h, 100
+    sc.frame_start, sc.frame_end = frame_start, frame_start + n - 1
+    sc.ex4d_job.renderer = "cpu"
+    lens = F * 36.0 / w  # fx = lens / sensor_width * W
+    src = bpy.data.objects.new("EX4D Source", bpy.data.cameras.new("EX4D Source"))
+    sc.collection.objects.link(src)
+    src.rotation_euler = (math.pi / 2, 0.0, 0.0)
+    src.data.lens = lens
+    s.source_camera = src
+    cam = bpy.data.objects.new("Novel", bpy.data.cameras.new("Novel"))
+    sc.collection.objects.link(cam)
+    cam.data.lens, cam.data.sensor_width = lens, 36.0
+    mover = cam
+    if parented:
+        mover = bpy.data.objects.new("Rig", None)
+        sc.collection.objects.link(mover)
+        cam.parent = mover
+    cam.rotation_euler = (math.pi / 2, 0.0, 0.0)
+    for i in range(n):
+        mover.location = (TX * i / (n - 1), 0.0, 0.0)
+        mover.keyframe_insert("location", frame=frame_start + i)
+    s.novel_camera = cam
+    sc.camera = cam
+    return cam
+
+
+def read_png(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 of a PNG, read by Blender (rows top-down)."""
+    img = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        w, h = img.size
+        px = np.empty(w * h * 4, np.float32)
+        img.pixels.foreach_get(px)
+        return np.round(px.reshape(h, w, 4)[::-1, :, :3] * 255).astype(np.uint8)
+    finally:
+        bpy.data.images.remove(img)
+
+
+def strips_of(sc, kind: str) -> list:
+    compat = addon_module("compat")
+    return [s for s in compat.vse_strips_all(sc) if s.get("ex4d_kind") == kind]
+
+
+# ----------------------------------------------------------------------------------------------
+def test_retime_indices(ops):
+    # 6 clip frames from 49 generated (short clip: the last one repeats) and 49 clip frames from 5.
+    assert ops.retime_indices([0, 1, 2, 3, 4, 5, 5, 5], 6) == [0, 1, 2, 3, 4, 5]
+    src = np.linspace(0, 48, 5).astype(int).tolist()  # [0, 12, 24, 36, 48]
+    idx = ops.retime_indices(src, 49)
+    assert idx[0] == 0 and idx[11] == 0 and idx[12] == 1 and idx[47] == 3 and idx[48] == 4
+
+
+def test_camera_conversion_matches_backend(scene, ops):
+    """The add-on's replicated camera math equals ex4d_backend.cameras.camera_path_from_blender for a camera
+    with a parent, a Track To constraint, an animated lens and shift, for each sensor fit."""
+    sc = scene
+    sc.render.resolution_x, sc.render.resolution_y = 96, 64
+    sc.frame_start = 1
+    target = bpy.data.objects.new("Target", None)
+    sc.collection.objects.link(target)
+    target.location = (0.3, 5.0, -0.2)
+    rig = bpy.data.objects.new("Rig", None)
+    sc.collection.objects.link(rig)
+    cam = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
+    sc.collection.objects.link(cam)
+    cam.parent = rig
+    con = cam.constraints.new("TRACK_TO")
+    con.target, con.track_axis, con.up_axis = target, "TRACK_NEGATIVE_Z", "UP_Y"
+    for i, (x, lens) in enumerate([(0.0, 30.0), (0.5, 45.0), (1.0, 60.0)]):
+        rig.location = (x, -0.2 * i, 0.1 * i)
+        rig.keyframe_insert("location", frame=1 + i)
+        cam.data.lens = lens
+        cam.data.keyframe_insert("lens", frame=1 + i)
+    cam.data.shift_x, cam.data.shift_y = 0.05, -0.03
+    for fit, (w, h) in [("AUTO", (96, 64)), ("HORIZONTAL", (96, 64)), ("VERTICAL", (96, 64)), ("AUTO", (48, 80))]:
+        cam.data.sensor_fit = fit
+        sc.render.resolution_x, sc.render.resolution_y = w, h
+        payload, raw = ops.camera_payload(sc, cam, 3, w, h)
+        ref = backend_py(
+            "import numpy as np\nfrom ex4d_backend.cameras import camera_path_from_blender\n"
+            "r = ARGS['raw']\n"
+            "p = camera_path_from_blender(np.array(r['matrix_world']), np.array(r['lens']), ARGS['w'], ARGS['h'],"
+            " r['sensor_width'], r['sensor_height'], r['sensor_fit'], r['shift_x'], r['shift_y'])\n"
+            "OUT = {'E': p.extrinsics.tolist(), 'K': p.intrinsics.tolist()}",
+            raw=raw,
+            w=w,
+            h=h,
+        )
+        np.testing.assert_allclose(payload["opencv"]["extrinsics"], ref["E"], atol=1e-9)
+        np.testing.assert_allclose(payload["opencv"]["intrinsics"], ref["K"], atol=1e-9)
+    # The samples are evaluated: the tracked camera's optical axis points at the target on every frame.
+    e = np.array(payload["opencv"]["extrinsics"])
+    tgt_cv = np.linalg.inv(addon_module("data").CV_TO_BLENDER) @ np.array([0.3, 5.0, -0.2, 1.0])
+    for ei in e:
+        p = ei @ tgt_cv
+        assert p[2] > 0 and abs(p[0]) < 1e-6 and abs(p[1]) < 1e-6
+    assert np.allclose(
+        [k[0][0] for k in payload["opencv"]["intrinsics"]], np.array([30, 45, 60]) / 36 * 80
+    )  # AUTO, portrait: the sensor spans H
+
+
+def test_render_guide_card(scene, ops, card_clip, tmp_blend_dir):
+    """render_guide against the backend: frame 0 = the footage, the uncovered wall strip masked exactly,
+    the card and the wall where the closed form puts them; guide on the camera and in the VSE."""
+    sc = scene
+    cam = setup_shot(sc, card_clip, frame_start=1, parented=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "shot.blend"))
+    t0 = time.monotonic()
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
+    secs = time.monotonic() - t0
+    s = sc.ex4d
+    color_dir = Path(s.guide_color_dir)
+    assert color_dir.parent.parent == tmp_blend_dir / "ex4d" / "frames"  # //ex4d/<shot>/guide_<hash>/color
+    files = sorted(color_dir.glob("*.png"))
+    assert [f.name for f in files] == [f"frame_{i:05d}.png" for i in range(1, T + 1)]
+    frames = np.load(card_clip["frames_npy"])
+    assert np.array_equal(read_png(files[0]), frames[0])
+    # The last frame: the camera moved by TX.
+    color = read_png(files[-1])
+    mask = read_png(sorted(Path(s.guide_mask_dir).glob("*.png"))[-1])[..., 0]
+    x0, x1, y0, y1 = CARD
+    card_edge = (x1 - 1) - F * TX / Z_CARD  # u of the card's last vertex column
+    wall_first = x1 - F * TX / Z_WALL  # u of the first wall vertex right of the card
+    card_left = x0 - F * TX / Z_CARD
+    wall_end = (W - 2) - F * TX / Z_WALL  # the last wall vertex before the border ring
+    centers = np.arange(W) + 0.5  # a rendered pixel i samples u = i + 0.5
+    gap = (centers > card_edge) & (centers < wall_first)
+    on_card = (centers > card_left + 1) & (centers < card_edge - 1)
+    on_wall = (centers > wall_first + 1) & (centers < wall_end - 1)
+    assert gap.sum() == 6 and on_card.sum() >= 10 and on_wall.sum() >= 15
+    rows = slice(y0 + 2, y1 - 2)
+    assert (mask[rows][:, gap] == 0).all()
+    assert (color[rows][:, gap] == 0).all()
+    assert (mask[rows][:, on_card] == 255).all() and (color[rows][:, on_card] == CARD_RGB).all()
+    assert (mask[rows][:, on_wall] == 255).all() and (color[rows][:, on_wall] == WALL_RGB).all()
+    # Shown on the novel camera and as one strip per camera (re-running replaces it).
+    bgs = [b for b in cam.data.background_images if b.image is not None]
+    assert cam.data.show_background_images and len(bgs) == 1 and bgs[0].image.source == "SEQUENCE"
+    assert os.path.realpath(bpy.path.abspath(bgs[0].image.filepath)) == os.path.realpath(files[0])
+    guides = strips_of(sc, "guide")
+    assert len(guides) == 1
+    g = guides[0]
+    assert g.frame_final_start == 1 and g.frame_final_duration == T
+    assert g["ex4d_camera_hash"] == s.camera_hash and g["ex4d_camera"] == "Novel"
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
+    assert len(strips_of(sc, "guide")) == 1
+    assert len([b for b in cam.data.background_images if b.image is not None]) == 1
+    print(f"\nrender_guide on {W}x{H}x{T}: {secs:.2f} s (first run, backend start included)")
+
+
+STAGE_ORDER = ["inputs", "frames", "depth", "mesh", "camera", "render", "guide", "write", "load", "preview", "write"]
+
+
+def _check_order(events: list[dict]) -> list[str]:
+    """Stages in pipeline order (the generation's 'write' comes after the guide's), steps never decrease
+    within a stage; returns the stages seen."""
+    stages: list[str] = []
+    last_step = -1
+    for e in events:
+        if e.get("event") != "progress":
+            continue
+        if not stages or e["stage"] != stages[-1]:
+            stages.append(e["stage"])
+            last_step = -1
+        assert e["step"] >= last_step, (e, stages)
+        last_step = e["step"]
+    pos = -1
+    for st in stages:
+        nxt = [i for i, name in enumerate(STAGE_ORDER) if name == st and i > pos]
+        assert nxt, f"stage {st} out of order: {stages}"
+        pos = nxt[0]
+    return stages
+
+
+def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
+    sc = scene
+    setup_shot(sc, card_clip, frame_start=10, parented=False)
+    sc.ex4d.seed, sc.ex4d.steps, sc.ex4d.prompt = 7, 3, "a red card in front of a blue wall"
+    js = sc.ex4d_job
+    js.width, js.height, js.num_frames = 64, 48, 5  # 4k + 1 frames sampled over the clip: 0, 1, 2, 3, 5
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "gen.blend"))
+    # Occupy channel 1 over the clip: the result must go to a free channel.
+    strips = addon_module("compat").vse_strips(sc)
+    if "length" in strips.bl_rna.functions["new_effect"].parameters:  # 5.0
+        strips.new_effect(name="blocker", type="COLOR", channel=1, frame_start=5, length=25)
+    else:
+        strips.new_effect(name="blocker", type="COLOR", channel=1, frame_start=5, frame_end=30)
+    seen: list[tuple] = []
+    ops.event_hooks.append(lambda job, e: seen.append((dict(e), sc.ex4d.job_progress, sc.ex4d.job_running)))
+    assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}
+    events = [e for e, _, _ in seen]
+    stages = _check_order(events)
+    assert stages[0] == "inputs" and "preview" in stages and stages[-1] == "write"
+    assert events[-1]["event"] == "result"
+    fractions = [f for e, f, _ in seen if e["event"] == "progress"]
+    assert fractions == sorted(fractions) and all(r for _, _, r in seen[:-1])
+    s = sc.ex4d
+    assert not s.job_running and s.job_progress == 1.0 and s.last_error == ""
+    results = strips_of(sc, "generate")
+    assert len(results) == 1
+    st = results[0]
+    assert st.frame_final_start == 10 and st.frame_final_duration == T
+    assert st.channel == 2
+    assert st["ex4d_generator"] == "preview" and st["ex4d_seed"] == 7 and st["ex4d_steps"] == 3
+    assert st["ex4d_prompt"] == "a red card in front of a blue wall"
+    assert len(st["ex4d_camera_hash"]) >= 10 and st["ex4d_camera"] == "Novel"
+    settings = json.loads(st["ex4d_settings"])
+    assert settings["seed"] == 7 and settings["generator"] == "preview" and settings["num_frames"] == 5
+    out = Path(st["ex4d_frames_dir"])
+    assert out.parent == tmp_blend_dir / "ex4d" / "frames"
+    files = sorted(out.glob("frame_*.png"))
+    assert [f.name for f in files] == [f"frame_{10 + i:05d}.png" for i in range(T)]
+    assert read_png(files[0]).shape == (48, 64, 3)
+    # Clip frame 4 was not generated: it holds the one made from clip frame 3.
+    assert json.loads(st["ex4d_source_frames"]) == [0, 1, 2, 3, 5]
+    assert files[4].read_bytes() == files[3].read_bytes() and files[5].read_bytes() != files[3].read_bytes()
+    job = json.loads(Path(st["ex4d_job_file"]).read_text())  # re-runnable with `ex4d run`
+    assert job["type"] == "generate" and job["params"]["seed"] == 7
+    # The same camera's guide has the same hash as the generation's.
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
+    assert s.camera_hash == st["ex4d_camera_hash"]
+
+
+def test_cancel_mid_job(scene, ops, job_store, tmp_blend_dir):
+    clip = _make_clip(job_store.parent / "cancel_clip", w=128, h=96, t=24, card=(48, 80, 24, 72), noise=True)
+    sc = scene
+    setup_shot(sc, clip, parented=False)
+    sc.ex4d_job.width, sc.ex4d_job.height, sc.ex4d_job.num_frames = 128, 96, 21
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "cancel.blend"))
+    seen: list[dict] = []
+
+    def hook(job, event):
+        seen.append(event)
+        if event.get("event") == "progress" and event["stage"] == "mesh" and not job.cancel_requested:
+            assert bpy.ops.ex4d.cancel_job() == {"FINISHED"}
+            assert sc.ex4d.job_running and "cancelling" in sc.ex4d.job_stage
+
+    ops.event_hooks.append(hook)
+    assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"CANCELLED"}
+    assert seen[-1]["event"] == "error" and seen[-1]["error"]["code"] == "cancelled"
+    assert not any(e.get("stage") == "preview" for e in seen)
+    s = sc.ex4d
+    assert not s.job_running and s.job_stage == "" and s.job_progress == 0.0 and s.last_error == ""
+    assert ops.active_job() is None and not strips_of(sc, "generate")
+    assert not list((tmp_blend_dir / "ex4d").glob("*/preview_*"))
+    assert bpy.ops.ex4d.cancel_job.poll() is False
+    # The backend survived and serves the next request.
+    assert bpy.ops.ex4d.check_backend() == {"FINISHED"}
+
+
+def test_backend_dies_mid_job(scene, ops, card_clip, tmp_blend_dir):
+    sc = scene
+    setup_shot(sc, card_clip, parented=False)
+    sc.ex4d_job.width, sc.ex4d_job.height, sc.ex4d_job.num_frames = 64, 48, 5
+    sc.ex4d.seed = 12345  # not in the store yet
+    keep = bpy.data.objects.new("Imported", None)
+    sc.collection.objects.link(keep)
+    backend = addon_module("backend")
+    killed: list[int] = []
+
+    def hook(job, event):
+        if event.get("event") == "progress" and event["stage"] == "camera" and not killed:
+            killed.append(job.client.pid)
+            os.kill(job.client.pid, signal.SIGKILL)
+
+    ops.event_hooks.append(hook)
+    with pytest.raises(RuntimeError, match=r"backend exited.*\[backend_died\]"):
+        bpy.ops.ex4d.generate(generator="PREVIEW")
+    ops.event_hooks.clear()
+    s = sc.ex4d
+    assert killed and "backend_died" in s.last_error and not s.job_running and s.job_progress == 0.0
+    assert not strips_of(sc, "generate") and ops.active_job() is None
+    # Nothing already in the scene is lost; the next request restarts the backend and succeeds.
+    assert "Imported" in bpy.data.objects and s.novel_camera is not None and s.footage_path
+    client = backend.current_client()
+    restarts = client.restarts
+    assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}
+    assert backend.current_client() is client and client.restarts == restarts + 1 and client.pid != killed[0]
+    assert len(strips_of(sc, "generate")) == 1
+
+
+def test_check_backend(scene, ops):
+    props = addon_module("props")
+    assert bpy.ops.ex4d.check_backend() == {"FINISHED"}
+    info = ops.last_backend_info
+    assert info["protocol"].split(".")[0] == "1" and info["torch"]
+    text = props.prefs().backend_info
+    assert text.startswith("Backend ") and "Models present:" in text and "GPU" in text
+    assert info["backend_version"] in text and info["torch"] in text
+
+
+def test_errors_become_reports(scene, ops, card_clip):
+    sc = scene
+    with pytest.raises(RuntimeError, match=r"no footage.*\[bad_input\]"):
+        bpy.ops.ex4d.render_guide()
+    cam = setup_shot(sc, card_clip)
+    sc.ex4d.novel_camera = None
+    sc.camera = sc.ex4d.source_camera
+    with pytest.raises(RuntimeError, match=r"no novel camera"):
+        bpy.ops.ex4d.render_guide()
+    sc.ex4d.novel_camera = cam
+    sc.ex4d.depth_filepath = str(card_clip["depth"]) + ".missing.npy"
+    with pytest.raises(RuntimeError, match=r"\[not_found\]") as exc:
+        bpy.ops.ex4d.render_guide()
+    assert " -- " in str(exc.value)  # the hint
+    assert "[not_found]" in sc.ex4d.last_error and not sc.ex4d.job_running
+    sc.ex4d.depth_filepath = str(card_clip["depth"])
+    sc.render.resolution_x = 100  # another aspect ratio than the footage
+    with pytest.raises(RuntimeError, match=r"aspect ratio"):
+        bpy.ops.ex4d.render_guide()
