@@ -139,7 +139,8 @@ def add_mesh_cache(obj: bpy.types.Object, pc2_path: str, frame_start: int) -> bp
 def footage_material(name: str, image: bpy.types.Image | None, frame_start: int, n_frames: int) -> bpy.types.Material:
     """Unlit material: the footage frame (UVs on the pixel grid), magenta on occlusion faces."""
     mat = bpy.data.materials.new(name)
-    mat.use_nodes = True
+    if bpy.app.version < (5, 0, 0):  # always node-based (and deprecated) in 5.0
+        mat.use_nodes = True
     nodes, links = mat.node_tree.nodes, mat.node_tree.links
     nodes.clear()
     out = nodes.new("ShaderNodeOutputMaterial")
@@ -154,7 +155,7 @@ def footage_material(name: str, image: bpy.types.Image | None, frame_start: int,
     if image is not None:
         tex = nodes.new("ShaderNodeTexImage")
         tex.image = image
-        tex.interpolation = "Closest"
+        tex.interpolation = "Linear"  # bilinear between pixel centres ~ the backend's barycentric vertex colours
         tex.extension = "EXTEND"
         configure_image_user(tex.image_user, image, frame_start, n_frames)
         links.new(tex.outputs["Color"], mix.inputs["A"])

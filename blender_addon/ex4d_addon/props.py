@@ -1,7 +1,5 @@
 """Add-on preferences and per-scene settings (no operators, no backend calls)."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 
@@ -51,7 +49,7 @@ def find_backend_python(preference: str = "") -> tuple[str, str]:
     return "", f"not found: set it in the preferences, or ${ENV_VAR}, or run scripts/install_deps.py (writes {pf})"
 
 
-def prefs(context: bpy.types.Context | None = None) -> EX4D_AddonPreferences | None:
+def prefs(context: bpy.types.Context | None = None) -> "EX4D_AddonPreferences | None":
     """The add-on preferences, or None when the add-on is not registered as an add-on (tests)."""
     context = context or bpy.context
     addon = context.preferences.addons.get(ADDON_ID)
@@ -114,6 +112,13 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
                 layout.label(text=line)
 
 
+def _focal_changed(settings, context) -> None:
+    """Keep the source camera's lens in step with the focal length in pixels."""
+    from . import ops_scene
+
+    ops_scene.update_source_lens(settings.id_data)
+
+
 class EX4D_SceneSettings(bpy.types.PropertyGroup):
     """Per-scene EX-4D state. Paths are absolute or Blender-relative (``//``)."""
 
@@ -131,6 +136,7 @@ class EX4D_SceneSettings(bpy.types.PropertyGroup):
         description="Source focal length in pixels at the processing resolution (reference: 500)",
         default=500.0,
         min=1.0,
+        update=_focal_changed,
     )
     max_frames: IntProperty(name="Max Frames", description="Use the first N frames (0: all)", default=0, min=0)
     max_side: IntProperty(
