@@ -18,6 +18,7 @@ import numba
 import numpy as np
 
 NEAR_W = 1e-7  # w (= camera z) below which a vertex counts as behind the camera
+BBOX_EPS = 1e-3  # pixels added around each triangle's screen bounding box (coverage is decided exactly)
 
 
 @numba.njit(cache=True, fastmath=False)
@@ -67,11 +68,13 @@ def _raster_one(clip, faces, face_ok, use_mask, height, width, tri_out, bary_out
                     ymax = max(ymax, yi / wi)
         if not (xmin <= xmax and ymin <= ymax):
             continue
-        # ndc -> pixel coordinates; pixel i covers centre i + 0.5.
-        c0 = max(0, int(math.ceil(min((xmin + 1.0) * sx, 1e9) - 0.5)))
-        c1 = min(width - 1, int(math.floor(max((xmax + 1.0) * sx, -1e9) - 0.5)))
-        r0 = max(0, int(math.ceil(min((ymin + 1.0) * sy, 1e9) - 0.5)))
-        r1 = min(height - 1, int(math.floor(max((ymax + 1.0) * sy, -1e9) - 0.5)))
+        # ndc -> pixel coordinates; pixel i covers centre i + 0.5. The box is widened by BBOX_EPS pixels:
+        # the edge functions below decide coverage, and a centre lying exactly on a shared edge must not be
+        # dropped by the rounding of x / w here (that left holes between adjacent triangles).
+        c0 = max(0, int(math.ceil(min((xmin + 1.0) * sx, 1e9) - 0.5 - BBOX_EPS)))
+        c1 = min(width - 1, int(math.floor(max((xmax + 1.0) * sx, -1e9) - 0.5 + BBOX_EPS)))
+        r0 = max(0, int(math.ceil(min((ymin + 1.0) * sy, 1e9) - 0.5 - BBOX_EPS)))
+        r1 = min(height - 1, int(math.floor(max((ymax + 1.0) * sy, -1e9) - 0.5 + BBOX_EPS)))
         if c0 > c1 or r0 > r1:
             continue
         # Homogeneous edge functions: b'_i(p) = (c_j x c_k) . (px, py, 1) with c_i = (x_i, y_i, w_i).
