@@ -11,6 +11,7 @@ reference (:func:`disparity_to_depth`).
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def _read_array_file(p: Path) -> np.ndarray:
             )
     except Ex4dError:
         raise
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise Ex4dError(f"cannot read the depth file: {exc}", where=str(p), hint="the file is corrupt") from None
 
 
