@@ -124,9 +124,14 @@ def _read_video(p: Path, max_frames: int | None) -> tuple[list[np.ndarray], floa
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_SEQUENCE_FPS)
         frames: list[np.ndarray] = []
+        times: list[Fraction] = []  # presentation times (s) of the decoded frames, when known
+        tick = Fraction(0)  # their time base (s)
         try:
             for frame in container.decode(stream):
                 frames.append(frame.to_ndarray(format="rgb24"))
+                if frame.pts is not None and frame.time_base is not None:
+                    times.append(frame.pts * frame.time_base)
+                    tick = frame.time_base
                 if max_frames and len(frames) >= max_frames:
                     break
         except av.error.FFmpegError as exc:
@@ -135,12 +140,29 @@ def _read_video(p: Path, max_frames: int | None) -> tuple[list[np.ndarray], floa
                     f"cannot decode the video: {exc}", where=str(p), hint="the file is corrupt; re-export it"
                 ) from None
             # A truncated file: keep the frames that decoded, as video players do.
+        rate = _average_rate(times, Fraction(rate), tick) if len(times) == len(frames) else rate
         total = stream.frames or len(frames)
         if max_frames and len(frames) >= max_frames:
             total = max(total, len(frames))
         else:
             total = len(frames)
     return frames, float(rate), int(total)
+
+
+def _average_rate(times: list[Fraction], rate: Fraction, tick: Fraction) -> Fraction:
+    """Frame rate to report for frames shown at ``times`` (s): the container's ``rate`` when every frame sits
+    on that rate's grid (constant rate, within one time-base ``tick``), else the average rate of the frames
+    read, (n - 1) / (last - first). For variable-rate video the container's figure can be a nominal rate
+    (Matroska reports its default duration) or be skewed by the last frame's duration (MP4)."""
+    if len(times) < 2:
+        return rate
+    ts = sorted(times)
+    span = ts[-1] - ts[0]
+    if span <= 0:
+        return rate
+    if rate > 0 and all(abs((t - ts[0]) - i / rate) <= tick for i, t in enumerate(ts)):
+        return rate
+    return Fraction(len(ts) - 1) / span
 
 
 def _read_sequence(folder: Path, max_frames: int | None) -> tuple[list[np.ndarray], float, int]:
