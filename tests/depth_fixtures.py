@@ -111,8 +111,11 @@ def build_depthcrafter(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def build_depth_anything(root: Path, size: str = "small", seed: int = 0) -> Path:
-    """``<root>/depth-anything/Depth-Anything-V2-<Size>-hf`` with a tiny DINOv2 + DPT head."""
+def build_depth_anything(root: Path, size: str = "small", seed: int = 0, side: int = 518) -> Path:
+    """``<root>/depth-anything/Depth-Anything-V2-<Size>-hf`` with a tiny DINOv2 + DPT head.
+
+    ``side``: the processor's target size (published: 518); smaller makes tests that only need *a*
+    provider (the cache tests) faster."""
     import torch
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
@@ -136,8 +139,18 @@ def build_depth_anything(root: Path, size: str = "small", seed: int = 0) -> Path
         depth_estimation_type="relative",
     )
     folder = root / "depth-anything" / f"Depth-Anything-V2-{size.capitalize()}-hf"
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(DPT_PREPROCESSOR, indent=2))
+    model = DepthAnythingForDepthEstimation(config)
+    # transformers' init (std 0.02) gives outputs of ~1e-7 that barely depend on the image; PyTorch's
+    # default init and a positive output bias give O(1) disparity with real spatial structure.
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            mod.reset_parameters()
+    with torch.no_grad():
+        model.head.conv3.weight.mul_(20.0)
+        model.head.conv3.bias.fill_(2.0)
+    model.save_pretrained(folder)
+    pre = {**DPT_PREPROCESSOR, "size": {"height": side, "width": side}}
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
     return root
 
 
@@ -162,6 +175,16 @@ def depth_models(tmp_path_factory) -> Path:
         build_depth_anything(root, "small")
         _BUILT["root"] = root
     return _BUILT["root"]
+
+
+@pytest.fixture(scope="session")
+def fast_depth_models(tmp_path_factory) -> Path:
+    """A models directory with only a tiny Depth Anything V2 Small whose processor works at 98 px."""
+    if "fast" not in _BUILT:
+        root = tmp_path_factory.mktemp("fast-depth-models")
+        build_depth_anything(root, "small", side=98)
+        _BUILT["fast"] = root
+    return _BUILT["fast"]
 
 
 def copy_models(src: Path, dst: Path) -> Path:
