@@ -155,3 +155,36 @@ def guide(t: int = 5, h: int = 64, w: int = 64, seed: int = 0):
         if i > 0:
             mask[i, :, w - (w // 4 + 2 * i) :] = 0
     return color, mask
+
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_models_dir(tmp_path_factory) -> Path:
+    """One tiny models directory per test session (built once, ~2 s), shared by the test files."""
+    if "root" not in _SHARED:
+        _SHARED["root"] = make_models_dir(tmp_path_factory.mktemp("gen_models"))
+    return _SHARED["root"]
+
+
+def variant(base: Path, dest: Path, *, drop: tuple[str, ...] = (), write: dict | None = None) -> Path:
+    """A models directory at ``dest`` whose files are symlinks into ``base``, minus ``drop`` and with
+    ``write`` = {relative path: bytes or a state dict to torch.save} written as real files."""
+    write = write or {}
+    for src in base.rglob("*"):
+        rel = src.relative_to(base).as_posix()
+        if src.is_dir() or rel in drop or rel in write:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).symlink_to(src)
+    for rel, content in write.items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            (dest / rel).write_bytes(content)
+        else:
+            torch.save(content, dest / rel)
+    return dest
+
+
+CKPT = f"{EX4D_REPO}/ex4d.ckpt"
+SHARD = f"{WAN_REPO}/diffusion_pytorch_model-{{:05d}}-of-00007.safetensors"

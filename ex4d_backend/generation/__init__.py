@@ -33,9 +33,19 @@ class Generator(Protocol):
 
 
 def load_generator(
-    name: str = "ex4d", *, models_dir=None, device="auto", vram_profile: str = "full", dtype=None, progress=None
+    name: str = "ex4d",
+    *,
+    models_dir=None,
+    device="auto",
+    vram_profile: str = "full",
+    dtype=None,
+    progress=None,
+    **options,
 ) -> Generator:
-    """``"ex4d"`` (needs the weights, see ``ex4d models``) or ``"preview"`` (no weights)."""
+    """``"ex4d"`` (needs the weights, see ``ex4d models``) or ``"preview"`` (no weights).
+
+    ``options`` go to :class:`~.pipeline.Ex4dPipeline` (``merge_lora``, ``compile``, ``attention``);
+    the preview generator ignores them."""
     if name == "preview":
         from .preview import PreviewGenerator
 
@@ -44,7 +54,7 @@ def load_generator(
         from .pipeline import Ex4dPipeline
 
         return Ex4dPipeline.from_models_dir(
-            models_dir, device=device, dtype=dtype, vram_profile=vram_profile, progress=progress
+            models_dir, device=device, dtype=dtype, vram_profile=vram_profile, progress=progress, **options
         )
     raise Ex4dError(
         f"unknown generator '{name}'", where="--generator", hint=f"one of {', '.join(GENERATORS)}", code=BAD_INPUT

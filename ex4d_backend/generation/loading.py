@@ -291,3 +291,27 @@ def load_ex4d_checkpoint(
         *counts.values(),
     )
     return encoder.eval().requires_grad_(False), counts
+
+
+def merge_lora(dit: nn.Module) -> int:
+    """Fold every peft LoRA layer of ``dit`` into its base Linear (W += B @ A * alpha / r, computed in
+    float32, stored in the weight dtype) and put the plain Linear back in its place. Same function as
+    the unmerged LoRA up to one rounding of each merged weight; saves ~10 extra matmuls and ~20 full
+    activation reads per block and step. Returns the number of merged layers."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(dit.named_modules()):
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        with torch.no_grad():
+            for adapter in module.active_adapters:
+                a = module.lora_A[adapter].weight.float()
+                b = module.lora_B[adapter].weight.float()
+                delta = (b @ a) * module.scaling[adapter]
+                base.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        setattr(dit.get_submodule(parent_name) if parent_name else dit, child, base)
+        merged += 1
+    return merged

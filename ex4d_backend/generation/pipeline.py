@@ -30,6 +30,25 @@ from .vram import PROFILES, Placement
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, str], None]
+ATTENTION_BACKENDS = ("auto", "cudnn", "flash")
+
+
+def attention_backend(name: str):
+    """Context that makes ``F.scaled_dot_product_attention`` prefer the named kernel (``auto``:
+    torch's own choice). Falls back through flash / memory-efficient / math when unsupported."""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": [SDPBackend.CUDNN_ATTENTION], "flash": [SDPBackend.FLASH_ATTENTION]}[name]
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    order = first + [b for b in rest if b not in first]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priorities, only the allowed set
+        return sdpa_kernel(order)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -106,19 +125,57 @@ class Ex4dPipeline:
         device,
         dtype,
         vram_profile: str = "full",
+        merge_lora: bool = True,
+        compile: bool = False,
+        attention: str = "auto",
     ):
+        """``merge_lora`` folds the LoRA into the DiT weights (same function, faster; ``False`` runs
+        peft's LoRA layers as the reference does). ``compile`` wraps each DiT block's forward in
+        ``torch.compile`` (GPU; pays off from the first clip on, ~1 min to compile). ``attention``
+        picks the SDPA kernel: ``auto`` (torch's choice), ``cudnn`` or ``flash``."""
+        from . import loading
         from .camera_encoder import CameraTokenHook
 
+        if attention not in ATTENTION_BACKENDS:
+            raise Ex4dError(
+                f"unknown attention backend '{attention}'", where="attention", hint=", ".join(ATTENTION_BACKENDS)
+            )
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.tokenizer, self.image_encoder, self.camera_encoder = tokenizer, image_encoder, camera_encoder
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.attention = device, dtype, attention
+        self.lora_merged = loading.merge_lora(dit) if merge_lora else 0
         self.camera_hook = CameraTokenHook(dit)
         self.placement = Placement(self, PROFILES[vram_profile], device)
+        self.compiled = False
+        if compile:
+            self.compile_blocks()
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each DiT block's forward (one graph shared by all blocks: same code,
+        same shapes). Hooks (camera tokens on the patch embedding, block streaming) stay eager."""
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for block in self.dit.blocks:
+            block.forward = torch.compile(type(block).forward.__get__(block), dynamic=False)
+        self.compiled = True
+
+    def uncompile_blocks(self) -> None:
+        for block in self.dit.blocks:
+            block.__dict__.pop("forward", None)
+        self.compiled = False
 
     # ------------------------------------------------------------------------------- loading
     @classmethod
     def from_models_dir(
-        cls, models_dir=None, *, device="auto", dtype=None, vram_profile="full", progress: Progress | None = None
+        cls,
+        models_dir=None,
+        *,
+        device="auto",
+        dtype=None,
+        vram_profile="full",
+        progress: Progress | None = None,
+        **options,
     ) -> Ex4dPipeline:
         """Load Wan2.1-I2V-14B-480P and ex4d.ckpt from the models directory (published layouts)."""
         from .. import modelstore
@@ -161,6 +218,7 @@ class Ex4dPipeline:
             device=dev,
             dtype=dtype,
             vram_profile=vram_profile,
+            **options,
         )
 
     # ---------------------------------------------------------------------------- encoders
@@ -232,7 +290,7 @@ class Ex4dPipeline:
         """One DiT evaluation (both CFG branches as one batch when ``cond`` has 2 prompts).
 
         ``latents`` (1, 16, f, h, w); ``timestep`` (1,) float32 in [0, 1000]."""
-        with self.placement.dit_forward():
+        with self.placement.dit_forward(), attention_backend(self.attention):
             if self.placement.profile.cfg_batch or cond.context.shape[0] == 1:
                 return conditioned_dit(
                     self.dit,
