@@ -27,6 +27,8 @@ CV_TO_BLENDER = np.array(
     [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=np.float64
 )
 OCCLUSION_ATTRIBUTE = "ex4d_occluded"  # BOOLEAN face attribute: True = occlusion ("invalid") face
+MASK_ATTRIBUTE = "ex4d_mask"  # FLOAT_COLOR point attribute: 1 = seen, 0 = vertex of an occlusion face
+MASK_THRESHOLD = 125.0 / 255.0  # the guide's mask: interpolated vertex alpha > 125 (of 255)
 OCCLUDED_COLOR = (1.0, 0.0, 1.0, 1.0)  # magenta: the occlusion faces in the viewport and renders
 PC2_MAGIC = b"POINTCACHE2\0"
 
@@ -101,6 +103,21 @@ def set_face_bool(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
     mesh.update_tag()
 
 
+def set_point_gray(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
+    """Create or overwrite a FLOAT_COLOR point attribute (v, v, v, 1) from an (N,) array; make it the
+    active colour attribute (Workbench's "Attribute" colour shows it)."""
+    attr = mesh.attributes.get(name)
+    if attr is None or attr.domain != "POINT" or attr.data_type != "FLOAT_COLOR":
+        if attr is not None:
+            mesh.attributes.remove(attr)
+        attr = mesh.color_attributes.new(name, "FLOAT_COLOR", "POINT")
+    rgba = np.repeat(np.asarray(values, dtype=np.float32), 4)
+    rgba[3::4] = 1.0
+    attr.data.foreach_set("color", rgba)
+    if mesh.color_attributes.active_color_name != name:
+        mesh.color_attributes.active_color = mesh.color_attributes[name]
+
+
 def get_face_bool(mesh: bpy.types.Mesh, name: str) -> np.ndarray:
     """A BOOLEAN face attribute as an (F,) bool array."""
     attr = mesh.attributes[name]
@@ -147,11 +164,15 @@ def footage_material(name: str, image: bpy.types.Image | None, frame_start: int,
     emit = nodes.new("ShaderNodeEmission")
     mix = nodes.new("ShaderNodeMix")
     mix.data_type = "RGBA"
-    attr = nodes.new("ShaderNodeAttribute")
+    attr = nodes.new("ShaderNodeAttribute")  # the guide's mask: magenta where it will be black
     attr.attribute_type = "GEOMETRY"
-    attr.attribute_name = OCCLUSION_ATTRIBUTE
+    attr.attribute_name = MASK_ATTRIBUTE
+    less = nodes.new("ShaderNodeMath")
+    less.operation = "LESS_THAN"
+    less.inputs[1].default_value = MASK_THRESHOLD
     mix.inputs["B"].default_value = OCCLUDED_COLOR
-    links.new(attr.outputs["Fac"], mix.inputs["Factor"])
+    links.new(attr.outputs["Fac"], less.inputs[0])
+    links.new(less.outputs["Value"], mix.inputs["Factor"])
     if image is not None:
         tex = nodes.new("ShaderNodeTexImage")
         tex.image = image

@@ -268,6 +268,23 @@ def _occlusion(path: str) -> np.ndarray | None:
     return arr
 
 
+def _faces(obj: bpy.types.Object) -> np.ndarray | None:
+    """(F, 3) vertex indices of the DW-mesh (cached; the topology never changes)."""
+    key = f"faces:{obj.name_full}:{len(obj.data.polygons)}"
+    arr = _OCCLUSION_CACHE.get(key)
+    if arr is None:
+        mesh = obj.data
+        if len(mesh.polygons) == 0 or mesh.polygons[0].loop_total != 3:
+            return None
+        arr = np.empty(len(mesh.loops), dtype=np.int32)
+        mesh.loops.foreach_get("vertex_index", arr)
+        arr = arr.reshape(-1, 3)
+        if len(arr) != len(mesh.polygons):
+            return None
+        _OCCLUSION_CACHE[key] = arr
+    return arr
+
+
 def apply_occlusion(obj: bpy.types.Object, frame: int) -> bool:
     """Write clip frame (``frame`` - start)'s occlusion flags into the DW-mesh's face attribute and material
     indices (slot 1 = the occlusion colour). True when something was written."""
@@ -287,6 +304,11 @@ def apply_occlusion(obj: bpy.types.Object, frame: int) -> bool:
     if mat_index is None:
         mat_index = mesh.attributes.new("material_index", "INT", "FACE")
     mat_index.data.foreach_set("value", flags.astype(np.int32))
+    faces = _faces(obj)
+    if faces is not None:  # the guide's vertex alpha: 0 on every vertex of an occlusion face
+        seen = np.ones(len(mesh.vertices), dtype=np.float32)
+        seen[faces[flags].ravel()] = 0.0
+        data.set_point_gray(mesh, data.MASK_ATTRIBUTE, seen)
     mesh.update_tag()
     obj["ex4d_occlusion_frame"] = t
     return True
