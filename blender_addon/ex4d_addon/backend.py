@@ -15,12 +15,14 @@ from pathlib import Path
 import bpy
 
 from . import props
-from .backend_client import BackendClient, BackendError, Request
+from .backend_client import PROTOCOL_VERSION, BackendClient, BackendError, Request
 
 _client: BackendClient | None = None
 _config: tuple | None = None
 _allowed: set[str] = set()
 _listeners: list[Callable[[dict], None]] = []
+_hello_pid: int | None = None  # the backend process that answered our first hello
+last_hello: dict = {}  # its answer (versions, devices, models)
 ENV_STORE = "EX4D_STORE"  # job store override (tests, farms); the preference wins when set
 
 
@@ -63,13 +65,11 @@ def get_client(context, paths: list[str] = ()) -> BackendClient:
     global _client, _config
     python, store, models = _settings(context)
     new_dirs = []
-    for p in paths:
+    for p in paths:  # allow the folder holding each input (an image sequence: the folder above it)
         if p and not _covered(p):
-            d = os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p) or ".")
-            new_dirs.append(d)
-    blend_dir = os.path.dirname(bpy.data.filepath) if bpy.data.filepath else ""
-    if blend_dir and not _covered(blend_dir):
-        new_dirs.append(os.path.realpath(blend_dir))
+            d = os.path.dirname(os.path.realpath(p).rstrip(os.sep)) or os.sep
+            if d not in new_dirs:
+                new_dirs.append(d)
     config = (python, store, models)
     if _client is not None:
         _client.poll()  # deliver a pending exit so requests of a dead backend count as done
@@ -90,6 +90,33 @@ def get_client(context, paths: list[str] = ()) -> BackendClient:
         )
         _config = config
     return _client
+
+
+def hello_if_new(client: BackendClient) -> Request | None:
+    """Submit ``hello`` when this backend process has not answered one yet, else None.
+
+    The add-on says hello first to a new process and sends its job once the answer is in: it checks the
+    protocol's major version, and the backend's heavy imports (torch) then happen once, before any job."""
+    if client.running and client.pid == _hello_pid:
+        return None
+    return client.submit("hello", {})
+
+
+def note_hello(client: BackendClient, req: Request) -> dict:
+    """Record a finished hello (raises BackendError if it failed or speaks another protocol)."""
+    global _hello_pid
+    info = req.raise_for_error()
+    theirs = str(info.get("protocol", "?"))
+    if theirs.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+        raise BackendError(
+            "protocol",
+            f"the backend speaks protocol {theirs}, the add-on {PROTOCOL_VERSION}",
+            hint="install matching versions of the add-on and the backend (scripts/install_deps.py)",
+        )
+    _hello_pid = client.pid
+    last_hello.clear()
+    last_hello.update(info)
+    return info
 
 
 def shutdown() -> None:
@@ -139,7 +166,11 @@ def submit(context, type_: str, params: dict, paths: list[str] = ()) -> tuple[Ba
 
 def run_blocking(context, type_: str, params: dict, paths: list[str] = (), timeout: float | None = None) -> dict:
     """Submit and wait for the result (background mode, scripts). Raises BackendError."""
-    client, req = submit(context, type_, params, paths)
+    client = get_client(context, list(paths))
+    warm = hello_if_new(client) if type_ != "hello" else None
+    if warm is not None:
+        note_hello(client, client.wait(warm, 300 if timeout is None else timeout))
+    req = client.submit(type_, params)
     client.wait(req, timeout)
     return req.raise_for_error()
 

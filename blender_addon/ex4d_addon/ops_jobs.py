@@ -258,8 +258,10 @@ class Job:
         paths: list[str],
         finish: Callable[[Job, dict], str],
         label: str = "",
+        exclusive: bool = True,
     ):
         self.scene = context.scene
+        self.exclusive = exclusive  # False: runs beside a job (hello), leaves the progress fields alone
         self.type, self.params, self.paths = type_, params, list(paths)
         self.finish_fn, self.label = finish, label or type_
         self.expected = len(EXPECTED_STAGES.get(type_, ("run",)))
@@ -273,6 +275,8 @@ class Job:
         self.timed_out = False
         self.started_at = self.finished_at = 0.0
         self._pending: list[dict] = []
+        self._warm = None  # the hello sent to a new backend process before the job
+        self.hello_seconds = 0.0  # time the new backend process took to answer it
         self._wm = None
 
     # -- life cycle --------------------------------------------------------------------------
@@ -281,8 +285,12 @@ class Job:
         self.client = backend.get_client(context, self.paths)
         backend.add_listener(self._on_event)
         self.started_at = time.monotonic()
-        self.req = self.client.submit(self.type, self.params)
+        self._warm = backend.hello_if_new(self.client) if self.type != "hello" else None
+        if self._warm is None:
+            self.req = self.client.submit(self.type, self.params)
         self.state = "running"
+        if not self.exclusive:
+            return
         _active_job = self
         s = self.scene.ex4d
         s.job_running, s.job_stage, s.job_progress, s.job_message = True, f"{self.label}: starting", 0.0, ""
@@ -301,6 +309,11 @@ class Job:
             return
         self.cancel_requested = True
         self._set_status(f"{self.label}: cancelling", self.fraction, "waiting for the next step boundary")
+        if self.req is None:  # still saying hello: the job was never sent
+            self.req = self._warm
+            self.req.error = {"code": "cancelled", "message": "cancelled before it started"}
+            self._finish_request()
+            return
         try:
             self.client.cancel(self.req.id)
         except Exception as exc:  # noqa: BLE001 - a dead backend: the exit event ends the job
@@ -315,6 +328,19 @@ class Job:
         if self.done:
             return True
         self.client.poll()
+        if self.req is None:  # a new backend process: its hello first, then the job
+            if not self._warm.done:
+                return False
+            try:
+                backend.note_hello(self.client, self._warm)
+            except BackendError as exc:
+                self.req = self._warm  # fail the job with the hello's error
+                self.req.error = self.req.error or {"code": exc.code, "message": exc.message, "hint": exc.hint}
+                self._finish_request()
+                return True
+            self.hello_seconds = time.monotonic() - self.started_at
+            self.req = self.client.submit(self.type, self.params)
+            self.client.poll()
         while self._pending and not self.done:
             event = self._pending.pop(0)
             self.events.append(event)
@@ -358,6 +384,8 @@ class Job:
 
     def _set_status(self, stage: str, fraction: float, message: str) -> None:
         self.fraction = fraction
+        if not self.exclusive:
+            return
         s = self.scene.ex4d
         s.job_stage, s.job_progress, s.job_message = stage, fraction, message[:200]
         if self._wm is not None:
@@ -375,6 +403,14 @@ class Job:
                     self.state = "cancelled"
                     why = "stopped: time limit reached" if self.timed_out else "cancelled"
                     self.report = ("WARNING", f"EX-4D: {self.label} {why}; nothing was added")
+                elif err.get("code") == "backend_died":
+                    self.state = "failed"
+                    tail = [line for line in err.get("log_tail") or [] if line.strip()]
+                    hint = "it is restarted on the next request"
+                    if tail:
+                        hint += f"; its last log line: {tail[-1].strip()[:200]}"
+                    msg = f"the backend stopped during {self.label} ({err.get('message', '')})"
+                    self.report = ("ERROR", backend.error_text({"code": "backend_died", "message": msg, "hint": hint}))
                 else:
                     self.state = "failed"
                     self.report = ("ERROR", backend.error_text(err))
@@ -393,6 +429,10 @@ class Job:
     def _reset_ui(self) -> None:
         global _active_job
         s = self.scene.ex4d
+        if not self.exclusive:
+            if self.state == "failed":
+                s.last_error = self.report[1][:1000]
+            return
         s.job_running = False
         if self.state == "done":
             s.job_stage, s.job_progress, s.job_message = f"{self.label}: done", 1.0, self.report[1][:200]
@@ -467,8 +507,7 @@ def _finish_guide(job: Job, result: dict) -> str:
     s.guide_color_dir = str(dest / "color")
     s.guide_mask_dir = str(dest / "mask")
     s.camera_hash = result["camera_hash"]
-    secs = job.finished_at - job.started_at
-    return f"EX-4D: guide of '{job.camera_name}' ({n} frames) in {secs:.1f} s -> {dest}"
+    return f"EX-4D: guide of '{job.camera_name}' ({n} frames) in {_seconds(job)} -> {dest}"
 
 
 def _finish_generate(job: Job, result: dict) -> str:
@@ -510,11 +549,20 @@ def _finish_generate(job: Job, result: dict) -> str:
         json.dump(meta, fh, indent=1)
     strip = data.add_image_strip(scene, f"EX4D {name}", files, scene.frame_start, meta)
     job.strip_name = strip.name
-    secs = job.finished_at - job.started_at
-    return f"EX-4D: {len(files)} frames ({settings.get('generator')}) in {secs:.1f} s -> {dest} (strip '{strip.name}')"
+    return (
+        f"EX-4D: {len(files)} frames ({settings.get('generator')}) in {_seconds(job)} -> {dest} (strip '{strip.name}')"
+    )
+
+
+def _seconds(job: Job) -> str:
+    text = f"{time.monotonic() - job.started_at:.1f} s"
+    if job.hello_seconds:
+        text += f" (backend start {job.hello_seconds:.1f} s)"
+    return text
 
 
 def _finish_hello(job: Job, info: dict) -> str:
+    backend.note_hello(job.client, job.req)  # records it; a protocol mismatch is reported
     doctor = last_backend_info.get("doctor")
     last_backend_info.clear()
     last_backend_info.update(info)
@@ -597,8 +645,10 @@ class _JobOperator:
         self.report({"ERROR"}, text)
         return {"CANCELLED"}
 
+    exclusive = True
+
     def execute(self, context):
-        if _active_job is not None and not _active_job.done:
+        if self.exclusive and _active_job is not None and not _active_job.done:
             self.report({"ERROR"}, f"EX-4D: a job is running ({_active_job.label}); wait or cancel it")
             return {"CANCELLED"}
         try:
@@ -650,13 +700,7 @@ class EX4D_OT_render_guide(_JobOperator, bpy.types.Operator):
     bl_options = {"REGISTER"}
 
     def make_job(self, context) -> Job:
-        params, paths, n, w, h = _clip_info(context)
-        cam = novel_camera(context)
-        params["camera"], _raw = camera_payload(context.scene, cam, n, w, h)
-        job = Job(context, "render_guide", params, paths, _finish_guide, label="Guide")
-        job.camera_name, job.n_frames = cam.name, n
-        job.out_dir = output_root(context) / shot_name(context)
-        return job
+        return guide_job(context)
 
 
 class EX4D_OT_generate(_JobOperator, bpy.types.Operator):
@@ -674,32 +718,48 @@ class EX4D_OT_generate(_JobOperator, bpy.types.Operator):
     )
 
     def make_job(self, context) -> Job:
-        s, js = context.scene.ex4d, context.scene.ex4d_job
-        generator = self.generator if self.properties.is_property_set("generator") else s.generator
-        params, paths, n, w, h = _clip_info(context)
-        cam = novel_camera(context)
-        params["camera"], _raw = camera_payload(context.scene, cam, n, w, h)
-        params.update(
-            {
-                "generator": GENERATORS[generator],
-                "steps": int(s.steps),
-                "seed": int(s.seed),
-                "prompt": s.prompt,
-                "cfg": float(js.cfg),
-                "shift": float(js.shift),
-                "width": int(js.width),
-                "height": int(js.height),
-                "num_frames": int(js.num_frames),
-                "vram_profile": _pref(context, "vram_profile", "full"),
-                "device": _pref(context, "device", "auto"),
-            }
-        )
-        if js.negative_prompt:
-            params["negative_prompt"] = js.negative_prompt
-        job = Job(context, "generate", params, paths, _finish_generate, label=f"Generate ({generator.lower()})")
-        job.camera_name, job.n_frames = cam.name, n
-        job.out_dir = output_root(context) / shot_name(context)
-        return job
+        generator = self.generator if self.properties.is_property_set("generator") else context.scene.ex4d.generator
+        return generate_job(context, generator)
+
+
+def guide_job(context) -> Job:
+    """The (not yet started) render_guide job of the scene's novel camera."""
+    params, paths, n, w, h = _clip_info(context)
+    cam = novel_camera(context)
+    params["camera"], _raw = camera_payload(context.scene, cam, n, w, h)
+    job = Job(context, "render_guide", params, paths, _finish_guide, label="Guide")
+    job.camera_name, job.n_frames = cam.name, n
+    job.out_dir = output_root(context) / shot_name(context)
+    return job
+
+
+def generate_job(context, generator: str) -> Job:
+    """The (not yet started) generate job (``generator``: 'EX4D' or 'PREVIEW') of the scene's novel camera."""
+    s, js = context.scene.ex4d, context.scene.ex4d_job
+    params, paths, n, w, h = _clip_info(context)
+    cam = novel_camera(context)
+    params["camera"], _raw = camera_payload(context.scene, cam, n, w, h)
+    params.update(
+        {
+            "generator": GENERATORS[generator],
+            "steps": int(s.steps),
+            "seed": int(s.seed),
+            "prompt": s.prompt,
+            "cfg": float(js.cfg),
+            "shift": float(js.shift),
+            "width": int(js.width),
+            "height": int(js.height),
+            "num_frames": int(js.num_frames),
+            "vram_profile": _pref(context, "vram_profile", "full"),
+            "device": _pref(context, "device", "auto"),
+        }
+    )
+    if js.negative_prompt:
+        params["negative_prompt"] = js.negative_prompt
+    job = Job(context, "generate", params, paths, _finish_generate, label=f"Generate ({generator.lower()})")
+    job.camera_name, job.n_frames = cam.name, n
+    job.out_dir = output_root(context) / shot_name(context)
+    return job
 
 
 class EX4D_OT_check_backend(_JobOperator, bpy.types.Operator):
@@ -708,13 +768,14 @@ class EX4D_OT_check_backend(_JobOperator, bpy.types.Operator):
     bl_idname = "ex4d.check_backend"
     bl_label = "Check Backend"
     bl_options = {"REGISTER"}
+    exclusive = False  # hello is answered at once, even while a job runs
 
     doctor: BoolProperty(
         name="Full Report", description="Also run 'ex4d doctor --json' (slower; blocks)", default=False
     )
 
     def make_job(self, context) -> Job:
-        return Job(context, "hello", {}, [], _finish_hello, label="Check backend")
+        return Job(context, "hello", {}, [], _finish_hello, label="Check backend", exclusive=False)
 
     def execute(self, context):
         if self.doctor:  # an explicit request for the full report: blocks while doctor runs
