@@ -118,25 +118,32 @@ def run(args: argparse.Namespace) -> int:
             progress=depth_progress,
         ).depth
         bar.close()
-    bar = tqdm(desc="render", unit="chunk", leave=False)
+    # The render bar starts with the first render step, i.e. after the camera and renderer are validated,
+    # so an error message never lands on the same terminal line as a progress bar.
+    render_bar: list = []
 
     def progress(stage: str, step: int, total: int, message: str = "") -> None:
-        bar.total = total
-        bar.n = step
-        bar.refresh()
+        if not render_bar:
+            render_bar.append(tqdm(desc="render", unit="chunk", leave=False, total=total))
+        render_bar[0].total = total
+        render_bar[0].n = step
+        render_bar[0].refresh()
 
-    guide = run_recon(
-        footage.frames,
-        depth,
-        args.cam,
-        k=k,
-        renderer=args.renderer,
-        mesh_filter=args.mesh_filter,
-        use_dwmesh=not args.no_dwmesh,
-        keep_mesh0=args.save_mesh,
-        progress=progress,
-    )
-    bar.close()
+    try:
+        guide = run_recon(
+            footage.frames,
+            depth,
+            args.cam,
+            k=k,
+            renderer=args.renderer,
+            mesh_filter=args.mesh_filter,
+            use_dwmesh=not args.no_dwmesh,
+            keep_mesh0=args.save_mesh,
+            progress=progress,
+        )
+    finally:
+        for bar in render_bar:
+            bar.close()
     paths = write_recon_outputs(guide, args.output_dir, cam_name, footage.fps, png=args.png, save_mesh=args.save_mesh)
     for key, path in paths.items():
         print(f"{key}: {path}")
