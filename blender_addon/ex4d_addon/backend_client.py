@@ -87,6 +87,7 @@ class Request:
         self.error: dict | None = None  # {"code", "message", "hint", "where", "log_tail"}
         self.sent_at = time.monotonic()
         self.finished_at: float | None = None
+        self._generation = 0  # which backend process it was sent to
 
     @property
     def done(self) -> bool:
@@ -264,6 +265,7 @@ class BackendClient:
         """Send a request and return at once; follow it with :meth:`poll`. Restarts a dead backend."""
         self.start()
         req = Request(id or self.new_id(type_), type_, dict(params or {}))
+        req._generation = self._generation
         self.requests[req.id] = req
         try:
             self._write({"id": req.id, "type": type_, "params": req.params, "protocol": PROTOCOL_VERSION})
@@ -305,10 +307,11 @@ class BackendClient:
 
     def _dispatch(self, event: dict) -> list[dict]:
         if event.get("event") == "_exit":
-            if event["generation"] != self._generation:
-                return []
+            gen = event["generation"]
             msg = f"the backend exited (status {event['returncode']})"
-            events = [self._died_event(r.id, msg) for r in self.requests.values() if not r.done]
+            events = [
+                self._died_event(r.id, msg) for r in list(self.requests.values()) if not r.done and r._generation == gen
+            ]
             for e in events:
                 self._deliver(e)
             return events

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -76,7 +77,16 @@ def run(args: argparse.Namespace) -> int:
     def progress(stage: str, step: int, total: int, message: str = "") -> None:
         print(f"[{stage} {step}/{total}] {message}", file=sys.stderr, flush=True)
 
-    result = jobs.run_job(type_, params, jobs.Context(store, progress, args.models_dir, request_id=None))
+    # The result JSON is the only thing on stdout: whatever a library prints goes to stderr meanwhile.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        result = jobs.run_job(type_, params, jobs.Context(store, progress, args.models_dir, request_id=None))
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
     if args.output:
         out = Path(args.output).expanduser()
         out.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,13 @@ def depth_stage(ctx: Context, p: dict, clip: Clip) -> Depth:
     model = spec.pop("model")
     device = spec.pop("device", "auto")
     if model == "file":
+        if spec.get("options"):
+            raise Ex4dError(
+                "depth 'options' do not apply to model 'file'",
+                where="params.depth.options",
+                hint="use kind, repair and scale",
+                code=protocol.INVALID_REQUEST,
+            )
         path = ctx.store.check_input(spec.pop("path"), "depth file")
         options = {
             "kind": spec.get("kind", "depth"),
@@ -271,8 +278,37 @@ def mesh_stage(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray) -
     return Mesh(key, ctx.store.stage_dir("mesh", key), meta)
 
 
+def _check_rigid(m: np.ndarray, where: str, *, scale_ok: bool) -> None:
+    """4x4 matrices must be finite with a last row (0, 0, 0, 1) and an invertible (``scale_ok``: scaled)
+    rotation part; raises ``bad_input``."""
+    if not np.isfinite(m).all():
+        raise Ex4dError("the camera contains NaN or infinite values", where=where)
+    if not np.allclose(m[:, 3], [0, 0, 0, 1], atol=1e-6):
+        raise Ex4dError("a camera matrix's last row is not (0, 0, 0, 1)", where=where, hint="send affine matrices")
+    rot = m[:, :3, :3]
+    if scale_ok:
+        rot = rot / np.maximum(np.linalg.norm(rot, axis=-2, keepdims=True), 1e-300)
+    if not np.allclose(rot @ np.swapaxes(rot, 1, 2), np.eye(3), atol=1e-3) or np.any(np.linalg.det(rot) < 0):
+        raise Ex4dError(
+            "a camera matrix is not a rotation (shear, zero scale or a mirror?)",
+            where=where,
+            hint="remove shear and negative scale from the camera object and its parents",
+        )
+
+
 def camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
     """The novel camera as a ``cameras.CameraPath`` at the processing resolution (>= T frames)."""
+    try:
+        return _camera_path(ctx, p, clip, depth, k)
+    except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as exc:
+        raise Ex4dError(
+            f"unusable camera: {str(exc)[:300]}",
+            where="params.camera",
+            hint="send finite, rigid camera matrices with positive focal lengths",
+        ) from None
+
+
+def _camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
     from .. import cameras
 
     cam = p["camera"]
@@ -293,9 +329,18 @@ def camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
                     where="params.camera.blender.resolution",
                     hint="set the scene resolution to the footage's aspect ratio",
                 )
+        mw = np.asarray(b["matrix_world"], dtype=np.float64)
+        lens = np.asarray(b["lens"], dtype=np.float64)
+        if lens.ndim == 1 and len(lens) not in (1, len(mw)):
+            raise Ex4dError(
+                f"{len(lens)} lens values for {len(mw)} camera matrices",
+                where="params.camera.blender.lens",
+                hint="send one lens value, or one per matrix",
+            )
+        _check_rigid(mw, "params.camera.blender.matrix_world", scale_ok=True)
         path = cameras.camera_path_from_blender(
-            np.asarray(b["matrix_world"], dtype=np.float64),
-            np.asarray(b["lens"], dtype=np.float64),
+            mw,
+            lens,
             w,
             h,
             sensor_width=b.get("sensor_width", 36.0),
@@ -311,6 +356,7 @@ def camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
         ks = np.asarray(o["intrinsics"], dtype=np.float64) if "intrinsics" in o else k
         if ks.ndim == 3 and len(ks) != len(ext):
             raise Ex4dError(f"{len(ks)} intrinsics for {len(ext)} extrinsics", where="params.camera.opencv")
+        _check_rigid(ext, "params.camera.opencv.extrinsics", scale_ok=False)
         path = cameras.CameraPath(ext, ks, w, h, name=name or "opencv")
     else:
         f = ctx.store.check_input(cam["file"], "camera file")
@@ -330,8 +376,13 @@ def camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
             where="params.camera",
             hint="remove scale from the camera object and its parents",
         )
-    if np.any(ks[:, 0, 0] <= 0) or np.any(ks[:, 1, 1] <= 0):
-        raise Ex4dError("the camera's focal length must be positive", where="params.camera")
+    if np.any(ks[:, 0, 0] <= 0) or np.any(ks[:, 1, 1] <= 0) or not np.allclose(ks[:, 2], [0, 0, 1]):
+        raise Ex4dError(
+            "the camera's intrinsics must have positive focal lengths and a last row (0, 0, 1)",
+            where="params.camera",
+        )
+    if np.any(ks[:, :2, :] > 1e7):
+        raise Ex4dError("the camera's focal length or centre is absurdly large", where="params.camera")
     name = name or path.name or "custom"
     return cameras.CameraPath(ext, ks, w, h, name=name)
 
@@ -565,11 +616,11 @@ def exec_generate(ctx: Context, p: dict) -> dict:
             "height": s["height"],
         }
         with ctx.store.write_stage("generate", key, meta) as tmp:
-            ctx.progress("write", 0, 2, "frames")
+            ctx.progress("save", 0, 2, "frames")
             write_png_sequence(tmp / "frames", frames)
-            ctx.progress("write", 1, 2, "video")
+            ctx.progress("save", 1, 2, "video")
             write_video(tmp / "video.mp4", frames, clip.fps)
-        ctx.progress("write", 2, 2, "done")
+        ctx.progress("save", 2, 2, "done")
         ctx.cached["generate"] = False
     else:
         _stage_done(ctx, "generate", True)
@@ -763,6 +814,15 @@ def check_job_file(job: object) -> tuple[str, dict]:
     """(type, params) of a job definition ``{"type": ..., "params": {...}}``; ProtocolError if invalid."""
     if not isinstance(job, dict) or not isinstance(job.get("type"), str):
         raise protocol.ProtocolError(protocol.INVALID_REQUEST, 'a job is {"type": ..., "params": {...}}')
+    extra = set(job) - {"type", "params", "id", "protocol"}
+    if extra:
+        raise protocol.ProtocolError(
+            protocol.INVALID_REQUEST,
+            f"unknown job file field(s): {', '.join(sorted(map(str, extra)))[:200]}",
+            hint='a job is {"type": ..., "params": {...}}',
+        )
+    if not isinstance(job.get("params", {}), dict):
+        raise protocol.ProtocolError(protocol.INVALID_REQUEST, "the job's params must be an object", where="params")
     if job["type"] not in EXECUTORS:
         raise protocol.ProtocolError(
             protocol.UNKNOWN_TYPE, f"'{job['type'][:64]}' is not a job type", hint=f"job types: {', '.join(EXECUTORS)}"

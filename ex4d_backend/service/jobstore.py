@@ -8,7 +8,7 @@ Layout (``<store>`` defaults to ``<user cache>/ex4d/store``)::
     <store>/jobs/<type>-<key>/     job.json (the job definition, runnable with ``ex4d run``),
                                    state.json (queued / running / done / failed / cancelled / interrupted),
                                    result.json (the result event's payload, when done)
-    <store>/logs/service.log       rotating log (1 MiB x 4)
+    <store>/logs/service.log       rotating log (1 MiB, plus 3 older files service.log.1 .. .3)
 
 Footage-level stages (frames, depth, DW-mesh) are keyed only by the footage and their own settings, so
 a camera change reuses them. Jobs left ``queued``/``running`` by a process that died are marked
@@ -33,6 +33,8 @@ from pathlib import Path
 from ..atomic import atomic_path, write_bytes
 from ..errors import NOT_FOUND, Ex4dError
 from .protocol import FORBIDDEN_PATH
+
+log = logging.getLogger("ex4d_backend.service")
 
 LOG_NAME = "service.log"
 LOG_MAX_BYTES = 1 << 20
@@ -202,10 +204,21 @@ class JobStore:
         return jobs[:limit]
 
     def clean_partials(self) -> int:
-        """Remove temporary siblings that a killed process left behind (never complete results)."""
+        """Remove temporary siblings that a killed process left behind (never complete results), and
+        put back a previous result that a process killed in the middle of a replace had moved aside
+        (``atomic.replace`` renames the old folder to ``.<name>.old-<id>`` just before the new one)."""
         n = 0
-        for p in (self.root / "cache").glob(".*.partial-*"):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for pattern in ("cache/.*.partial-*", "jobs/.*.partial-*", "jobs/*/.*.partial-*"):
+            for p in self.root.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                n += 1
+        for p in self.root.glob("cache/.*.old-*"):
+            final = p.with_name(p.name[1:].rsplit(".old-", 1)[0])
+            if final.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, final)
+                log.warning("restored %s, which an interrupted replace had moved aside", final.name)
             n += 1
         return n
 

@@ -62,6 +62,9 @@ _ID = {"type": "string", "minLength": 1, "maxLength": 128}
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
 _NUM = {"type": "number", "minimum": -1e9, "maximum": 1e9}
 _POS = {"type": "number", "exclusiveMinimum": 0, "maximum": 1e6}
+_FOCAL_PX = {"type": "number", "minimum": 1, "maximum": 1e6}  # pixels at the processing resolution
+_LENS = {"type": "number", "minimum": 0.1, "maximum": 1e5}  # mm (Blender's lens is >= 1 mm)
+_SENSOR = {"type": "number", "minimum": 0.1, "maximum": 1e4}  # mm
 _ROW4 = {"type": "array", "items": _NUM, "minItems": 4, "maxItems": 4}
 _MAT4 = {"type": "array", "items": _ROW4, "minItems": 4, "maxItems": 4}
 _ROW3 = {"type": "array", "items": _NUM, "minItems": 3, "maxItems": 3}
@@ -91,9 +94,9 @@ DEPTH = {
     "then": {"required": ["path"]},
 }
 INTRINSICS = {
-    "focal_px": _POS,  # default 500 (the reference) at the processing resolution
-    "lens": _POS,  # alternatively: the source camera's lens in mm ...
-    "sensor_width": _POS,  # ... on this sensor width in mm (default 36)
+    "focal_px": _FOCAL_PX,  # default 500 (the reference) at the processing resolution
+    "lens": _LENS,  # alternatively: the source camera's lens in mm ...
+    "sensor_width": _SENSOR,  # ... on this sensor width in mm (default 36)
 }
 MESH = {
     "mesh_filter": {"enum": list(MESH_FILTERS)},
@@ -103,9 +106,9 @@ BLENDER_CAMERA = {
     "type": "object",
     "properties": {
         "matrix_world": {"type": "array", "items": _MAT4, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES},
-        "lens": {"anyOf": [_POS, {"type": "array", "items": _POS, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES}]},
-        "sensor_width": _POS,
-        "sensor_height": _POS,
+        "lens": {"anyOf": [_LENS, {"type": "array", "items": _LENS, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES}]},
+        "sensor_width": _SENSOR,
+        "sensor_height": _SENSOR,
         "sensor_fit": {"enum": ["AUTO", "HORIZONTAL", "VERTICAL"]},
         "shift_x": {"type": "number", "minimum": -100, "maximum": 100},
         "shift_y": {"type": "number", "minimum": -100, "maximum": 100},
@@ -183,7 +186,7 @@ PARAMS: dict[str, dict] = {
     "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
     "build_dwmesh": _params({**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **COMMON}, ["footage", "depth"]),
     "camera_preset": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, "preset": {"enum": list(PRESETS)}, "sensor_width": _POS},
+        {**CLIP, "depth": DEPTH, **INTRINSICS, "preset": {"enum": list(PRESETS)}, "sensor_width": _SENSOR},
         ["footage", "depth", "preset"],
     ),
     "render_guide": _params(

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ..errors import CANCELLED, INTERNAL, Cancelled, Ex4dError
+from ..errors import CANCELLED, DEVICE, INTERNAL, Cancelled, Ex4dError
 from . import jobs, protocol
 from .jobstore import JobStore, TailHandler
 
@@ -73,9 +73,25 @@ class Server:
 
     # -- output -------------------------------------------------------------------------------
     def emit(self, event: dict) -> None:
+        """Write one event line. An event that breaks the protocol (a bug: a schema violation, NaN in a
+        result) is never sent: an ``internal`` error for the same id goes out instead."""
         event.setdefault("time", time.time())
-        protocol.validate_event(event)
-        data = (protocol.dumps(event) + "\n").encode()
+        try:
+            protocol.validate_event(event)
+            data = (protocol.dumps(event) + "\n").encode()
+        except Exception as exc:  # noqa: BLE001 - the service must never die on its own output
+            if getattr(self._current, "emitting_fallback", False):
+                return
+            self._current.emitting_fallback = True
+            try:
+                log.error("refused to send an invalid %s event: %s", event.get("event"), str(exc)[:500])
+                rid = event.get("id") if isinstance(event.get("id"), str) else None
+                body = {"code": INTERNAL, "message": f"the backend produced an invalid event: {str(exc)[:300]}"}
+                fallback = self.error_event(rid, {**body, "hint": "this is a bug: please report it with the log"})
+                fallback["time"] = time.time()
+                data = (protocol.dumps(fallback) + "\n").encode()
+            finally:
+                self._current.emitting_fallback = False
         with self._out_lock:
             try:
                 self.stdout.write(data)
@@ -235,7 +251,10 @@ class Server:
                 task = self._queue.popleft()
                 self._running = task
                 self._report_positions()
-            final = self._run(task)
+            try:
+                final = self._run(task)
+            except BaseException as exc:  # noqa: BLE001 - the worker must outlive any job
+                final = self.error_event(task.id, {"code": INTERNAL, "message": repr(exc)[:500], "hint": None})
             with self._cond:
                 self._running = None
                 self._cond.notify_all()
@@ -246,7 +265,10 @@ class Server:
             task = self._light.get()
             if task is None:
                 return
-            final = self._run(task)
+            try:
+                final = self._run(task)
+            except BaseException as exc:  # noqa: BLE001
+                final = self.error_event(task.id, {"code": INTERNAL, "message": repr(exc)[:500], "hint": None})
             with self._cond:
                 self._light_ids.discard(task.id)
             self.emit(final)
@@ -292,46 +314,40 @@ class Server:
         except Ex4dError as exc:
             level = logging.INFO if exc.code == CANCELLED else logging.WARNING
             log.log(level, "request %s (%s) failed: %s", task.id, task.type, exc)
-            final = self.error_event(task.id, exc.to_dict())
+            err = exc.to_dict()
         except MemoryError:
             log.error("request %s ran out of memory", task.id)
-            self.emit_error(
-                task.id,
-                {
-                    "code": "device",
-                    "message": "out of memory",
-                    "hint": "use a shorter clip, a smaller max_side or a lower VRAM profile",
-                },
-            )
+            err = {
+                "code": DEVICE,
+                "message": "out of memory",
+                "hint": "use a shorter clip, a smaller max_side or a lower VRAM profile",
+            }
         except Exception as exc:  # noqa: BLE001 - a bug in a job never ends the service
             name = type(exc).__name__
             if name == "OutOfMemoryError":
                 log.error("request %s ran out of GPU memory: %s", task.id, exc)
-                self.emit_error(
-                    task.id,
-                    {
-                        "code": "device",
-                        "message": f"out of GPU memory: {str(exc)[:300]}",
-                        "hint": "use a lower VRAM profile, fewer frames or a smaller size",
-                    },
-                )
+                err = {
+                    "code": DEVICE,
+                    "message": f"out of GPU memory: {str(exc)[:300]}",
+                    "hint": "use a lower VRAM profile, fewer frames or a smaller size",
+                }
             else:
                 log.error("request %s (%s) crashed: %s\n%s", task.id, task.type, exc, traceback.format_exc())
-                self.emit_error(
-                    task.id,
-                    {
-                        "code": INTERNAL,
-                        "message": f"{name}: {str(exc)[:1000]}",
-                        "hint": "this is a bug: please report it with the log file",
-                    },
-                )
+                err = {
+                    "code": INTERNAL,
+                    "message": f"{name}: {str(exc)[:1000]}",
+                    "hint": "this is a bug: please report it with the log file",
+                }
         else:
             log.info("request %s (%s) done in %.2f s", task.id, task.type, time.monotonic() - t0)
-            final = {"id": task.id, "event": "result", "result": result}
+            return {"id": task.id, "event": "result", "result": result}
         finally:
             self._current.id = None
-            jobs._free_memory()
-        return final
+            try:
+                jobs._free_memory()
+            except Exception:  # noqa: BLE001
+                pass
+        return self.error_event(task.id, err)
 
 
 def configure_logging(store: JobStore, server: Server, verbose: bool = False) -> None:
