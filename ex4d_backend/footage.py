@@ -141,12 +141,22 @@ def _read_video(p: Path, max_frames: int | None) -> tuple[list[np.ndarray], floa
                 ) from None
             # A truncated file: keep the frames that decoded, as video players do.
         rate = _average_rate(times, Fraction(rate), tick) if len(times) == len(frames) else rate
-        total = stream.frames or len(frames)
+        total = len(frames)
         if max_frames and len(frames) >= max_frames:
-            total = max(total, len(frames))
-        else:
-            total = len(frames)
+            # Stopped early: the container's frame count, or (Matroska/WebM store none) its video packets.
+            total = max(stream.frames or _count_video_packets(p), len(frames))
     return frames, float(rate), int(total)
+
+
+def _count_video_packets(p: Path) -> int:
+    """Frames in the first video stream, counted from its packets (demuxed, not decoded)."""
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            return sum(1 for packet in container.demux(video=0) if packet.size)
+    except av.error.FFmpegError:
+        return 0
 
 
 def _average_rate(times: list[Fraction], rate: Fraction, tick: Fraction) -> Fraction:
