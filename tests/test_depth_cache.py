@@ -6,6 +6,7 @@ entry's modification time must not change when it is reused.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -96,3 +97,48 @@ def test_recon_with_another_camera_never_reruns_depth(fast_depth_models, tmp_pat
     assert main(["recon", *common, "--cam", "60", "--focal-mm", "35", "--output-dir", str(tmp_path / "b")]) == 0
     assert len(counted) == 1 and entry.stat().st_mtime_ns == mtime
     assert (tmp_path / "b" / "color_60.mp4").is_file()
+
+
+def test_depth_cli_writes_depth_disparity_and_intrinsics(fast_depth_models, tmp_path, counted, capsys):  # noqa: F811
+    from ex4d_backend.depth_io import disparity_to_depth
+    from ex4d_backend.footage import write_video
+
+    video = write_video(tmp_path / "clip.mp4", gradient_clip(3, 32, 48), 24)
+    out = tmp_path / "d.npz"
+    args = [
+        "depth",
+        "-i",
+        str(video),
+        "-o",
+        str(out),
+        "-m",
+        "depth-anything-v2",
+        "--models-dir",
+        str(fast_depth_models),
+    ]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--focal-mm", "24", "--sensor-width", "36", "--json"]
+    assert main(args) == 0
+    done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert done["event"] == "done" and done["frames"] == 3 and done["size"] == [48, 32] and not done["cached"]
+    with np.load(out) as d:
+        assert d["depth"].shape == d["disparity"].shape == (3, 32, 48)
+        np.testing.assert_allclose(d["depth"], disparity_to_depth(d["disparity"]), rtol=1e-6)
+        np.testing.assert_allclose(d["intrinsics"], [[24 / 36 * 48, 0, 24], [0, 24 / 36 * 48, 16], [0, 0, 1]])
+    with pytest.raises(SystemExit) as exc:  # px and mm together: argparse's one-line usage error
+        main(args[:-1] + ["--focal-px", "100"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main([*args[:9], "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0  # no focal: 500 px
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cached"] and len(counted) == 1
+    with np.load(out) as d:
+        np.testing.assert_allclose(d["intrinsics"], [[500, 0, 24], [0, 500, 16], [0, 0, 1]])
+
+
+def test_recon_refuses_focal_in_px_and_mm(tmp_path, capsys):
+    from ex4d_backend.footage import write_video
+
+    video = write_video(tmp_path / "clip.mp4", gradient_clip(2, 32, 48), 24)
+    code = main(
+        ["recon", "--input", str(video), "--depth-model", "depth-anything-v2", "--output-dir", str(tmp_path / "o")]
+        + ["--fx", "300", "--focal-mm", "35"]
+    )
+    assert code == 2 and "either in pixels (--fx) or in mm (--focal-mm)" in capsys.readouterr().err

@@ -26,8 +26,9 @@ def register(subparsers) -> None:
         description=(
             "Estimate depth for every frame of a video or image sequence. The .npz output holds "
             "'depth' (float32 (T,H,W), scene units: the EX-4D reference mapping of disparity, nearest "
-            "surface ~2.56) and 'disparity' (float32 (T,H,W), relative, 0..1, 1 = nearest), at the "
-            "processing size (long side capped by --max-side). Results are cached per footage content."
+            "surface ~2.56), 'disparity' (float32 (T,H,W), relative, 0..1, 1 = nearest) and "
+            "'intrinsics' (3x3, pixels), at the processing size (long side capped by --max-side). "
+            "Results are cached per footage content."
         ),
     )
     p.add_argument("--input", "-i", required=True, help="video file or image-sequence folder")
@@ -41,6 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-side", type=int, default=1024, help="cap of the long side in pixels (default: 1024)")
     g = p.add_argument_group("DepthCrafter")
     g.add_argument("--steps", type=int, help="denoising steps (default 5)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 1.0: none)")
     g.add_argument("--window", type=int, help="frames per window (default 110)")
     g.add_argument("--overlap", type=int, help="frames shared by consecutive windows (default 25)")
     g.add_argument("--seed", type=int, help="noise seed (default 42)")
@@ -48,6 +50,11 @@ def register(subparsers) -> None:
     g.add_argument("--cpu-offload", action="store_true", help="less GPU memory, slower")
     g = p.add_argument_group("Depth Anything V2")
     g.add_argument("--no-align", action="store_true", help="skip the temporal scale/shift alignment")
+    g = p.add_argument_group("intrinsics (written to the .npz as 'intrinsics', pixels at the output size)")
+    f = g.add_mutually_exclusive_group()
+    f.add_argument("--focal-px", type=float, help="focal length in pixels (default: the reference's 500)")
+    f.add_argument("--focal-mm", type=float, help="focal length in mm, with --sensor-width")
+    g.add_argument("--sensor-width", type=float, default=36.0, help="sensor width in mm (default 36)")
     g = p.add_argument_group("cache and outputs")
     g.add_argument("--cache-dir", help="depth cache folder (default: $EX4D_CACHE_DIR/depth or ~/.cache/ex4d/depth)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the depth cache")
@@ -61,6 +68,7 @@ def _options(args: argparse.Namespace) -> dict:
     if args.model == "depthcrafter":
         keys = {
             "steps": args.steps,
+            "guidance": args.guidance,
             "window": args.window,
             "overlap": args.overlap,
             "seed": args.seed,
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{stage}: {pct:3d}%  {message}", file=sys.stderr, flush=True)
 
     common = {"models_dir": args.models_dir, "device": args.device, "progress": progress, **opts}
+    common.update(focal_px=args.focal_px, focal_mm=args.focal_mm, sensor_width_mm=args.sensor_width)
     if args.no_cache:
         result = depth.estimate(footage.frames, args.model, **common)
     else:
@@ -114,7 +123,13 @@ def run(args: argparse.Namespace) -> int:
             if out.suffix.lower() == ".npy":
                 np.save(fh, result.depth)
             else:
-                np.savez(fh, depth=result.depth, disparity=result.disparity, fps=np.float32(footage.fps))
+                np.savez(
+                    fh,
+                    depth=result.depth,
+                    disparity=result.disparity,
+                    intrinsics=result.intrinsics,
+                    fps=np.float32(footage.fps),
+                )
     if args.preview:
         write_video(args.preview, (np.clip(result.disparity, 0, 1) * 255 + 0.5).astype(np.uint8), footage.fps)
     t, h, w = result.depth.shape

@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def intrinsics_from_args(args: argparse.Namespace, width: int, height: int):
     from ..cameras import intrinsics_from_focal
 
+    if args.fx is not None and args.focal_mm is not None:
+        raise Ex4dError(
+            "give the focal length either in pixels (--fx) or in mm (--focal-mm), not both",
+            where="--fx/--focal-mm",
+            hint="drop one of them",
+        )
     k = intrinsics_from_focal(
         width, height, focal_mm=args.focal_mm, sensor_width_mm=args.sensor_width, focal_px=args.fx
     )
