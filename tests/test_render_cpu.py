@@ -276,3 +276,69 @@ def test_unknown_renderer_is_an_error() -> None:
     with pytest.raises(Ex4dError):
         render.resolve_renderer("opengl")
     assert render.resolve_renderer("cpu") == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# homogeneous rasterisation: triangles crossing the camera plane
+# ----------------------------------------------------------------------------------------------
+def test_floor_crossing_the_camera_plane_has_the_analytic_depth() -> None:
+    """A floor y = 1 from z = -5 (behind the camera) to z = 50, two triangles. Pixel row j (centre v = j + 0.5)
+    below the horizon sees the floor at z = fy / (v - cy); rows above it see nothing."""
+    k = np.array([[40.0, 0, W / 2], [0, 40.0, H / 2 - 6.5], [0, 0, 1]])
+    verts = np.array([[-80, 1, -5], [80, 1, -5], [-80, 1, 50], [80, 1, 50]], np.float32)
+    faces = np.array([[0, 1, 2], [1, 3, 2]])
+    clip = render.clip_positions(torch.from_numpy(verts)[None], np.eye(4)[None], k[None], W, H).numpy()
+    tri, bary = raster_cpu.rasterize(clip, faces, (H, W))
+    z = raster_cpu.interpolate(clip[..., 3:4], faces, tri, bary)[0, ..., 0]  # w = camera z
+    x = raster_cpu.interpolate(verts[None, :, :1], faces, tri, bary)[0, ..., 0]
+    v = np.arange(H) + 0.5
+    u = np.arange(W) + 0.5
+    below = v - k[1, 2] > 40.0 / 50.0 + 0.05  # the floor ends at z = 50
+    above = v - k[1, 2] < 40.0 / 50.0 - 0.05
+    assert below.sum() > 10 and above.sum() > 5
+    assert np.all(tri[0][below] >= 0) and np.all(tri[0][above] == -1)
+    z_true = 40.0 / (v[below] - k[1, 2])
+    np.testing.assert_allclose(z[below], np.broadcast_to(z_true[:, None], (below.sum(), W)), rtol=1e-4)
+    x_true = (u[None, :] - k[0, 2]) / 40.0 * z_true[:, None]  # perspective-correct attribute interpolation
+    np.testing.assert_allclose(x[below], x_true, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# recon: rendering in chunks of frames gives the same guide as one chunk
+# ----------------------------------------------------------------------------------------------
+def test_recon_chunks_equal_single_chunk(monkeypatch) -> None:
+    from ex4d_backend import recon, synthetic
+
+    k = np.array([[45.0, 0, W / 2], [0, 45.0, H / 2], [0, 0, 1]])
+    frames, depth, _ = synthetic.make_scene(W, H, 5, k=k)
+    calls = []
+    whole = recon.run_recon(frames, depth, "90", k=k, renderer="cpu", keep_mesh0=True)
+    monkeypatch.setitem(recon.CHUNK_PIXELS, "cpu", 2 * W * H)  # 2 frames per chunk -> 3 chunks
+    chunked = recon.run_recon(
+        frames, depth, "90", k=k, renderer="cpu", keep_mesh0=True, progress=lambda *a: calls.append(a[1:3])
+    )
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    np.testing.assert_array_equal(chunked.color, whole.color)
+    np.testing.assert_array_equal(chunked.mask, whole.mask)
+    np.testing.assert_array_equal(chunked.color[0], frames[0])
+    assert (chunked.mask[3] == 0).any()
+    np.testing.assert_array_equal(chunked.mesh0.vertices.numpy(), whole.mesh0.vertices.numpy())
+    assert len(chunked.camera) == 5
+
+
+def test_recon_progress_can_cancel(monkeypatch) -> None:
+    from ex4d_backend import recon, synthetic
+    from ex4d_backend.errors import Cancelled
+
+    frames, depth, k = synthetic.make_scene(W, H, 4)
+    monkeypatch.setitem(recon.CHUNK_PIXELS, "cpu", W * H)
+    seen = []
+
+    def progress(stage, step, total, message=""):
+        seen.append(step)
+        if step == 1:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        recon.run_recon(frames, depth, "30", k=k, renderer="cpu", progress=progress)
+    assert seen == [0, 1]
