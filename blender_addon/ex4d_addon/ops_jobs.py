@@ -247,8 +247,9 @@ def _remove_strips(scene, kind: str, camera: str) -> None:
 # Jobs
 # ----------------------------------------------------------------------------------------------
 class Job:
-    """One backend request followed to its end: progress goes to ``scene.ex4d`` (and the window
-    manager's progress bar in the UI), the result to ``finish(job, result) -> report text``."""
+    """One backend request followed to its end: progress goes to ``scene.ex4d`` (``job_stage`` "Step n of
+    N: stage (step/total)", ``job_progress`` 0..1 over the whole job, ``job_message``; in the UI also the
+    status bar), the result to ``finish(job, result) -> report text``."""
 
     def __init__(
         self,
@@ -277,7 +278,7 @@ class Job:
         self._pending: list[dict] = []
         self._warm = None  # the hello sent to a new backend process before the job
         self.hello_seconds = 0.0  # time the new backend process took to answer it
-        self._wm = None
+        self._workspace = None
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self, context) -> None:
@@ -295,9 +296,8 @@ class Job:
         s = self.scene.ex4d
         s.job_running, s.job_stage, s.job_progress, s.job_message = True, f"{self.label}: starting", 0.0, ""
         s.last_error = ""
-        if not bpy.app.background and context.window_manager is not None:
-            self._wm = context.window_manager
-            self._wm.progress_begin(0, 1000)
+        if not bpy.app.background and getattr(context, "workspace", None) is not None:
+            self._workspace = context.workspace  # the status bar shows "Step n of N: stage (Esc: cancel)"
 
     @property
     def done(self) -> bool:
@@ -388,8 +388,11 @@ class Job:
             return
         s = self.scene.ex4d
         s.job_stage, s.job_progress, s.job_message = stage, fraction, message[:200]
-        if self._wm is not None:
-            self._wm.progress_update(int(fraction * 1000))
+        if self._workspace is not None:
+            try:
+                self._workspace.status_text_set(f"EX-4D {stage} {int(fraction * 100)}%: {message[:80]}  (Esc: cancel)")
+            except ReferenceError:  # the workspace went away (file loaded)
+                self._workspace = None
         _redraw()
 
     def _finish_request(self) -> None:
@@ -440,9 +443,12 @@ class Job:
             s.job_stage, s.job_progress, s.job_message = "", 0.0, ""
             if self.state == "failed":
                 s.last_error = self.report[1][:1000]
-        if self._wm is not None:
-            self._wm.progress_end()
-            self._wm = None
+        if self._workspace is not None:
+            try:
+                self._workspace.status_text_set(None)
+            except ReferenceError:
+                pass
+            self._workspace = None
         if _active_job is self:
             _active_job = None
         _redraw()
@@ -900,6 +906,15 @@ def _on_load_pre(*_args) -> None:
     _active_job = None
 
 
+@bpy.app.handlers.persistent
+def _on_load_post(*_args) -> None:
+    """A file saved while a job ran must not show a job that no longer runs."""
+    for sc in bpy.data.scenes:
+        s = getattr(sc, "ex4d", None)
+        if s is not None and s.job_running:
+            s.job_running, s.job_stage, s.job_progress, s.job_message = False, "", 0.0, ""
+
+
 CLASSES = (EX4D_JobSettings, EX4D_OT_render_guide, EX4D_OT_generate, EX4D_OT_check_backend, EX4D_OT_cancel_job)
 
 
@@ -908,6 +923,7 @@ def register() -> None:
         bpy.utils.register_class(cls)
     bpy.types.Scene.ex4d_job = PointerProperty(type=EX4D_JobSettings)
     bpy.app.handlers.load_pre.append(_on_load_pre)
+    bpy.app.handlers.load_post.append(_on_load_post)
     if hasattr(bpy.types, "EX4D_PT_main"):
         _register_panel()
     elif not bpy.app.background:
@@ -921,6 +937,8 @@ def unregister() -> None:
     _active_job = None
     if _on_load_pre in bpy.app.handlers.load_pre:
         bpy.app.handlers.load_pre.remove(_on_load_pre)
+    if _on_load_post in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_on_load_post)
     if _panel_registered:
         bpy.utils.unregister_class(EX4D_PT_jobs)
         _panel_registered = False
