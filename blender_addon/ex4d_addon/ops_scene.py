@@ -492,6 +492,7 @@ class EX4D_OT_build_dwmesh(_BackendJobMixin, bpy.types.Operator):
     def _finish(self, context, result: dict) -> set:
         s = context.scene.ex4d
         obj = build_dwmesh_object(context.scene, result)
+        context.scene.render.use_lock_interface = True  # the occlusion handler edits the mesh during renders
         s.processing_width, s.processing_height = int(result["width"]), int(result["height"])
         s.n_frames = int(result["n_frames"])
         update_source_lens(context.scene)
