@@ -227,22 +227,26 @@ class JobStore:
         handler = logging.handlers.RotatingFileHandler(
             self.root / "logs" / LOG_NAME, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
         )
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         return handler
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"
+
+
 class TailHandler(logging.Handler):
-    """Keeps the last formatted log lines (attached to every ``error`` event)."""
+    """Keeps the last log lines, formatted as in the log file (first line of each record, at most 300
+    characters); attached to every ``error`` event."""
 
     def __init__(self, n: int = 20):
         super().__init__()
         self.lines: deque[str] = deque(maxlen=n)
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            first = record.getMessage().splitlines()[0] if record.getMessage() else ""
-            self.lines.append(f"{self.formatTime(record)} {record.levelname} {record.name}: {first[:300]}")
+            text = self.format(record)
+            self.lines.append(text.splitlines()[0][:300] if text else "")
         except Exception:  # noqa: BLE001 - logging must never raise
             pass
 

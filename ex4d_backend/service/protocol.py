@@ -300,9 +300,10 @@ def loads_strict(line: str | bytes) -> Any:
 
 
 def _lenient_id(line: str | bytes) -> str | None:
-    """The id of a line that is JSON except for NaN / Infinity, so its error reaches its request."""
-    try:
-        msg = json.loads(line)
+    """The id of a line that is JSON except for its numbers (NaN, Infinity, 1e999, 5000 digits), so its
+    error reaches its request."""
+    try:  # numbers are irrelevant here: read them as 0 (no NaN, overflow or digit-limit errors)
+        msg = json.loads(line, parse_int=lambda _: 0, parse_float=lambda _: 0.0, parse_constant=lambda _: 0)
     except (ValueError, RecursionError):
         return None
     rid = msg.get("id") if isinstance(msg, dict) else None
