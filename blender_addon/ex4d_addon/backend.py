@@ -50,6 +50,12 @@ def _settings(context) -> tuple[str, str | None, str | None]:
     python, where = props.find_backend_python(pref.backend_python if pref else "")
     if not python:
         raise BackendError("not_found", "backend Python not found", hint=where)
+    if not os.path.isfile(python):
+        raise BackendError(
+            "not_found",
+            f"the backend Python {python} does not exist (from {where})",
+            hint="fix it in the add-on preferences (Backend Python), or run scripts/install_deps.py",
+        )
     store = (bpy.path.abspath(pref.store_dir) if pref and pref.store_dir else "") or os.environ.get(ENV_STORE) or None
     models = bpy.path.abspath(pref.models_dir) if pref and pref.models_dir else None
     return python, store, models

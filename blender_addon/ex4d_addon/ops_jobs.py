@@ -677,16 +677,19 @@ class _JobOperator:
     def modal(self, context, event):
         if event.type == "ESC" and event.value == "PRESS":
             self.job.cancel()
+            return {"RUNNING_MODAL"}  # Esc is ours while the job runs
         if event.type == "TIMER" or self.job.done:
             if self.job.tick():
-                context.window_manager.event_timer_remove(self._timer)
-                self._timer = None
+                self._remove_timer(context)
                 return self._end()
-        return {"PASS_THROUGH"}
+        return {"PASS_THROUGH"}  # the UI stays live
 
     def cancel(self, context):  # Blender ends the operator (file load, window closed)
         if self.job is not None and not self.job.done:
             self.job.cancel()
+        self._remove_timer(context)
+
+    def _remove_timer(self, context) -> None:
         if self._timer is not None:
             context.window_manager.event_timer_remove(self._timer)
             self._timer = None

@@ -457,3 +457,100 @@ def test_bench_render_guide_512(scene, ops, job_store, tmp_blend_dir):
     cam.data.lens *= 1.1  # another camera: the guide is rendered again, the DW-mesh comes from the store
     second = run()
     print(f"\nrender_guide 512x512x49 CPU: first {first}; new camera {second}")
+
+
+class _ModalHarness:
+    """The operator's modal machinery outside a window (headless Blender has none): ``modal`` is called
+    with fake events, exactly as the window manager would call it."""
+
+    def __new__(cls, ops):
+        class Harness(ops._JobOperator):
+            def __init__(self):
+                self.reports = []
+
+            def report(self, level, text):
+                self.reports.append((level, text))
+
+        return Harness()
+
+
+def _drive(op, ctx, *, esc_at: tuple[str, ...] = (), limit: float = 120.0):
+    from types import SimpleNamespace
+
+    timer, esc = SimpleNamespace(type="TIMER", value="NOTHING"), SimpleNamespace(type="ESC", value="PRESS")
+    mouse = SimpleNamespace(type="MOUSEMOVE", value="NOTHING")
+    state, deadline = {"RUNNING_MODAL"}, time.monotonic() + limit
+    while state not in ({"FINISHED"}, {"CANCELLED"}) and time.monotonic() < deadline:
+        assert op.modal(ctx, mouse) == {"PASS_THROUGH"}  # other events go on to the UI
+        if op.job.stage in esc_at and not op.job.cancel_requested:
+            assert op.modal(ctx, esc) == {"RUNNING_MODAL"}
+        state = op.modal(ctx, timer)
+        time.sleep(0.01)
+    return state
+
+
+def test_modal_operator_escape_cancels_and_finishes(scene, ops, job_store, tmp_blend_dir):
+    from types import SimpleNamespace
+
+    # A clip of its own (nothing in the store) and large enough that Esc lands while the job works.
+    clip = _make_clip(job_store.parent / "clips", "modal", w=128, h=96, t=24, card=(48, 80, 24, 72), noise=True)
+    sc = scene
+    setup_shot(sc, clip, parented=False)
+    sc.ex4d_job.width, sc.ex4d_job.height, sc.ex4d_job.num_frames = 128, 96, 21
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "modal.blend"))
+    ctx = SimpleNamespace(scene=sc, window_manager=bpy.context.window_manager)
+    op = _ModalHarness(ops)
+    op.job = ops.generate_job(bpy.context, "PREVIEW")
+    op.job.start(bpy.context)
+    assert _drive(op, ctx, esc_at=("frames", "depth", "mesh")) == {"CANCELLED"}
+    assert op.reports[-1][0] == {"WARNING"} and "cancelled" in op.reports[-1][1]
+    assert op.job.events[-1]["error"]["code"] == "cancelled"
+    assert not strips_of(sc, "generate") and not sc.ex4d.job_running and ops.active_job() is None
+    op = _ModalHarness(ops)
+    op.job = ops.guide_job(bpy.context)
+    op.job.start(bpy.context)
+    assert _drive(op, ctx) == {"FINISHED"}
+    assert op.reports[-1][0] == {"INFO"} and len(strips_of(sc, "guide")) == 1
+
+
+FAKE_BACKEND = """
+import json, sys
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["type"] == "hello":
+        out = {"id": req["id"], "event": "result", "result": {"protocol": "2.0", "backend_version": "9"}}
+    else:
+        out = {"id": req["id"], "event": "error", "error": {"code": "internal", "message": "fake"}}
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_broken_backend_python_is_reported(scene, ops, card_clip, tmp_path):
+    """A backend Python that does not exist, one without ex4d_backend (it exits at once: the report quotes
+    its error), a backend of another protocol major version; then the right one works again."""
+    import sys
+
+    props = addon_module("props")
+    pref = props.prefs()
+    sc = scene
+    setup_shot(sc, card_clip, parented=False)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "broken.blend"))
+    try:
+        pref.backend_python = str(tmp_path / "no" / "python")
+        with pytest.raises(RuntimeError, match=r"does not exist.*\[not_found\]"):
+            bpy.ops.ex4d.render_guide()
+        pref.backend_python = sys.executable  # the bpy venv: not the backend (misses its packages)
+        with pytest.raises(RuntimeError, match=r"No module named .*\[backend_died\]"):
+            bpy.ops.ex4d.render_guide()
+        fake = tmp_path / "fake.py"
+        fake.write_text(FAKE_BACKEND)
+        wrapper = tmp_path / "python"
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{fake}"\n')
+        wrapper.chmod(0o755)
+        pref.backend_python = str(wrapper)
+        with pytest.raises(RuntimeError, match=r"protocol 2\.0.*\[protocol\]"):
+            bpy.ops.ex4d.render_guide()
+        assert not sc.ex4d.job_running and "[protocol]" in sc.ex4d.last_error
+    finally:
+        pref.backend_python = ""
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
