@@ -87,6 +87,7 @@ def _metrics(rgb: np.ndarray, blender_mask: np.ndarray, color: np.ndarray, mask:
 @pytest.mark.parametrize("footage", ["frames_dir", "video"])
 def test_workbench_render_matches_backend_guide(scene, clip, tmp_path, record_property, footage):
     backend, data = addon_module("backend"), addon_module("data")
+    scene.frame_start = 7  # not 1: the clip-frame <-> scene-frame mapping is part of the check
     assert bpy.ops.ex4d.import_footage(filepath=str(clip[footage]), focal_px=clip["focal_px"]) == {"FINISHED"}
     assert bpy.ops.ex4d.build_dwmesh(depth_filepath=str(clip["depth"])) == {"FINISHED"}, scene.ex4d.last_error
     assert bpy.ops.ex4d.add_camera_preset(preset="30") == {"FINISHED"}

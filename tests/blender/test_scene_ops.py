@@ -39,6 +39,7 @@ for p in ARGS["presets"]:
                                  for kk in path.intrinsics])
 m = build_dwmesh(torch.from_numpy(depth), k, torch.from_numpy(frames))
 res["vertices"] = m.vertices.numpy(); res["invalid"] = m.invalid.numpy(); res["faces"] = m.faces.numpy()
+res["alpha"] = m.colors[..., 3].numpy()
 np.savez(ARGS["out"], **res)
 """
     backend_py(
@@ -127,7 +128,9 @@ def test_import_footage_missing_file_reports(scene, tmp_path):
 
 
 def test_build_dwmesh_geometry_animation_occlusion(scene, clip, reference):
+    scene.frame_start = 7  # scene frame 7 + i = clip frame i
     obj = _build(clip)
+    assert scene.frame_start == 7 and scene.frame_end == 7 + clip["n_frames"] - 1
     w, h = clip["width"], clip["height"]
     assert len(obj.data.vertices) == w * h
     assert len(obj.data.polygons) == 2 * (w - 1) * (h - 1) + 2
@@ -145,6 +148,9 @@ def test_build_dwmesh_geometry_animation_occlusion(scene, clip, reference):
         obj.data.polygons.foreach_get("material_index", mi)
         np.testing.assert_array_equal(mi, occ.astype(np.int32))
         n_true += occ.sum()
+        mask = np.empty(len(obj.data.vertices) * 4, np.float32)  # the guide's vertex alpha
+        obj.data.attributes[data.MASK_ATTRIBUTE].data.foreach_get("color", mask)
+        np.testing.assert_array_equal(mask[::4], reference["alpha"][i] / 255.0)
     assert 0 < n_true < len(occ)  # the card's and the sphere's edges
     assert not np.allclose(_world_positions(obj, scene.frame_start + 1), _world_positions(obj, scene.frame_start + 4))
     # UVs at pixel centres
