@@ -161,3 +161,23 @@ def test_bad_models_one_error_nothing_written(tmp_path, models, guide_files, cap
     rc, err = _run_cli(argv + ["--output-video", str(out / "s.mp4"), "--output-frames", str(out / "f")] + ARGS, capsys)
     assert rc == 2 and len([ln for ln in err.splitlines() if "error" in ln]) == 1 and text in err
     assert list(out.iterdir()) == []
+
+
+def test_write_outputs_all_or_nothing(tmp_path, monkeypatch):
+    """If the mp4 cannot be written, the already written PNG folder is not left behind either."""
+    from ex4d_backend import footage
+    from ex4d_backend.generation import write_outputs
+
+    frames = np.zeros((5, 32, 32, 3), np.uint8)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(footage, "write_video", broken)
+    with pytest.raises(OSError):
+        write_outputs(frames, tmp_path / "s.mp4", 24.0, tmp_path / "frames")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    out = write_outputs(frames, tmp_path / "s.mp4", 24.0, tmp_path / "frames")
+    assert out["video"].is_file() and len(list(out["frames"].glob("*.png"))) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "s.mp4"]

@@ -43,6 +43,17 @@ def register(subparsers) -> None:
     p.add_argument("--vram-profile", choices=("full", "24gb", "12gb"), default="full")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the colour video's)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT blocks (GPU; ~1 min once, then faster steps)"
+    )
+    p.add_argument(
+        "--attention", choices=("auto", "cudnn", "flash"), default="auto", help="SDPA kernel for the DiT attention"
+    )
+    p.add_argument(
+        "--no-merge-lora",
+        action="store_true",
+        help="run the EX-4D LoRA as separate peft layers (the reference's arithmetic) instead of merged weights",
+    )
     p.set_defaults(func=run)
 
 
@@ -60,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
     def progress(stage: str, step: int, total: int, message: str) -> None:
         log.info("[%s %d/%d] %s", stage, step, total, message)
 
+    options = {}
+    if args.generator == "ex4d":
+        options = dict(compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora)
     gen = load_generator(
         args.generator,
         models_dir=args.models_dir,
         device=args.device,
         vram_profile=args.vram_profile,
         progress=progress,
+        **options,
     )
     try:
         frames = gen(

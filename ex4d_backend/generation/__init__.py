@@ -64,15 +64,23 @@ def load_generator(
 def write_outputs(
     frames: np.ndarray, video: str | os.PathLike | None, fps: float, frames_dir: str | os.PathLike | None = None
 ) -> dict[str, Path]:
-    """Write the result as an H.264 mp4 at ``fps`` and/or a PNG sequence (``frame_00000.png`` ...),
-    each atomically (nothing half-written is ever visible)."""
+    """Write the result as an H.264 mp4 at ``fps`` and/or a PNG sequence (``frame_00000.png`` ...).
+
+    All or nothing: the PNG folder is renamed into place only after the mp4 is complete too, so a
+    failure leaves neither (and never a half-written file) at the final paths."""
+    from ..atomic import atomic_path
     from ..footage import write_png_sequence, write_video
 
     out: dict[str, Path] = {}
-    if frames_dir is not None:
-        out["frames"] = write_png_sequence(frames_dir, frames)
-    if video is not None:
-        out["video"] = write_video(video, frames, fps)
+    if frames_dir is None:
+        if video is not None:
+            out["video"] = write_video(video, frames, fps)
+        return out
+    with atomic_path(frames_dir) as tmp:
+        write_png_sequence(tmp, frames)
+        if video is not None:
+            out["video"] = write_video(video, frames, fps)
+    out["frames"] = Path(frames_dir)
     return out
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import DEVICE, Ex4dError
 from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT, prepare_guide
-from .vram import PROFILES, Placement
+from .vram import PROFILES, Placement, Profile
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Ex4dPipeline:
         camera_encoder,
         device,
         dtype,
-        vram_profile: str = "full",
+        vram_profile: str | Profile = "full",
         merge_lora: bool = True,
         compile: bool = False,
         attention: str = "auto",
@@ -145,7 +145,8 @@ class Ex4dPipeline:
         self.device, self.dtype, self.attention = device, dtype, attention
         self.lora_merged = loading.merge_lora(dit) if merge_lora else 0
         self.camera_hook = CameraTokenHook(dit)
-        self.placement = Placement(self, PROFILES[vram_profile], device)
+        profile = PROFILES[vram_profile] if isinstance(vram_profile, str) else vram_profile
+        self.placement = Placement(self, profile, device)
         self.compiled = False
         if compile:
             self.compile_blocks()
@@ -153,9 +154,6 @@ class Ex4dPipeline:
     def compile_blocks(self) -> None:
         """``torch.compile`` each DiT block's forward (one graph shared by all blocks: same code,
         same shapes). Hooks (camera tokens on the patch embedding, block streaming) stay eager."""
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.dit.blocks:
             block.forward = torch.compile(type(block).forward.__get__(block), dynamic=False)
         self.compiled = True
