@@ -470,3 +470,20 @@ def test_modal_job_escape_cancels(scene, clip):
         time.sleep(0.02)
     assert state == {"CANCELLED"}
     assert "[cancelled]" in scene.ex4d.last_error and job.reports[-1][0] == {"ERROR"}
+
+
+def test_compat_layer(scene, clip):
+    compat, data = addon_module("compat"), addon_module("data")
+    scene.render.engine = compat.eevee_engine()  # the engine name of this Blender version
+    assert scene.render.engine.startswith("BLENDER_EEVEE")
+    compat.set_ffmpeg_output(scene)
+    assert scene.render.image_settings.file_format == "FFMPEG" and scene.render.ffmpeg.codec == "H264"
+    files = sorted(clip["frames_dir"].iterdir())
+    a = data.add_image_strip(scene, "guide", files, 1, {"camera_hash": "abc", "seed": 3, "K": [1, 2]})
+    b = data.add_image_strip(scene, "result", files, 4, {})
+    c = data.add_image_strip(scene, "later", files[:2], 1 + len(files), {})
+    assert (a.channel, b.channel, c.channel) == (1, 2, 1)  # a free channel where strips overlap in time
+    assert a.frame_final_duration == len(files) and a["ex4d_camera_hash"] == "abc" and a["ex4d_seed"] == 3
+    assert a["ex4d_K"] == "[1, 2]"
+    assert {s.name for s in compat.vse_strips_all(scene)} == {"guide", "result", "later"}
+    assert len(compat.vse_strips(scene)) == 3
