@@ -132,10 +132,11 @@ def build(device: str, tiny: bool):
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     cfg = TINY if tiny else {"unet": UNET_CONFIG, "vae": VAE_CONFIG, "clip": CLIP_CONFIG}
     torch.manual_seed(0)
-    with dev:  # construct (and initialise) directly on the device: seconds, not minutes
-        unet = dc._unet_class()(**cfg["unet"]).to(dtype).eval()
-        vae = AutoencoderKLTemporalDecoder(**cfg["vae"]).to(dtype).eval()
-        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["clip"])).to(dtype).eval()
+    with dev:  # construct (and initialise) directly on the device: seconds, not minutes (then .to(dev) for the
+        # few tensors made with legacy constructors, e.g. diffusers' AlphaBlender.mix_factor, which stay on the CPU)
+        unet = dc._unet_class()(**cfg["unet"]).to(dev, dtype).eval()
+        vae = AutoencoderKLTemporalDecoder(**cfg["vae"]).to(dev, dtype).eval()
+        enc = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["clip"])).to(dev, dtype).eval()
     sched = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
     models = dc.DepthCrafterModels(unet, vae, enc, sched, CLIP_MEAN, CLIP_STD, dev, dtype)
     params = {
