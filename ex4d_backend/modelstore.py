@@ -348,7 +348,9 @@ def download(
             if not top_existed and models_dir(root).is_dir() and not any(models_dir(root).iterdir()):
                 models_dir(root).rmdir()
             missing = missing_files(spec, root) or [f.path]
-            gated = "accept the licence of this gated repository on huggingface.co, set HF_TOKEN, " if spec.gated else ""
+            gated = (
+                "accept the licence of this gated repository on huggingface.co, set HF_TOKEN, " if spec.gated else ""
+            )
             raise Ex4dError(
                 f"cannot download {spec.repo_id}/{f.path} ({type(exc).__name__}: {_short(exc)}); "
                 f"model '{spec.name}' still lacks {len(missing)} file(s): {', '.join(missing[:8])}",
