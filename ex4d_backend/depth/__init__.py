@@ -191,6 +191,11 @@ def estimate(
         unknown = set(opts) - set(provider.DEFAULTS)
         if unknown:
             raise Ex4dError(f"unknown depthcrafter option(s): {', '.join(sorted(unknown))}", where="options")
+        if dev.type != "cuda":
+            log.warning(
+                "depth: DepthCrafter on the CPU takes hours for a real clip (about 2 B parameters, fp32); "
+                "use a CUDA GPU or --model depth-anything-v2"
+            )
         report("load", 0, 1, "loading DepthCrafter")
         models = provider.load(models_dir, dev, cpu_offload=bool(opts.pop("cpu_offload")))
         try:
