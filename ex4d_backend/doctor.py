@@ -267,7 +267,10 @@ def report(models_dir: str | os.PathLike | None = None, device_index: int = 0) -
     gen_libs_ok = True
     for lib in ("torchvision", "diffsynth", "peft"):
         if rep["packages"].get(lib) is None:
-            reasons.append(f"{lib} is not installed: re-run scripts/install_deps.py")
+            reasons.append(
+                f"{lib} is not installed: re-run scripts/install_deps.py (a Linux CPU-only install leaves the "
+                "generation libraries out unless PyTorch's CPU index is reachable; --torch cu130 adds them)"
+            )
             gen_libs_ok = False
     if gen_libs_ok and torch is not None:
         err = _try_import("torchvision")

@@ -41,6 +41,9 @@ REPO = Path(__file__).resolve().parent.parent
 TORCH_VERSION = "2.13.0"
 TORCHVISION_VERSION = "0.28.0"  # diffsynth (the generation library) imports torchvision at import time
 TORCH_INDEX = "https://download.pytorch.org/whl"
+# diffsynth (the EX-4D generation library) is installed with --no-deps: its own requirements are loose
+# (an unpinned torchvision can pull a newer torch); what it needs at run time is in the `generation` extra.
+DIFFSYNTH_VERSION = "2.1.12"
 MARKER = "ex4d-install.json"
 LOG = "ex4d-install.log"
 
@@ -192,66 +195,138 @@ def tree_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_torch(args: argparse.Namespace) -> tuple[str, str, dict | None]:
-    """(build: 'cpu' | 'cuXXX' | 'none', why, gpu) for --torch."""
-    gpu = detect_gpu()
+def resolve_torch(args: argparse.Namespace, gpu: dict | None) -> tuple[str, str]:
+    """(build: 'cpu' | 'cuXXX' | 'none', why) for --torch; 'auto' without a GPU gives 'cpu' (see torch_plan)."""
     if args.torch in ("none", "cpu") or args.torch.startswith("cu"):
-        return args.torch, "requested with --torch", gpu
+        return args.torch, "requested with --torch"
     if gpu is None:
-        return "cpu", "no NVIDIA GPU found (nvidia-smi)", None
+        return "cpu", "no NVIDIA GPU found (nvidia-smi)"
     if platform.system() == "Darwin":
-        return "cpu", "macOS: CPU/MPS build", gpu
+        return "cpu", "macOS: CPU/MPS build"
     tag, why = choose_cuda_build(gpu)
-    return tag, f"{gpu['name']}: {why}", gpu
+    return tag, f"{gpu['name']}: {why}"
 
 
-def torch_source(build: str, args: argparse.Namespace, log) -> tuple[list[str], list[str], str]:
-    """(requirements, extra pip options, description) for installing torch + torchvision."""
-    if args.offline:
-        return [f"torch=={TORCH_VERSION}", f"torchvision=={TORCHVISION_VERSION}"], [], f"wheelhouse {args.wheelhouse}"
-    pypi = [f"torch==={TORCH_VERSION}", f"torchvision==={TORCHVISION_VERSION}"]  # '===': PyPI's own build only
-    system = platform.system()
-    if build == "cpu" and system != "Linux":
-        return pypi, [], f"PyPI ({system} builds are CPU builds)"
-    index = f"{args.torch_index.rstrip('/')}/{build}"
-    if reachable(index + "/torch/"):
-        return (
-            [f"torch=={TORCH_VERSION}+{build}", f"torchvision=={TORCHVISION_VERSION}+{build}"],
-            ["--index-url", index],
-            index,
+class TorchPlan:
+    """How torch (and torchvision, which the generation library needs) will be installed.
+
+    ``generation`` is False when no torchvision matching this torch build can be had (Linux CPU build
+    without PyTorch's CPU index): then diffsynth is not installed, and EX-4D generation (GPU only
+    anyway) is unavailable; recon, the CPU guide renderer and the preview generator work."""
+
+    def __init__(self, build: str, reqs: list[str], opts: list[str], where: str, generation: bool, note: str = ""):
+        self.build, self.reqs, self.opts, self.where, self.generation, self.note = (
+            build,
+            reqs,
+            opts,
+            where,
+            generation,
+            note,
         )
-    if system == "Linux" and build in ("cpu", PYPI_LINUX_BUILD):
-        if build == "cpu":
-            log(
-                f"note: {index} cannot be reached, and PyPI has no CPU torchvision {TORCHVISION_VERSION} for Linux; "
-                f"installing PyPI's default torch {TORCH_VERSION} ({PYPI_LINUX_BUILD}, about 2.6 GB with its CUDA "
-                "libraries), which also runs on machines without a GPU."
-            )
-        return pypi, [], f"PyPI (its Linux build is {PYPI_LINUX_BUILD})"
-    raise InstallError(
-        f"cannot reach {index} for torch {TORCH_VERSION}+{build}",
-        f"check the connection or proxy, use --torch {PYPI_LINUX_BUILD} (PyPI's build), or --offline --wheelhouse DIR",
+
+
+def pip_finds(py: Path, req: str, opts: Sequence[str], args: argparse.Namespace) -> bool:
+    """Whether pip (with its configured find-links/indexes, the wheelhouse and ``opts``) can get ``req``."""
+    cmd = [str(py), "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet", *pip_source_options(args), *opts, req]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def pypi_plan(note: str = "") -> TorchPlan:
+    """PyPI's own build ('===': exactly the PyPI version, not a '+cpu' wheel from a find-links folder)."""
+    return TorchPlan(
+        PYPI_LINUX_BUILD if platform.system() == "Linux" else "cpu",
+        [f"torch==={TORCH_VERSION}", f"torchvision==={TORCHVISION_VERSION}"],
+        [],
+        "PyPI"
+        + (
+            f" (its Linux build is {PYPI_LINUX_BUILD}; it also runs without a GPU)"
+            if platform.system() == "Linux"
+            else ""
+        ),
+        True,
+        note,
     )
 
 
-def extras_for(build: str, args: argparse.Namespace) -> list[str]:
+def torch_plan(build: str, args: argparse.Namespace, py: Path) -> TorchPlan:
+    """Choose the torch/torchvision wheels and their source for ``build`` (see docs/install.md)."""
+    if build == "none":
+        return TorchPlan("none", [], [], "-", True)
+    if args.offline:
+        local = "" if build == "cpu" and platform.system() != "Linux" else f"+{build}"
+        tv_ok = pip_finds(py, f"torchvision=={TORCHVISION_VERSION}{local}", [], args)
+        reqs = [f"torch=={TORCH_VERSION}{local}"] + ([f"torchvision=={TORCHVISION_VERSION}{local}"] if tv_ok else [])
+        return TorchPlan(build, reqs, [], f"wheelhouse {args.wheelhouse}", tv_ok)
+    system = platform.system()
+    index = f"{args.torch_index.rstrip('/')}/{build}"
+    if build != "cpu":
+        if reachable(index + "/torch/"):
+            reqs = [f"torch=={TORCH_VERSION}+{build}", f"torchvision=={TORCHVISION_VERSION}+{build}"]
+            return TorchPlan(build, reqs, ["--index-url", index], index, True)
+        if system == "Linux" and build == PYPI_LINUX_BUILD:
+            return pypi_plan()
+        raise InstallError(
+            f"cannot reach {index} for torch {TORCH_VERSION}+{build}",
+            f"check the connection or proxy, use --torch {PYPI_LINUX_BUILD} (PyPI's build), or --offline --wheelhouse DIR",
+        )
+    if system != "Linux":
+        return pypi_plan()  # PyPI's Windows and macOS builds are CPU builds
+    # Linux CPU build: '+cpu' wheels from PyTorch's CPU index, a wheelhouse or pip's configured find-links.
+    opts = ["--extra-index-url", index] if reachable(index + "/torch/") else []
+    where = index if opts else "pip's find-links / wheelhouse"
+    if not pip_finds(py, f"torch=={TORCH_VERSION}+cpu", opts, args):
+        if args.torch == "auto":
+            return pypi_plan(
+                f"torch {TORCH_VERSION}+cpu is not available ({index} unreachable, not in a find-links folder)"
+            )
+        raise InstallError(
+            f"torch {TORCH_VERSION}+cpu is not available ({index} unreachable, not in pip's find-links or a wheelhouse)",
+            f"use --torch {PYPI_LINUX_BUILD} (PyPI's build, about 2.6 GB, also runs without a GPU) "
+            f"or --wheelhouse DIR holding torch-{TORCH_VERSION}+cpu",
+        )
+    if pip_finds(py, f"torchvision=={TORCHVISION_VERSION}+cpu", opts, args):
+        reqs = [f"torch=={TORCH_VERSION}+cpu", f"torchvision=={TORCHVISION_VERSION}+cpu"]
+        return TorchPlan("cpu", reqs, opts, where, True)
+    note = f"no torchvision {TORCHVISION_VERSION}+cpu available (PyPI's torchvision only loads with PyPI's torch build)"
+    if args.torch == "auto" and args.dev:
+        return pypi_plan(note + "; the generation tests need it (diffsynth imports torchvision)")
+    return TorchPlan(
+        "cpu",
+        [f"torch=={TORCH_VERSION}+cpu"],
+        opts,
+        where,
+        False,
+        note + ": installing without torchvision and diffsynth (EX-4D generation needs a GPU anyway; "
+        "recon, CPU guide renderer and preview generator work)",
+    )
+
+
+def extras_for(build: str, args: argparse.Namespace, generation: bool = True) -> list[str]:
+    """pyproject extras: 'cuda' (nvdiffrast) only for a CUDA build asked for or chosen for a GPU."""
     extras = ["models"]
-    if build.startswith("cu"):
+    if generation:
+        extras.append("generation")
+    if build.startswith("cu") and (args.torch.startswith("cu") or detect_gpu() is not None):
         extras.append("cuda")
     if args.dev:
         extras.append("dev")
     return extras
 
 
-def state_key(args: argparse.Namespace, build: str, python: str) -> dict:
-    """Everything that, when changed, calls for a new install."""
+def state_key(args: argparse.Namespace, gpu: dict | None, python: str) -> dict:
+    """Everything that, when changed, calls for a new install (the request, not its resolution)."""
     key = {
         "installer": INSTALLER_VERSION,
         "pyproject": file_hash(REPO / "pyproject.toml"),
         "python": python,
-        "torch_request": build,
+        "torch_request": args.torch,
+        "gpu": [gpu["name"], gpu["driver"]] if gpu else None,
         "torch_version": TORCH_VERSION,
         "torchvision_version": TORCHVISION_VERSION,
+        "diffsynth_version": DIFFSYNTH_VERSION,
         "editable": not args.no_editable,
         "dev": args.dev,
         "offline": bool(args.offline),
@@ -268,14 +343,16 @@ def state_key(args: argparse.Namespace, build: str, python: str) -> dict:
 class Runner:
     """Runs commands, shows the progress lines, keeps the full output in a log file."""
 
-    def __init__(self, log_path: Path | None, quiet: bool = False):
+    def __init__(self, log_path: Path | None, quiet: bool = False, compile: bool = False):
         self.log_path = log_path
         self.quiet = quiet
+        self.compile = compile  # byte-compile at install (pip's default); off: 3x faster, compiled on first import
         self.pip_calls = 0
+        self.started = time.monotonic()
 
     def say(self, text: str) -> None:
         print(text, flush=True)
-        self._log(text)
+        self._log(f"[{time.monotonic() - self.started:6.1f} s] {text}")
 
     def _log(self, text: str) -> None:
         if self.log_path:
@@ -314,6 +391,8 @@ class Runner:
 
     def pip(self, python: Path, pip_args: Sequence[str], what: str, todo: str) -> str:
         self.pip_calls += 1
+        if pip_args[0] == "install" and not self.compile:
+            pip_args = ["install", "--no-compile", *pip_args[1:]]
         return self.run([str(python), "-m", "pip", *pip_args], what, todo)
 
 
@@ -357,23 +436,24 @@ def ensure_venv(venv: Path, python: str, recreate: bool, runner: Runner) -> Path
 
 
 def venv_python_version(py: Path) -> str:
-    done = subprocess.run(
-        [str(py), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], capture_output=True, text=True
-    )
+    try:
+        done = subprocess.run(
+            [str(py), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], capture_output=True, text=True
+        )
+    except OSError:
+        return ""
     return done.stdout.strip()
 
 
 VERIFY = """
-import importlib.metadata as md, json, sys
-import torch, torchvision, ex4d_backend
-print(json.dumps({"torch": torch.__version__, "torch_cuda": getattr(getattr(torch, "version", None), "cuda", None),
-                  "torchvision": torchvision.__version__, "ex4d_backend": md.version("ex4d-backend"),
-                  "location": ex4d_backend.__file__}))
-"""
-
-VERIFY_NO_TORCH = """
-import importlib.metadata as md, json, ex4d_backend
-print(json.dumps({"ex4d_backend": md.version("ex4d-backend"), "location": ex4d_backend.__file__}))
+import importlib, importlib.metadata as md, json, sys
+info = {"ex4d_backend": md.version("ex4d-backend"), "location": importlib.import_module("ex4d_backend").__file__}
+for name in sys.argv[1:]:
+    mod = importlib.import_module(name)
+    info[name] = md.version(name)
+    if name == "torch":
+        info["torch"], info["torch_cuda"] = mod.__version__, mod.version.cuda
+print(json.dumps(info))
 """
 
 WARM_NVDIFFRAST = """
@@ -389,31 +469,45 @@ print("nvdiffrast plugin ready:", raster_cuda.plugin_status().get("build_dir"))
 
 
 def install_backend(args: argparse.Namespace, runner: Runner, py: Path, build: str) -> dict:
-    """torch + torchvision, then ex4d_backend with its extras; returns what was installed."""
+    """torch (+ torchvision), ex4d_backend with its extras, diffsynth; returns what was installed."""
     src = pip_source_options(args)
-    info: dict = {"torch_build": build}
-    if build != "none":
-        reqs, opts, where = torch_source(build, args, runner.say)
-        info["torch_source"] = where
-        runner.say(f"installing torch {TORCH_VERSION} + torchvision {TORCHVISION_VERSION} ({build}) from {where}")
+    plan = torch_plan(build, args, py)
+    if plan.note:
+        runner.say(f"note: {plan.note}")
+    info: dict = {"torch_build": plan.build, "torch_source": plan.where, "generation_libs": plan.generation}
+    if plan.reqs:
+        runner.say(f"installing {' + '.join(plan.reqs)} ({plan.build}) from {plan.where}")
         runner.pip(
             py,
-            ["install", *src, *opts, *reqs],
-            f"installing torch {TORCH_VERSION} ({build}) failed",
+            ["install", *src, *plan.opts, *plan.reqs],
+            f"installing torch {TORCH_VERSION} ({plan.build}) failed",
             "check the connection (or the wheelhouse), then run the installer again; --torch cpu avoids CUDA builds",
         )
-    extras = extras_for(build, args)
+    extras = extras_for(plan.build, args, plan.generation)
     target = f"{REPO}[{','.join(extras)}]"
     runner.say(f"installing ex4d_backend [{', '.join(extras)}] ({'normal' if args.no_editable else 'editable'})")
+    # torch is pinned to what was just installed so that no dependency can swap the build.
+    pins = [f"torch=={TORCH_VERSION}"] if plan.reqs else []
     runner.pip(
         py,
-        ["install", *src, *([target] if args.no_editable else ["-e", target])],
+        ["install", *src, *pins, *([target] if args.no_editable else ["-e", target])],
         "installing ex4d_backend and its dependencies failed",
         "read the log for the package that failed, fix the connection or wheelhouse, then run the installer again",
     )
+    modules = ["torch"] if plan.build != "none" else []
+    if plan.generation:
+        runner.say(f"installing diffsynth {DIFFSYNTH_VERSION} (--no-deps; its dependencies came with ex4d_backend)")
+        runner.pip(
+            py,
+            ["install", *src, "--no-deps", f"diffsynth=={DIFFSYNTH_VERSION}"],
+            f"installing diffsynth {DIFFSYNTH_VERSION} failed",
+            "check the connection (or the wheelhouse), then run the installer again",
+        )
+        modules += (["torchvision"] if plan.build != "none" else []) + ["diffsynth"]
     info["extras"] = extras
+    runner.say(f"checking that {', '.join(['ex4d_backend', *modules])} import")
     out = runner.run(
-        [str(py), "-c", VERIFY if build != "none" else VERIFY_NO_TORCH],
+        [str(py), "-c", VERIFY, *modules],
         "the backend does not import after installing",
         "re-run with --recreate; if it persists, report the log",
     )
@@ -462,7 +556,7 @@ def setup_bpy_venvs(args: argparse.Namespace, runner: Runner) -> list[str]:
         runner.say(msg)
         return [msg]
     for name, reqs in BPY_VENVS:
-        venv = REPO / name
+        venv = Path(args.bpy_dir).expanduser().resolve() / name
         key = {"installer": INSTALLER_VERSION, "requirements": list(reqs), "offline": bool(args.offline)}
         marker = venv / MARKER
         if not args.force and read_marker(marker).get("key") == key and venv_python(venv).exists():
@@ -495,6 +589,16 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def unregister(py: Path) -> None:
+    """After a failed install: stop pointing the add-on at this (now half-installed) environment."""
+    target = config_file()
+    try:
+        if target.read_text(encoding="utf-8").strip() == str(py):
+            target.unlink()
+    except OSError:
+        pass
+
+
 def register(py: Path, runner: Runner) -> None:
     """Tell the Blender add-on where the backend Python is."""
     target = config_file()
@@ -517,15 +621,24 @@ def download_wheelhouse(args: argparse.Namespace, runner: Runner, build: str) ->
     runner.log_path = house / "ex4d-download.log"
     runner.say(f"downloading wheels for torch {build} into {house}")
     py = sys.executable
-    if build != "none":
-        reqs, opts, _ = torch_source(build, args, runner.say)
+    plan = torch_plan(build, args, Path(py))
+    if plan.note:
+        runner.say(f"note: {plan.note}")
+    build = plan.build
+    if plan.reqs:
         runner.pip(
-            Path(py), ["download", "-d", str(house), *opts, *reqs], "downloading torch failed", "check the connection"
+            Path(py),
+            ["download", "-d", str(house), *plan.opts, *plan.reqs],
+            "downloading torch failed",
+            "check the connection",
         )
-    extras = extras_for(build, args)
+    extras = extras_for(build, args, plan.generation)
+    pins = [f"torch=={TORCH_VERSION}"] if plan.reqs else []
     runner.pip(
         Path(py),
-        ["download", "-d", str(house), f"{REPO}[{','.join(extras)}]", "setuptools>=68", "wheel", "pip"],
+        ["download", "-d", str(house), "--find-links", str(house), *pins, f"{REPO}[{','.join(extras)}]"]
+        + ["setuptools>=68", "wheel", "pip"]
+        + ([f"diffsynth=={DIFFSYNTH_VERSION}"] if plan.generation else []),
         "downloading the backend's dependencies failed",
         "check the connection",
     )
@@ -583,15 +696,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="download every wheel needed into DIR for a later --offline install",
     )
+    p.add_argument(
+        "--bpy-dir",
+        default=str(REPO),
+        help="where --dev puts the Blender test environments (default: the repository)",
+    )
     p.add_argument("--recreate", action="store_true", help="delete and rebuild the virtual environment(s)")
     p.add_argument("--force", action="store_true", help="reinstall even when the state file says nothing changed")
     p.add_argument(
         "--dry-run", action="store_true", help="print the decisions (torch build, extras, up to date?) and stop"
     )
     p.add_argument("--quiet", action="store_true", help="do not echo pip's progress lines")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="byte-compile the packages while installing (slower install; default: on first import)",
+    )
     args = p.parse_args(argv)
-    if not re.fullmatch(r"auto|cpu|none|cu\d{3,4}", args.torch):
-        p.error(f"--torch {args.torch!r} is not one of auto, cpu, none, cuXXX (e.g. cu128)")
+    builds = ["auto", "cpu", "none", *(tag for tag, *_ in CUDA_BUILDS)]
+    if args.torch not in builds:
+        p.error(f"--torch {args.torch!r}: torch {TORCH_VERSION} has no such build; choose one of {', '.join(builds)}")
     if args.offline and not args.wheelhouse:
         p.error("--offline needs --wheelhouse DIR (make one with --download-wheelhouse DIR on a connected machine)")
     if args.wheelhouse and not Path(args.wheelhouse).is_dir():
@@ -604,52 +728,58 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    runner = Runner(None, quiet=args.quiet)
+    runner = Runner(None, quiet=args.quiet, compile=args.compile)
     venv = Path(args.venv).expanduser().resolve()
+    py = venv_python(venv)
+    touched = False  # whether this run changed the environment (a failure then un-registers it)
     try:
         if sys.version_info < (3, 10):  # noqa: UP036 (Blender or an old system Python may run this)
             raise InstallError(
                 f"Python {sys.version.split()[0]} is too old", "run this script with Python 3.10 or newer"
             )
-        build, why, gpu = resolve_torch(args)
-        runner.say(f"torch build: {build} ({why})")
+        gpu = detect_gpu()
         if args.download_wheelhouse:
+            build, why = resolve_torch(args, gpu)
+            runner.say(f"torch build: {build} ({why})")
             return download_wheelhouse(args, runner, build)
-        py = venv_python(venv)
         marker = venv / MARKER
         state = read_marker(marker)
         python_version = venv_python_version(py) if py.exists() else venv_python_version(Path(args.python))
-        key = state_key(args, build, python_version)
+        key = state_key(args, gpu, python_version)
         up_to_date = (
             not args.force and not args.recreate and state.get("key") == key and py.exists() and bool(python_version)
         )
         if args.dry_run:
-            source = "-"
-            if build != "none":
-                try:
-                    source = torch_source(build, args, runner.say)[2]
-                except InstallError as exc:
-                    source = f"unavailable ({exc.what})"
-            runner.say(f"torch source: {source}\nvenv: {venv}\nextras: {', '.join(extras_for(build, args))}")
-            runner.say(f"up to date: {up_to_date}")
+            build, why = resolve_torch(args, gpu)
+            runner.say(f"torch build: {build} ({why}; the wheels' source is checked when installing)")
+            runner.say(f"venv: {venv}\nextras: {', '.join(extras_for(build, args))}\nup to date: {up_to_date}")
             return 0
         if up_to_date:
-            runner.say(f"backend environment up to date ({venv}); nothing to install")
+            installed = state.get("installed", {})
+            runner.say(
+                f"backend environment up to date ({venv}, torch {installed.get('torch', '-')}); nothing to install"
+            )
         else:
+            build, why = resolve_torch(args, gpu)
+            runner.say(f"torch build: {build} ({why})")
+            touched = True
             marker.unlink(missing_ok=True)  # from here on the environment is not ready until the end
             py = ensure_venv(venv, args.python, args.recreate, runner)
             runner.log_path = venv / LOG
             runner._log(f"\n==== ex4d install {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv[1:])}")
             info = install_backend(args, runner, py, build)
-            if gpu is not None and build.startswith("cu") and "cuda" in info["extras"]:
+            if gpu is not None and info["torch_build"].startswith("cu") and "cuda" in info["extras"]:
                 info["nvdiffrast"] = warm_nvdiffrast(runner, py)
-            key = state_key(args, build, venv_python_version(py))
+            key = state_key(args, gpu, venv_python_version(py))
             state = {"key": key, "installed": info, "python": str(py), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        warnings = setup_bpy_venvs(args, runner) if args.dev else []
         register(py, runner)
         if not up_to_date:
             write_json(marker, state)  # last: only a complete install is marked ready
+        touched = False
+        warnings = setup_bpy_venvs(args, runner) if args.dev else []
         installed = state.get("installed", {})
+        if not installed.get("generation_libs", True):
+            warnings.append("note: torchvision/diffsynth not installed: EX-4D generation and its tests are unavailable")
         runner.say(
             f"\nready in {time.monotonic() - started:.0f} s: backend Python {py}\n"
             f"  torch {installed.get('torch', '-')} (CUDA {installed.get('torch_cuda') or 'none'}), "
@@ -660,11 +790,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in warnings:
             print(w)
         return 0
-    except InstallError as exc:
-        print(f"\ninstall failed: {exc.what} -- {exc.todo}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninstall failed: interrupted -- run the installer again to finish", file=sys.stderr)
+    except (InstallError, KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - every failure ends with one line
+        if touched:
+            unregister(py)
+        if isinstance(exc, InstallError):
+            line = f"{exc.what} -- {exc.todo}"
+        elif isinstance(exc, KeyboardInterrupt):
+            line = "interrupted -- run the installer again to finish"
+        else:
+            line = (
+                f"unexpected {type(exc).__name__}: {exc} -- run the installer again; if it persists, report this line"
+            )
+        print(f"\ninstall failed: {line}", file=sys.stderr)
         return 1
 
 
