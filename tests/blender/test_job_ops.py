@@ -554,3 +554,30 @@ def test_broken_backend_python_is_reported(scene, ops, card_clip, tmp_path):
     finally:
         pref.backend_python = ""
     assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
+
+
+def test_script_chain_with_preset(scene, ops, clip, tmp_blend_dir):
+    """The scripting contract end to end in background mode: import_footage -> build_dwmesh ->
+    add_camera_preset('90') -> render_guide -> generate('PREVIEW'), each returning when done. The guide of
+    the keyed preset camera matches the backend's own guide for the preset path (same mask within 1 %)."""
+    backend = addon_module("backend")
+    sc = scene
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "chain.blend"))
+    assert bpy.ops.ex4d.import_footage(filepath=str(clip["frames_dir"]), focal_px=clip["focal_px"]) == {"FINISHED"}
+    assert bpy.ops.ex4d.build_dwmesh(depth_filepath=str(clip["depth"])) == {"FINISHED"}, sc.ex4d.last_error
+    assert bpy.ops.ex4d.add_camera_preset(preset="90") == {"FINISHED"}, sc.ex4d.last_error
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
+    files = sorted(Path(sc.ex4d.guide_mask_dir).glob("*.png"))
+    ours = np.stack([read_png(f)[..., 0] for f in files])
+    params, paths = backend.clip_params(bpy.context)
+    ref = backend.run_blocking(bpy.context, "render_guide", {**params, "camera": {"preset": "90"}}, paths, 120)
+    theirs = np.load(Path(ref["color_dir"]).parent / "mask.npy")
+    assert ours.shape == theirs.shape
+    assert (ours != theirs).mean() < 0.01 and (theirs == 0).any()
+    color0 = read_png(sorted(Path(sc.ex4d.guide_color_dir).glob("*.png"))[0])
+    assert np.array_equal(color0, np.load(clip["frames_npy"])[0])
+    sc.ex4d_job.width, sc.ex4d_job.height, sc.ex4d_job.num_frames = 64, 48, 5
+    assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}
+    (st,) = strips_of(sc, "generate")
+    assert st.frame_final_start == sc.frame_start and st.frame_final_duration == clip["n_frames"]
+    assert sc.ex4d.dwmesh is not None  # what build_dwmesh made is still there
