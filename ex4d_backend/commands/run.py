@@ -72,7 +72,17 @@ def run(args: argparse.Namespace) -> int:
         params["force"] = True
     allowed = args.allow if args.allow is not None else [Path.home(), Path.cwd(), job_path.parent]
     store = JobStore(args.store, allowed)
-    logging.getLogger().addHandler(store.log_handler())
+    handler = store.log_handler()
+    logging.getLogger().addHandler(handler)
+    try:
+        return _run(args, store, type_, params)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run(args: argparse.Namespace, store, type_: str, params: dict) -> int:
+    from ..service import jobs
 
     def progress(stage: str, step: int, total: int, message: str = "") -> None:
         print(f"[{stage} {step}/{total}] {message}", file=sys.stderr, flush=True)

@@ -278,15 +278,15 @@ class Server:
         self._current.id = task.id
         self.emit({"id": task.id, "event": "started"})
         step_delay = float(os.environ.get("EX4D_SERVICE_STEP_DELAY") or 0)  # test hook (see docs/service.md)
-        last: dict[str, int] = {}
+        last: dict = {}
 
         def progress(stage: str, step: int, total: int, message: str = "") -> None:
             if task.cancel.is_set():
                 raise Cancelled()
             step, total = max(0, int(step)), max(0, int(total))
-            if stage in last and step < last[stage]:
-                step = last[stage]  # steps of a stage never go back
-            last[stage] = step
+            if last.get("stage") == stage and step < last["step"]:
+                step = last["step"]  # within a run of one stage, steps never go back
+            last.update(stage=stage, step=step)
             self.emit(
                 {
                     "id": task.id,
