@@ -204,10 +204,10 @@ def stitch(result, latents, overlap: int):
 
     if overlap == 0:
         return torch.cat([result, latents], dim=1)
-    w = torch.linspace(0, 1, overlap, device=latents.device, dtype=latents.dtype)
+    w = torch.linspace(0, 1, overlap, device=latents.device)  # fp32 weights, as DepthCrafter
     w = w.view(1, overlap, *([1] * (latents.ndim - 2)))
     out = result.clone()
-    out[:, -overlap:] = latents[:, :overlap] * w + result[:, -overlap:] * (1 - w)
+    out[:, -overlap:] = (latents[:, :overlap].float() * w + result[:, -overlap:].float() * (1 - w)).to(out.dtype)
     return torch.cat([out, latents[:, overlap:]], dim=1)
 
 
