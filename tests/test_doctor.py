@@ -168,3 +168,19 @@ def test_cli_on_this_machine(tmp_path):
     )
     assert done.returncode == 1, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "no GPU: preview generator and CPU guide renderer only"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_report_on_a_real_gpu(tmp_path):
+    rep = doctor.report(models_dir=tmp_path)
+    g = rep["gpu"]
+    major, minor = torch.cuda.get_device_capability(0)
+    free, total = torch.cuda.mem_get_info(0)
+    assert g["name"] == torch.cuda.get_device_name(0) and g["capability"] == f"{major}.{minor}"
+    assert g["arch_supported"] is True  # the torch that runs this test has kernels for this GPU
+    assert abs(g["vram_total_gib"] - total / GIB) < 0.01 and 0 < g["vram_free_gib"] <= g["vram_total_gib"]
+    assert rep["vram_profile"] == doctor.vram_profile(total / GIB)
+    assert g["driver"]
+    assert rep["can"]["recon_cpu"] is True
+    print(doctor.format_report(rep))
