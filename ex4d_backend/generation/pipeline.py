@@ -179,7 +179,7 @@ class Ex4dPipeline:
         from .. import modelstore
         from . import loading, specs
 
-        if vram_profile not in PROFILES:
+        if isinstance(vram_profile, str) and vram_profile not in PROFILES:
             raise Ex4dError(
                 f"unknown VRAM profile '{vram_profile}'", where="--vram-profile", hint=f"one of {', '.join(PROFILES)}"
             )
@@ -187,7 +187,7 @@ class Ex4dPipeline:
         dtype = dtype or default_dtype(dev)
         wan = modelstore.require(specs.WAN_NAME, models_dir)
         ex4d = modelstore.require(specs.EX4D_NAME, models_dir)
-        profile = PROFILES[vram_profile]
+        profile = PROFILES[vram_profile] if isinstance(vram_profile, str) else vram_profile
         load_dev = dev if profile.resident else torch.device("cpu")
 
         def step(i: int, msg: str) -> None:

@@ -2,7 +2,7 @@
 
 - ``full``: everything on the GPU (about 48 GB at 512 x 512 x 49 in bf16; the reference's setting).
 - ``24gb``: models wait in (pinned) CPU memory and come to the GPU only while used; the DiT keeps
-  its first ``resident_blocks`` transformer blocks on the GPU and streams the others block by block,
+  its first ``resident_blocks`` (8 of 40: ~6.5 GB) transformer blocks on the GPU and streams the others block by block,
   copying block i+1 on a side CUDA stream while block i computes.
 - ``12gb``: as ``24gb`` with no resident DiT block, the T5 blocks streamed too, the CFG branches run
   one after the other, the three VAE encodes one by one and the VAE decode tiled.
@@ -33,7 +33,7 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "full": Profile("full", True, 0, False, True, True, False),
-    "24gb": Profile("24gb", False, 12, False, True, True, False),
+    "24gb": Profile("24gb", False, 8, False, True, True, False),
     "12gb": Profile("12gb", False, 0, True, False, False, True),
 }
 
