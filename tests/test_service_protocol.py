@@ -410,3 +410,64 @@ def test_fuzz_request_shapes(fuzz_server, line):
             assert [t.id for t in server._queue] == [parsed["id"]]
         elif parsed["type"] in ("cancel", "jobs"):
             assert [e["event"] for e in events] == ["result"] and events[0]["id"] == parsed["id"]
+
+
+class _Lines:
+    """A thread-safe stdout stand-in collecting event lines."""
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def flush(self) -> None:
+        pass
+
+    def events(self) -> list[dict]:
+        return [json.loads(x) for x in self.data.decode().splitlines()]
+
+
+def test_worker_survives_crashing_jobs_and_invalid_results(tmp_path, monkeypatch):
+    """Regression: a job raising a non-Ex4dError, or returning a result that is not valid protocol (NaN),
+    used to kill the GPU worker so every later job hung. Now: an ``internal`` error, and the next job runs."""
+    from ex4d_backend.service import jobs as jobs_module
+
+    outcomes = iter([RuntimeError("boom"), {"value": float("nan")}, {"ok": 1}])
+
+    def fake_run_job(type_, params, ctx):
+        ctx.progress("mesh", 0, 1, "working")
+        time.sleep(0.3)  # j0 is still running when its id is reused
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(jobs_module, "run_job", fake_run_job)
+    r, w = os.pipe()
+    out = _Lines()
+    server = Server(jobstore.JobStore(tmp_path / "store", [tmp_path]), os.fdopen(r, "rb"), out)
+    params = {"footage": "x", "depth": {"model": "file", "path": "y"}}
+    lines = [_req(f"j{i}", "build_dwmesh", params) for i in range(3)]
+    lines.insert(1, _req("j0", "hello", {}))  # while j0 is queued or running: its id is taken
+    import threading
+
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    with os.fdopen(w, "wb") as stdin:
+        stdin.write(("\n".join(lines) + "\n").encode())
+        stdin.flush()
+        deadline = time.monotonic() + 30
+        while not any(e["id"] == "j2" and e["event"] in ("result", "error") for e in out.events()):
+            assert time.monotonic() < deadline, out.events()
+            time.sleep(0.02)
+    thread.join(30)  # end of input: the service shuts down
+    assert not thread.is_alive()
+    finals = {e["id"]: e for e in out.events() if e["event"] in ("result", "error") and e["id"] != "j0"}
+    j0 = [e for e in out.events() if e["id"] == "j0" and e["event"] in ("result", "error")]
+    assert finals["j1"]["error"]["code"] == "internal" and "invalid event" in finals["j1"]["error"]["message"]
+    assert [e["error"]["code"] for e in j0] == ["duplicate_id", "internal"]
+    assert "RuntimeError: boom" in j0[1]["error"]["message"]
+    assert finals["j2"]["result"] == {"ok": 1}
+    for event in out.events():
+        protocol.validate_event(event)
