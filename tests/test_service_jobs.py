@@ -235,3 +235,30 @@ def test_killed_mid_write_keeps_previous_result(tmp_path):
         assert again["positions_npy"] == str(pos_path) and pos_path.read_bytes() == before
     finally:
         client.close()
+
+
+def test_probe_footage_and_camera_preset_round_trip(env):
+    """probe_footage describes the clip; a preset sent back as raw Blender camera data (what the add-on
+    does after keying the preset on a Blender camera) renders with the preset's own cameras."""
+    clip, client, store = env
+    t, h, w = clip.depth.shape
+    probe = client.request("probe_footage", {"footage": str(clip.footage), "focal_px": float(clip.k[0, 0])})
+    assert (probe["width"], probe["height"], probe["frame_count"]) == (w, h, t)
+    assert (probe["processing_width"], probe["processing_height"]) == (w, h)
+    np.testing.assert_allclose(probe["K"], clip.k)
+    # The source camera in Blender terms: lens / sensor width = fx / width.
+    assert probe["lens"] / probe["sensor_width"] == pytest.approx(clip.k[0, 0] / w)
+    preset = client.request("camera_preset", clip.params(preset="90"), timeout=60)
+    assert len(preset["matrix_world"]) == t and len(preset["lens"]) == t
+    blender = {
+        "matrix_world": preset["matrix_world"],
+        "lens": preset["lens"],
+        **{f: preset[f] for f in ("sensor_width", "sensor_height", "sensor_fit", "shift_x", "shift_y")},
+    }
+    via_blender = client.request("render_guide", clip.params(camera={"blender": blender}, renderer="cpu"))
+    via_preset = client.request("render_guide", clip.params(camera={"preset": "90"}, renderer="cpu"))
+    with np.load(via_blender["camera_npz"]) as a, np.load(via_preset["camera_npz"]) as b:
+        np.testing.assert_allclose(a["extrinsics"], b["extrinsics"], atol=1e-9)
+        np.testing.assert_allclose(a["intrinsics"], b["intrinsics"], rtol=1e-9)
+    with np.load(preset["camera_npz"]) as c, np.load(via_preset["camera_npz"]) as b:
+        np.testing.assert_allclose(c["extrinsics"], b["extrinsics"], atol=1e-12)
