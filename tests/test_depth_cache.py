@@ -142,3 +142,16 @@ def test_recon_refuses_focal_in_px_and_mm(tmp_path, capsys):
         + ["--fx", "300", "--focal-mm", "35"]
     )
     assert code == 2 and "either in pixels (--fx) or in mm (--focal-mm)" in capsys.readouterr().err
+
+
+def test_recon_with_a_missing_depth_model_prints_one_line(tmp_path, capsys):
+    from ex4d_backend.footage import write_video
+
+    video = write_video(tmp_path / "clip.mp4", gradient_clip(2, 32, 48), 24)
+    empty = tmp_path / "models"
+    args = ["recon", "--input", str(video), "--depth-model", "depth-anything-v2", "--models-dir", str(empty)]
+    assert main([*args, "--output-dir", str(tmp_path / "o"), "--depth-cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ex4d recon: error: model 'depth-anything-v2-small' is missing 3")
+    assert "depth-anything/Depth-Anything-V2-Small-hf" in err[0] and str(empty) in err[0]
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()

@@ -107,23 +107,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ..depth import estimate_cached
 
-        bar = tqdm(desc="depth", unit="step", leave=False)
+        depth_bar: list = []  # opened with the first depth step: errors never share a line with a bar
 
         def depth_progress(stage: str, step: int, total: int, message: str = "") -> None:
-            bar.total = total
-            bar.n = step
-            bar.set_postfix_str(f"{stage} {message}"[:40])
-            bar.refresh()
+            if not depth_bar:
+                depth_bar.append(tqdm(desc="depth", unit="step", leave=False, total=total))
+            depth_bar[0].total = total
+            depth_bar[0].n = step
+            depth_bar[0].set_postfix_str(f"{stage} {message}"[:40])
+            depth_bar[0].refresh()
 
-        depth = estimate_cached(
-            footage.path,
-            footage.frames,
-            args.depth_model,
-            args.depth_cache,
-            models_dir=args.models_dir,
-            progress=depth_progress,
-        ).depth
-        bar.close()
+        try:
+            depth = estimate_cached(
+                footage.path,
+                footage.frames,
+                args.depth_model,
+                args.depth_cache,
+                models_dir=args.models_dir,
+                progress=depth_progress,
+            ).depth
+        finally:
+            for bar in depth_bar:
+                bar.close()
     # The render bar starts with the first render step, i.e. after the camera and renderer are validated,
     # so an error message never lands on the same terminal line as a progress bar.
     render_bar: list = []

@@ -183,6 +183,10 @@ def estimate(
         return result
     dev = resolve_device(device)
     report = progress or (lambda *a: None)
+    from .. import modelstore
+
+    for spec in modelstore.with_requirements(name):  # missing / corrupt files: one error before any progress
+        modelstore.require_valid(spec.name, models_dir)
     quiet_loading()
     if name == DEPTHCRAFTER:
         from . import depthcrafter as provider
