@@ -18,7 +18,20 @@ Use from scripts and background mode (blocks)::
     result = client.request("hello", timeout=60)     # raises BackendError with a stable code
 
 A backend that died is restarted on the next ``submit``; requests that were in flight when it died
-finish with an ``error`` whose code is ``backend_died`` (with the last lines of its stderr).
+finish with an ``error`` whose code is ``backend_died`` (with the last lines of its stderr), also when
+the next ``submit`` already restarted it.
+
+Public API (stable; the add-on relies on it):
+
+- ``BackendClient(python, *, store, allow, models_dir, extra_args, env, cwd, on_event)``: ``start()``,
+  ``running``, ``pid``, ``restarts``, ``requests`` (id -> Request), ``submit(type, params, id=)``,
+  ``poll()``, ``wait(req, timeout, on_event=)``, ``request(type, params, timeout=)``, ``cancel(target)``,
+  ``close(timeout)``, ``kill()``, ``stderr_tail(n)``, ``send_raw(line)`` (tests), context manager.
+- ``Request``: ``id``, ``type``, ``params``, ``state`` (sent / queued / running / done / failed),
+  ``queue_position``, ``progress`` ((stage, step, total, message) or None), ``fraction``, ``logs``,
+  ``result``, ``error`` (dict: code, message, hint, where, log_tail), ``done``, ``raise_for_error()``.
+- ``BackendError(code, message, hint, where, log_tail)``; ``PROTOCOL_VERSION``;
+  ``protocol_compatible(version)``; codes ``BACKEND_DIED``, ``TIMEOUT``, ``CANCELLED``.
 """
 
 from __future__ import annotations
@@ -40,6 +53,11 @@ BACKEND_DIED = "backend_died"
 TIMEOUT = "timeout"
 CANCELLED = "cancelled"
 _STDERR_LINES = 200
+
+
+def protocol_compatible(version: object) -> bool:
+    """True when a backend's ``hello["protocol"]`` has this client's major version."""
+    return isinstance(version, str) and version.split(".")[0] == PROTOCOL_VERSION.split(".")[0]
 
 
 class BackendError(Exception):
