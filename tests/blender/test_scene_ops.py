@@ -487,3 +487,17 @@ def test_compat_layer(scene, clip):
     assert a["ex4d_K"] == "[1, 2]"
     assert {s.name for s in compat.vse_strips_all(scene)} == {"guide", "result", "later"}
     assert len(compat.vse_strips(scene)) == 3
+
+
+def test_disable_and_enable_again(scene, addon):
+    """unregister removes every class and handler (reverse order); register brings them back."""
+    n_handlers = len(bpy.app.handlers.frame_change_pre)
+    bpy.ops.preferences.addon_disable(module=ADDON)
+    try:
+        assert not _op_registered("build_dwmesh") and not hasattr(bpy.types, "EX4D_PT_main")
+        assert not hasattr(bpy.types.Scene, "ex4d")
+        assert len(bpy.app.handlers.frame_change_pre) == n_handlers - 1
+    finally:
+        bpy.ops.preferences.addon_enable(module=ADDON)
+    assert _op_registered("build_dwmesh") and hasattr(bpy.context.scene, "ex4d")
+    assert len(bpy.app.handlers.frame_change_pre) == n_handlers
