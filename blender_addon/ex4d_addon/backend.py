@@ -66,6 +66,14 @@ def _covered(path: str) -> bool:
     return any(p == a or p.startswith(a.rstrip(os.sep) + os.sep) for a in _allowed)
 
 
+def allow(folders: list[str]) -> None:
+    """Let the backend read these folders (and below) from its next start on: a pipeline that knows its
+    project root allows it once instead of restarting the backend for each new input folder."""
+    for f in folders:
+        if f:
+            _allowed.add(os.path.realpath(f))
+
+
 def get_client(context, paths: list[str] = ()) -> BackendClient:
     """The session's client, started (or restarted when idle) so that it may read ``paths``."""
     global _client, _config

@@ -65,7 +65,10 @@ def card_clip(job_store) -> dict:
 
 
 @pytest.fixture
-def ops(addon):
+def ops(addon, job_store):
+    # Every clip of this session lies under one folder: allowed once, the backend is not restarted for
+    # each new clip folder (only where a test kills it or changes its Python).
+    addon_module("backend").allow([str(job_store.parent)])
     mod = addon_module("ops_jobs")
     yield mod
     mod.event_hooks.clear()
