@@ -30,6 +30,11 @@ def svc(tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     (outside / "depth.npy").write_bytes((clip.root / "depth.npy").read_bytes())
     os.symlink(outside / "depth.npy", clip.root / "link.npy")  # inside the allowed folder, points out
+    seq = clip.root / "linked_seq"  # a sequence folder inside whose frames point outside
+    seq.mkdir()
+    for f in sorted(clip.footage.iterdir()):
+        (outside / f.name).write_bytes(f.read_bytes())
+        os.symlink(outside / f.name, seq / f.name)
     client = sf.start_client(root / "store", [clip.root])
     assert client.request("hello", timeout=120)["protocol"]
     yield clip, client, root / "store", outside
@@ -128,6 +133,12 @@ CASES = {
         "p5",
         "forbidden_path",
         "link.npy",
+    ),
+    "sequence_frames_out": (
+        lambda c, o: _req("p8", "build_dwmesh", _job(c, footage=str(c.root / "linked_seq"))),
+        "p8",
+        "forbidden_path",
+        "linked_seq",
     ),
     "dotdot_out": (
         lambda c, o: _req("p6", "build_dwmesh", _job(c, footage=str(c.root / ".." / ".." / ".."))),

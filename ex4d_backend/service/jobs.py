@@ -514,10 +514,11 @@ def exec_camera_preset(ctx: Context, p: dict) -> dict:
     sensor_width = float(p.get("sensor_width", 36.0))
     t = clip.frames.shape[0]
     ctx.progress("camera", 0, 1, f"preset {p['preset']}")
-    path = cameras.preset_path(p["preset"], t, k, np.asarray(depth.depth[0]), w, h)
+    border = float(p.get("border_depth", 100.0))  # as render_guide's preset, so both give the same path
+    path = cameras.preset_path(p["preset"], t, k, np.asarray(depth.depth[0]), w, h, border_depth=border)
     mw = cameras.opencv_to_blender_matrix_world(path.extrinsics)
     lens = [cameras.intrinsics_to_blender(kk, w, h, sensor_width, "HORIZONTAL") for kk in path.intrinsics]
-    key = make_key(STAGE_VERSION, "camera", depth.key, p["preset"], np.round(k, 9).tolist())
+    key = make_key(STAGE_VERSION, "camera", depth.key, p["preset"], np.round(k, 9).tolist(), border)
     if ctx.store.stage_meta("camera", key) is None or ctx.force_stage == "camera":
         with ctx.store.write_stage("camera", key, {"preset": p["preset"]}) as tmp:
             cameras.save_camera_npz(tmp / "camera.npz", path)

@@ -87,17 +87,24 @@ class JobStore:
             resolved = p.resolve()
         except (OSError, ValueError, RuntimeError) as exc:
             raise Ex4dError(f"unusable {what} path: {exc}", where=str(path)[:300]) from None
+        self._check_inside(resolved, what, str(path))
+        if not resolved.exists():
+            raise Ex4dError(f"the {what} does not exist", where=str(path)[:300], hint="check the path", code=NOT_FOUND)
+        if resolved.is_dir():  # an image sequence: each of its files must be inside too (symlinks)
+            for entry in resolved.iterdir():
+                if entry.is_symlink():
+                    self._check_inside(entry.resolve(), what, str(entry))
+        return resolved
+
+    def _check_inside(self, resolved: Path, what: str, where: str) -> None:
         roots = [*self.allowed, self.root]
         if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
             raise Ex4dError(
                 f"the {what} lies outside the allowed folders",
-                where=str(path)[:300],
+                where=where[:300],
                 hint="start the service with `ex4d serve --allow FOLDER` for the folder that holds it",
                 code=FORBIDDEN_PATH,
             )
-        if not resolved.exists():
-            raise Ex4dError(f"the {what} does not exist", where=str(path)[:300], hint="check the path", code=NOT_FOUND)
-        return resolved
 
     def input_hash(self, path: Path) -> str:
         """Content hash of an input file or image-sequence folder (memoised by size and mtime)."""

@@ -186,7 +186,7 @@ PARAMS: dict[str, dict] = {
     "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
     "build_dwmesh": _params({**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **COMMON}, ["footage", "depth"]),
     "camera_preset": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, "preset": {"enum": list(PRESETS)}, "sensor_width": _SENSOR},
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "preset": {"enum": list(PRESETS)}, "sensor_width": _SENSOR},
         ["footage", "depth", "preset"],
     ),
     "render_guide": _params(
