@@ -131,10 +131,15 @@ def build_ours(cfg: dict, device: torch.device, dtype: torch.dtype, seed: int = 
     from ex4d_backend.generation.camera_encoder import CameraTokenHook
     from ex4d_backend.generation.loading import inject_lora
 
-    with torch.device("meta"):
-        dit = WanModel(**cfg, out_dim=16, eps=1e-6, patch_size=(1, 2, 2), has_image_input=True)
-        inject_lora(dit)
-    dit = dit.to_empty(device=device).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # meta tensors in the target dtype: to_empty allocates it directly
+    try:
+        with torch.device("meta"):
+            dit = WanModel(**cfg, out_dim=16, eps=1e-6, patch_size=(1, 2, 2), has_image_input=True)
+            inject_lora(dit)
+    finally:
+        torch.set_default_dtype(default)
+    dit = dit.to_empty(device=device)
     _fill_random_(dit, seed)
     dit.freqs = precompute_freqs_cis_3d(cfg["dim"] // cfg["num_heads"])
     dit.eval().requires_grad_(False)
