@@ -5,16 +5,22 @@ Standard library only; runs with any Python >= 3.10, Blender's bundled one inclu
 environment uses the Python that runs this script (or ``--python``). Typical use::
 
     python3 scripts/install_deps.py            # .venv in the repository, torch build picked for this machine
-    python3 scripts/install_deps.py --dev      # + test tools and the two Blender (bpy) test environments
+    python3 scripts/install_deps.py --dev      # + test tools, diffsynth, the Blender (bpy) test environments
     python3 scripts/install_deps.py --torch cu128 --venv ~/ex4d-venv
     python3 scripts/install_deps.py --download-wheelhouse wheels/        # online machine: fetch everything
     python3 scripts/install_deps.py --offline --wheelhouse wheels/       # studio machine without internet
 
+Torch build (``--torch auto|cpu|cu126|cu128|cu130|none``): with an NVIDIA GPU the newest CUDA build its
+driver and architecture support; without one the ``+cpu`` wheels (PyTorch's CPU index, a wheelhouse
+or pip's find-links), or PyPI's build (which also runs without a GPU) where ``--dev`` needs torchvision
+and no ``torchvision+cpu`` can be had. Where CUDA meets a GPU the nvdiffrast plugin is built once.
+
 A re-run with nothing changed is a quick no-op: the state file ``<venv>/ex4d-install.json`` records a
-hash of pyproject.toml and of the options; it is removed when an install starts and written last, so
+hash of pyproject.toml and of the request; it is removed when an install starts and written last, so
 an interrupted or failed run never looks ready. pip's full output goes to ``<venv>/ex4d-install.log``.
 At the end the backend Python's path is written to ``~/.config/ex4d/backend_python``
-(``$XDG_CONFIG_HOME``; Windows ``%APPDATA%\\ex4d\\backend_python``), where the Blender add-on finds it.
+(``$XDG_CONFIG_HOME``; Windows ``%APPDATA%\\ex4d\\backend_python``), where the Blender add-on finds it;
+a failed run that had changed the environment removes that file if it points there.
 Exit status: 0 ready, 1 failed (the last line says what failed and what to do), 2 bad options.
 See docs/install.md.
 """
@@ -256,10 +262,7 @@ def torch_plan(build: str, args: argparse.Namespace, py: Path) -> TorchPlan:
     if build == "none":
         return TorchPlan("none", [], [], "-", True)
     if args.offline:
-        local = "" if build == "cpu" and platform.system() != "Linux" else f"+{build}"
-        tv_ok = pip_finds(py, f"torchvision=={TORCHVISION_VERSION}{local}", [], args)
-        reqs = [f"torch=={TORCH_VERSION}{local}"] + ([f"torchvision=={TORCHVISION_VERSION}{local}"] if tv_ok else [])
-        return TorchPlan(build, reqs, [], f"wheelhouse {args.wheelhouse}", tv_ok)
+        return offline_plan(build, args, py)
     system = platform.system()
     index = f"{args.torch_index.rstrip('/')}/{build}"
     if build != "cpu":
@@ -301,6 +304,30 @@ def torch_plan(build: str, args: argparse.Namespace, py: Path) -> TorchPlan:
         False,
         note + ": installing without torchvision and diffsynth (EX-4D generation needs a GPU anyway; "
         "recon, CPU guide renderer and preview generator work)",
+    )
+
+
+def offline_plan(build: str, args: argparse.Namespace, py: Path) -> TorchPlan:
+    """The torch wheels in the wheelhouse: the '+<build>' ones, else PyPI's build where it is the same."""
+    linux = platform.system() == "Linux"
+    pins = [f"=={TORCH_VERSION}+{build}", f"=={TORCHVISION_VERSION}+{build}"] if linux or build != "cpu" else []
+    candidates = [(pins, build)] if pins else []
+    if not linux or build == PYPI_LINUX_BUILD or (build == "cpu" and args.torch == "auto"):
+        pypi = pypi_plan()
+        candidates.append(([f"==={TORCH_VERSION}", f"==={TORCHVISION_VERSION}"], pypi.build))
+    for (torch_pin, vision_pin), chosen in candidates:
+        if pip_finds(py, f"torch{torch_pin}", [], args):
+            vision = pip_finds(py, f"torchvision{vision_pin}", [], args)
+            reqs = [f"torch{torch_pin}"] + ([f"torchvision{vision_pin}"] if vision else [])
+            note = (
+                ""
+                if vision
+                else f"no matching torchvision in {args.wheelhouse}: installing without the generation libraries"
+            )
+            return TorchPlan(chosen, reqs, [], f"wheelhouse {args.wheelhouse}", vision, note)
+    raise InstallError(
+        f"no torch {TORCH_VERSION} ({build}) wheel for this Python in {args.wheelhouse}",
+        f"make the wheelhouse on a connected machine with --download-wheelhouse DIR --torch {build} (same OS and Python)",
     )
 
 
