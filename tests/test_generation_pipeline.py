@@ -224,17 +224,24 @@ def test_cancel_stops_between_steps_and_frees(pipe, guide):
         if stage == "denoise" and step == 1:
             raise Cancelled()
 
-    pipe.condition = spy
+    original_predict = pipe.predict_noise
+
+    def spy_predict(*a, **k):
+        out = original_predict(*a, **k)
+        held["pred"] = weakref.ref(out)
+        return out
+
+    pipe.condition, pipe.predict_noise = spy, spy_predict
     try:
         with pytest.raises(Cancelled) as info:
             pipe(*guide, seed=0, callback=cancel, **SIZE)
     finally:
-        del pipe.condition
+        del pipe.condition, pipe.predict_noise
     assert info.value.code == CANCELLED
     assert ("denoise", 2) not in steps_seen and ("decode", 0) not in steps_seen
-    del info
     gc.collect()
-    assert held["cond"]() is None and held["tokens"]() is None  # the run's tensors are released
+    # the run's tensors are released although the exception (and its traceback) is still alive
+    assert held["cond"]() is None and held["tokens"]() is None and held["pred"]() is None
 
 
 # ------------------------------------------------------------------------------------ profiles

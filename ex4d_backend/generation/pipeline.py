@@ -363,7 +363,9 @@ class Ex4dPipeline:
         color_f, mask_f = prepare_guide(
             color, mask, height=height, width=width, num_frames=num_frames, seed=seed, resize=resize
         )
-        cond = latents = video = None
+        # every per-clip tensor is named here and dropped in ``finally``: a cancel's traceback keeps
+        # this frame alive, and it must not keep GPU memory alive with it
+        cond = latents = video = pred = pos = neg = timestep = None
         try:
             report("condition", 0, 1, "encoding prompt, first frame and guide")
             prompts = [prompt, negative_prompt] if cfg != 1.0 else [prompt]
@@ -388,7 +390,7 @@ class Ex4dPipeline:
             report("decode", 1, 1, "done")
             return frames.astype(np.uint8)
         finally:
-            del cond, latents, video
+            del cond, latents, video, pred, pos, neg, timestep
             self.placement.release()
             gc.collect()
             if self.device.type == "cuda":
