@@ -369,7 +369,43 @@ request_shape = st.fixed_dictionaries(
         "junk": json_value,
     },
 )
+VALID = [
+    {"type": "hello", "params": {}},
+    {"type": "jobs", "params": {}},
+    {"type": "cancel", "params": {"target": "zzz"}},
+    {"type": "build_dwmesh", "params": {"footage": "/f", "depth": {"model": "file", "path": "/d.npy"}}},
+    {
+        "type": "render_guide",
+        "params": {"footage": "/f", "depth": {"model": "depthcrafter"}, "camera": {"preset": "90"}},
+    },
+    {
+        "type": "generate",
+        "params": {
+            "footage": "/f",
+            "depth": {"model": "file", "path": "/d"},
+            "camera": {"opencv": {"extrinsics": [I4]}},
+        },
+    },
+]
+
+
+@st.composite
+def mutated_valid(draw) -> str:
+    """A valid request, then maybe one field of its params (or of a nested object) replaced or added."""
+    msg = json.loads(json.dumps(draw(st.sampled_from(VALID))))
+    msg["id"] = draw(st.text(min_size=1, max_size=8))
+    if draw(st.booleans()):
+        target = msg["params"]
+        nested = [v for v in target.values() if isinstance(v, dict)]
+        if nested and draw(st.booleans()):
+            target = draw(st.sampled_from(nested))
+        key = draw(st.sampled_from(sorted(target) + FIELDS[:5]) if target else st.sampled_from(FIELDS))
+        target[key] = draw(json_value)
+    return json.dumps(msg, allow_nan=True)
+
+
 line_strategy = st.one_of(
+    mutated_valid(),
     request_shape.map(lambda m: json.dumps(m, allow_nan=True)),
     json_value.map(lambda v: json.dumps(v, allow_nan=True)),
     st.binary(max_size=60),
