@@ -51,12 +51,25 @@ from .backend_client import BackendError
 FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
 GENERATORS = {"EX4D": "ex4d", "PREVIEW": "preview"}
 GUIDE_KIND, RESULT_KIND = "guide", "generate"
-# The stages a job goes through, in pipeline order (used for "step n of N"; cached stages show too).
-EXPECTED_STAGES = {
-    "render_guide": ("inputs", "frames", "depth", "mesh", "camera", "render", "write"),
-    "generate": ("inputs", "frames", "depth", "mesh", "camera", "render", "write", "load", "generate", "write"),
-    "hello": ("hello",),
-}
+# The stages a job goes through, in pipeline order ("Step n of N"), and their rough share of the time
+# (the progress bar). Stages that come from the store report once ("from the store"); a stage not listed
+# here is inserted where it shows up.
+GUIDE_STAGES = ("inputs", "frames", "depth", "mesh", "camera", "render", "write")
+STAGE_WEIGHT = {"depth": 2.0, "mesh": 3.0, "render": 3.0, "write": 1.5, "load": 3.0, "preview": 3.0,
+                "condition": 2.0, "denoise": 40.0, "decode": 3.0}  # fmt: skip
+
+
+def expected_stages(type_: str, params: dict) -> list[str]:
+    """The stages a request is expected to report, in order."""
+    if type_ == "render_guide":
+        return list(GUIDE_STAGES)
+    if type_ == "generate":
+        if params.get("generator") == "preview":
+            return [*GUIDE_STAGES, "load", "preview", "save"]
+        return [*GUIDE_STAGES, "load", "condition", "denoise", "decode", "save"]
+    return [type_]
+
+
 TIMER_STEP = 0.1  # seconds between two polls of the backend in the UI
 
 # Hooks for tests and pipelines: called as hook(job, event) for every event of the active job, after the
@@ -265,10 +278,10 @@ class Job:
         self.exclusive = exclusive  # False: runs beside a job (hello), leaves the progress fields alone
         self.type, self.params, self.paths = type_, params, list(paths)
         self.finish_fn, self.label = finish, label or type_
-        self.expected = len(EXPECTED_STAGES.get(type_, ("run",)))
+        self.stages = expected_stages(type_, params)
         self.client = self.req = None
         self.events: list[dict] = []
-        self.stage, self.stage_index = "", 0
+        self.stage, self.stage_pos = "", -1  # the current stage and its index in self.stages
         self.fraction = 0.0
         self.state = "new"  # new -> running -> done | failed | cancelled
         self.report: tuple[str, str] | None = None  # (level, text) when finished
@@ -368,12 +381,19 @@ class Job:
         elif kind == "progress":
             stage = event.get("stage", "")
             if stage != self.stage:
-                self.stage, self.stage_index = stage, self.stage_index + 1
-                self.expected = max(self.expected, self.stage_index)
+                later = [i for i in range(self.stage_pos + 1, len(self.stages)) if self.stages[i] == stage]
+                if later:  # stages skipped on the way count as done
+                    self.stage_pos = later[0]
+                else:
+                    self.stage_pos += 1
+                    self.stages.insert(self.stage_pos, stage)
+                self.stage = stage
             step, total = int(event.get("step", 0)), int(event.get("total", 0))
             within = min(1.0, step / total) if total else 0.0
-            frac = max(self.fraction, min(1.0, (self.stage_index - 1 + within) / self.expected))
-            text = f"Step {self.stage_index} of {self.expected}: {stage}"
+            weights = [STAGE_WEIGHT.get(st, 1.0) for st in self.stages]
+            done = sum(weights[: self.stage_pos]) + weights[self.stage_pos] * within
+            frac = max(self.fraction, min(1.0, done / sum(weights)))
+            text = f"Step {self.stage_pos + 1} of {len(self.stages)}: {stage}"
             if total:
                 text += f" ({step}/{total})"
             if self.cancel_requested:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -273,7 +274,9 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     else:
         strips.new_effect(name="blocker", type="COLOR", channel=1, frame_start=5, frame_end=30)
     seen: list[tuple] = []
+    labels: list[str] = []
     ops.event_hooks.append(lambda job, e: seen.append((dict(e), sc.ex4d.job_progress, sc.ex4d.job_running)))
+    ops.event_hooks.append(lambda job, e: labels.append(sc.ex4d.job_stage) if e["event"] == "progress" else None)
     assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}
     events = [e for e, _, _ in seen]
     stages = _check_order(events)
@@ -281,6 +284,13 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     assert events[-1]["event"] == "result"
     fractions = [f for e, f, _ in seen if e["event"] == "progress"]
     assert fractions == sorted(fractions) and all(r for _, _, r in seen[:-1])
+    # "Step n of N: stage (step/total)", n counting up to N on the last stage.
+    first, last = (
+        re.match(r"Step (\d+) of (\d+): (\w+)", labels[0]),
+        re.match(r"Step (\d+) of (\d+): (\w+)", labels[-1]),
+    )
+    assert first.groups()[0] == "1" and first.groups()[2] == "inputs"
+    assert last.groups()[0] == last.groups()[1] and last.groups()[2] == stages[-1] and fractions[-1] > 0.95
     s = sc.ex4d
     assert not s.job_running and s.job_progress == 1.0 and s.last_error == ""
     results = strips_of(sc, "generate")
