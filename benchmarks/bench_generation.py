@@ -227,7 +227,7 @@ def run_profile(models: dict, profile: str, args, color, mask, attention: str | 
         torch.cuda.empty_cache()
         total_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
         if budget:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_gib), dev)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total_gib), torch.cuda.current_device())
         res["resident_gib_after_placement"] = round(torch.cuda.memory_allocated(dev) / 2**30, 2)
     kw = dict(height=args.height, width=args.width, num_frames=args.frames, cfg=5.0, shift=5.0, seed=0)
     try:
@@ -300,7 +300,7 @@ def run_profile(models: dict, profile: str, args, color, mask, attention: str | 
         del pipe
         gc.collect()
         if cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
             torch.cuda.empty_cache()
     log(json.dumps(res))
     return res
