@@ -197,6 +197,16 @@ def test_queue_and_cancel(tmp_path):
         store = tmp_path / "store"
         assert not list(store.glob("cache/.*"))
         assert [p.parent.name for p in store.glob("cache/mesh-*/meta.json")] == [Path(rb["positions_npy"]).parent.name]
+        # A client-side time limit: the request fails with `timeout` and the backend cancels the job.
+        slow = client.submit("build_dwmesh", clip.params(border_depth=70.0))
+        client.wait(slow, 0.5)
+        assert slow.error["code"] == "timeout"
+
+        def slow_state():
+            return {j["request_id"]: j["state"] for j in client.request("jobs", timeout=30)["jobs"]}.get(slow.id)
+
+        sf.wait_for(client, lambda: slow_state() == "cancelled", what="the timed-out job cancelled")
+        assert slow.done and slow.error["code"] == "timeout"  # late events do not reopen it
     finally:
         client.close()
 

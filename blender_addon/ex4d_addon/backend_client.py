@@ -127,6 +127,8 @@ class Request:
         return self.result
 
     def _apply(self, event: dict) -> None:
+        if self.done:  # finished (e.g. a client-side timeout): late events never reopen a request
+            return
         kind = event.get("event")
         if kind == "queued":
             self.state, self.queue_position = "queued", event.get("position")
