@@ -37,7 +37,14 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    store = JobStore(args.store, args.allow)
+    try:
+        store = JobStore(args.store, args.allow)
+    except OSError as exc:
+        from ..errors import Ex4dError
+
+        raise Ex4dError(
+            f"cannot open the job store: {exc}", where=str(args.store or "default store"), hint="pass --store DIR"
+        ) from None
     server = Server(store, sys.stdin.buffer, proto_out, models_dir=args.models_dir)
     configure_logging(store, server, verbose=getattr(args, "verbose", False))
     return server.serve()
