@@ -215,7 +215,7 @@ def run_profile(models: dict, profile: str, args, color, mask, attention: str | 
         dit=models["dit"], vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=StandInTokenizer(models["text_encoder"].token_embedding.num_embeddings),
         image_encoder=models["image_encoder"], camera_encoder=models["camera_encoder"], device=dev,
         dtype=args.dtype, vram_profile=prof, merge_lora=not args.no_merge_lora,
-        attention=attention or "auto",
+        attention=attention or "auto", rope=args.rope,
     )  # fmt: skip
     res: dict = {"profile": profile, "placement_s": round(time.perf_counter() - t0, 1), "lora_merged": pipe.lora_merged}
     if not prof.resident:
@@ -343,6 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--attention", choices=("probe", "auto", "cudnn", "flash"), default="probe")
     p.add_argument("--no-merge-lora", action="store_true", help="keep peft's LoRA layers (reference arithmetic)")
+    p.add_argument("--rope", choices=("float32", "float64"), default="float32", help="float64: diffsynth's own rope")
     p.add_argument(
         "--resident-blocks", type=int, default=None, help="override the offload profiles' resident DiT blocks"
     )
@@ -368,6 +369,8 @@ def main(argv=None) -> int:
         "width": args.width,
         "frames": args.frames,
         "steps": args.steps,
+        "rope": args.rope,
+        "merge_lora": not args.no_merge_lora,
         "tokens": ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16),
     }
     t_start = time.perf_counter()

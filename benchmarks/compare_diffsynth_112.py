@@ -262,6 +262,7 @@ def compare(
     width: int = 512,
     d112_path: str | None = None,
     seed: int = 0,
+    rope: str = "float32",
 ) -> dict:
     """Build both DiTs on identical weights, run them on identical inputs; return the figures."""
     from ex4d_backend.generation.pipeline import conditioned_dit
@@ -283,7 +284,7 @@ def compare(
     with torch.no_grad():
         sync()
         t0 = time.perf_counter()
-        out_ours = conditioned_dit(ours, hook, *args, inp["camera_tokens"], dt).float()
+        out_ours = conditioned_dit(ours, hook, *args, inp["camera_tokens"], dt, rope).float()
         sync()
         t_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -315,6 +316,7 @@ def compare(
         "config": config,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": dtype,
+        "rope": rope,
         "tokens": int(inp["latents"][0, 0].numel() // 4),
         "shape": list(out_ours.shape),
         "ours_vs_1.1.2": metrics(out_ours, out_ref),
@@ -336,8 +338,9 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--d112", default=None, help="folder with diffsynth 1.1.2 (pip install --target DIR)")
+    p.add_argument("--rope", choices=("float32", "float64"), default="float32", help="our DiT's rope precision")
     a = p.parse_args(argv)
-    res = compare(a.config, a.device, a.dtype, a.frames, a.height, a.width, a.d112)
+    res = compare(a.config, a.device, a.dtype, a.frames, a.height, a.width, a.d112, rope=a.rope)
     print(json.dumps(res, indent=1))
     return 0
 

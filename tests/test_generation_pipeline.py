@@ -56,13 +56,16 @@ def _dit_inputs(pipe, guide, seed=0):
     return cond, lat, torch.tensor([937.5])
 
 
-def _plain_dit(dit, cond, lat, t):
-    """The DiT with no EX-4D hook at all: diffsynth's own model function."""
+def _plain_dit(dit, cond, lat, t, rope="float32"):
+    """The DiT with no EX-4D hook at all: diffsynth's own model function (same rope precision)."""
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
-    return model_fn_wan_video(
-        dit, latents=lat, timestep=t, context=cond.context, clip_feature=cond.clip_feature, y=cond.y
-    )
+    from ex4d_backend.generation.pipeline import rope_precision
+
+    with rope_precision(rope):
+        return model_fn_wan_video(
+            dit, latents=lat, timestep=t, context=cond.context, clip_feature=cond.clip_feature, y=cond.y
+        )
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -293,6 +296,40 @@ def test_crop_keeps_aspect_stretch_squashes(out_hw):
     dx, dy = _disc_extent(c[0, ..., 0])
     expected = (w / src_w) / (h / src_h)
     assert abs(dx / dy - expected) < 0.05 * expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_rope_equals_diffsynth_rope(dtype):
+    """The float32 rotary embedding equals diffsynth's complex-float64 one (ground truth) to float32
+    rounding; in bf16 both round to the same values almost everywhere (at most 1 ulp apart)."""
+    from diffsynth.models.wan_video_dit import precompute_freqs_cis_3d, rope_apply
+
+    from ex4d_backend.generation.pipeline import rope_apply_float32, rope_precision
+
+    f, h, w, heads, d = 3, 4, 6, 4, 128
+    fr = precompute_freqs_cis_3d(d)
+    freqs = torch.cat(
+        [
+            fr[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            fr[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            fr[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, 1, -1)
+    x = (torch.randn(2, f * h * w, heads * d) * 3).to(dtype)
+    want, got = rope_apply(x, freqs, heads), rope_apply_float32(x, freqs, heads)
+    assert got.dtype == want.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    else:
+        ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-2)
+        assert ((got.float() - want.float()).abs() <= ulp).all()
+        assert (got != want).float().mean() < 0.01
+    from diffsynth.models import wan_video_dit
+
+    with rope_precision("float32"):
+        assert wan_video_dit.rope_apply is rope_apply_float32
+    assert wan_video_dit.rope_apply is rope_apply  # restored
 
 
 def test_reference_sizes_on_meta():

@@ -50,6 +50,12 @@ def register(subparsers) -> None:
         "--attention", choices=("auto", "cudnn", "flash"), default="auto", help="SDPA kernel for the DiT attention"
     )
     p.add_argument(
+        "--rope",
+        choices=("float32", "float64"),
+        default="float32",
+        help="rotary-embedding precision; float64 runs diffsynth's (and the reference's) complex128 code",
+    )
+    p.add_argument(
         "--no-merge-lora",
         action="store_true",
         help="run the EX-4D LoRA as separate peft layers (the reference's arithmetic) instead of merged weights",
@@ -73,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = {}
     if args.generator == "ex4d":
-        options = dict(compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora)
+        options = dict(
+            compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora, rope=args.rope
+        )
     gen = load_generator(
         args.generator,
         models_dir=args.models_dir,
