@@ -116,6 +116,14 @@ def hello_if_new(client: BackendClient) -> Request | None:
     return client.submit("hello", {})
 
 
+def busy_unwelcomed() -> bool:
+    """True while the running backend works on a request but has not answered our hello yet (a job sent
+    with :func:`submit` to a new process): a ``hello`` now would race the job's first imports (torch) in
+    the backend, which fails the job (backend issue, see docs/blender_jobs.md)."""
+    c = _client
+    return bool(c and c.running and c.pid != _hello_pid and any(not r.done for r in c.requests.values()))
+
+
 def note_hello(client: BackendClient, req: Request) -> dict:
     """Record a finished hello (raises BackendError if it failed or speaks another protocol)."""
     global _hello_pid

@@ -807,6 +807,11 @@ class EX4D_OT_check_backend(_JobOperator, bpy.types.Operator):
         return Job(context, "hello", {}, [], _finish_hello, label="Check backend", exclusive=False)
 
     def execute(self, context):
+        if backend.busy_unwelcomed():
+            self.report(
+                {"WARNING"}, "EX-4D: the backend is busy with its first job; check it again when the job has finished"
+            )
+            return {"CANCELLED"}
         if self.doctor:  # an explicit request for the full report: blocks while doctor runs
             try:
                 last_backend_info["doctor"] = run_doctor(context)

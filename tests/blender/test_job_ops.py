@@ -377,8 +377,19 @@ def test_backend_dies_mid_job(scene, ops, card_clip, tmp_blend_dir):
     assert len(strips_of(sc, "generate")) == 1
 
 
-def test_check_backend(scene, ops):
-    props = addon_module("props")
+def test_check_backend(scene, ops, card_clip):
+    """check_backend fills the preferences; it is not sent beside the first job of a new backend process
+    (a hello racing that job's imports fails the job: backend issue), and that job succeeds."""
+    props, backend = addon_module("props"), addon_module("backend")
+    setup_shot(scene, card_clip, parented=False)
+    backend.shutdown()
+    params, paths = backend.clip_params(bpy.context)
+    params["camera"] = {"preset": "30"}
+    params["force"] = True
+    client, req = backend.submit(bpy.context, "render_guide", params, paths)  # how SCENE's modal ops start
+    assert bpy.ops.ex4d.check_backend() == {"CANCELLED"}
+    client.wait(req, 120)
+    assert req.error is None, req.error
     assert bpy.ops.ex4d.check_backend() == {"FINISHED"}
     info = ops.last_backend_info
     assert info["protocol"].split(".")[0] == "1" and info["torch"]
