@@ -282,3 +282,12 @@ def test_client_is_stdlib_only():
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert names and names <= set(sys.stdlib_module_names) | {"__future__"}, names
+
+
+def test_jobs_wrote_only_inside_the_store(env):
+    """After every job of this module (runs last): the input folder holds exactly the inputs."""
+    clip, client, store = env
+    inputs = {clip.depth_path, *clip.footage.iterdir(), clip.footage}
+    assert set(clip.root.rglob("*")) == inputs
+    assert {p.name for p in clip.root.parent.iterdir()} == {"data", "store"}
+    assert len(list(clip.footage.iterdir())) == len(clip.frames)
