@@ -424,7 +424,11 @@ def fuzz_server(tmp_path_factory):
     return _FuzzServer(jobstore.JobStore(root / "store", [root]))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(line=line_strategy)
 def test_fuzz_request_shapes(fuzz_server, line):
     server = fuzz_server
