@@ -66,7 +66,13 @@ def test_cuda_plane_is_a_homography_of_the_source() -> None:
     src = np.stack([i + 0.5, j + 0.5, np.ones((H, W))], -1) @ np.linalg.inv(hom).T
     us, vs = src[..., 0] / src[..., 2], src[..., 1] / src[..., 2]
     interior = (us >= 2.5) & (us <= W - 3.5) & (vs >= 2.5) & (vs <= H - 3.5)
-    np.testing.assert_allclose(rgba[interior][:, :3], bilinear(tex, us, vs)[interior], atol=0.05)
+    # nvdiffrast snaps vertices to a fixed-point sub-pixel grid and interpolates in float32, so unlike the CPU
+    # rasteriser (within 0.02) it is not exact; measured on an H100: mean 0.021, 99th percentile 0.71, max 4.1
+    # (of 255). A half-pixel or axis error gives errors of tens (the texture's gradient is up to ~60 per pixel).
+    err = np.abs(rgba[interior][:, :3] - bilinear(tex, us, vs)[interior])
+    assert err.mean() < 0.1
+    assert np.percentile(err, 99) < 1.5
+    assert err.max() < 8.0
     assert np.all(rgba[interior][:, 3] > 254.9)
 
 
