@@ -218,6 +218,23 @@ def retime_indices(source_frames: list[int], n_clip: int) -> list[int]:
     return out
 
 
+def _rel(path: str | os.PathLike) -> str:
+    """``path`` relative to the saved .blend (``//...``) when it can be, so a moved project still works."""
+    path = str(path)
+    if bpy.data.filepath:
+        try:
+            return bpy.path.relpath(path)
+        except ValueError:  # another drive (Windows)
+            pass
+    return path
+
+
+def _relative_strip(strip) -> None:
+    """Store an image strip's folder relative to the .blend."""
+    directory = _rel(bpy.path.abspath(strip.directory).rstrip("/\\"))
+    strip.directory = directory + ("" if directory.endswith(("/", "\\")) else "/")
+
+
 def _load_sequence_image(files: list[Path], name: str) -> bpy.types.Image:
     """The image sequence starting at ``files[0]`` (reloaded if it is already loaded)."""
     path = str(files[0])
@@ -228,6 +245,7 @@ def _load_sequence_image(files: list[Path], name: str) -> bpy.types.Image:
     img = bpy.data.images.load(path, check_existing=False)
     img.source = "SEQUENCE"
     img.name = name
+    img.filepath = _rel(path)
     return img
 
 
@@ -529,7 +547,7 @@ def _finish_guide(job: Job, result: dict) -> str:
         "job_file": result.get("job_file", ""),
         "footage": job.params["footage"],
     }
-    data.add_image_strip(scene, f"EX4D Guide {job.camera_name}", files, scene.frame_start, settings)
+    _relative_strip(data.add_image_strip(scene, f"EX4D Guide {job.camera_name}", files, scene.frame_start, settings))
     s.guide_color_dir = str(dest / "color")
     s.guide_mask_dir = str(dest / "mask")
     s.camera_hash = result["camera_hash"]
@@ -574,6 +592,7 @@ def _finish_generate(job: Job, result: dict) -> str:
     with open(dest / "settings.json", "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=1)
     strip = data.add_image_strip(scene, f"EX4D {name}", files, scene.frame_start, meta)
+    _relative_strip(strip)
     job.strip_name = strip.name
     return (
         f"EX-4D: {len(files)} frames ({settings.get('generator')}) in {_seconds(job)} -> {dest} (strip '{strip.name}')"

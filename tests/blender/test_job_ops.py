@@ -316,6 +316,18 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     # The same camera's guide has the same hash as the generation's.
     assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
     assert s.camera_hash == st["ex4d_camera_hash"]
+    # Save + reload: the strips keep their settings and find their frames through paths relative to
+    # the .blend (the project folder can move).
+    assert st.directory.startswith("//")
+    name = st.name
+    bpy.ops.wm.save_mainfile()
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_blend_dir / "gen.blend"))
+    sc = bpy.context.scene
+    (st,) = strips_of(sc, "generate")
+    assert st.name == name and st["ex4d_seed"] == 7 and st.frame_final_start == 10
+    folder = Path(bpy.path.abspath(st.directory))
+    assert folder == out and all((folder / e.filename).is_file() for e in st.elements)
+    assert len(strips_of(sc, "guide")) == 1 and not sc.ex4d.job_running
 
 
 def test_cancel_mid_job(scene, ops, job_store, tmp_blend_dir):
