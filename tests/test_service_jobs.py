@@ -174,6 +174,7 @@ def test_queue_and_cancel(tmp_path):
     client = sf.start_client(tmp_path / "store", [clip.root], env={"EX4D_SERVICE_STEP_DELAY": "0.15"})
     try:
         a = client.submit("build_dwmesh", clip.params())
+        hello = client.submit("hello")  # on a fresh process, beside the first job (torch import race)
         b = client.submit("build_dwmesh", clip.params(mesh_filter="boundary"))
         c = client.submit("build_dwmesh", clip.params(border_depth=50.0))
         sf.wait_for(client, lambda: b.state == "queued" and c.state == "queued", what="queued events")
@@ -188,6 +189,7 @@ def test_queue_and_cancel(tmp_path):
         client.wait(c, 30)
         assert c.error["code"] == "cancelled"
         client.wait(b, 120)
+        assert client.wait(hello, 60).raise_for_error()["protocol"]
         rb = b.raise_for_error()  # the queued job ran after the cancelled one
         assert rb["cached"]["frames"] is True and rb["cached"]["mesh"] is False
         assert client.request("hello", timeout=60)["protocol"]

@@ -27,6 +27,29 @@ log = logging.getLogger("ex4d_backend.service")
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
 
 
+_IMPORT_LOCK = threading.Lock()
+_preloaded = False
+
+
+def preload_heavy_modules() -> None:
+    """Import torch (and what the jobs use) once, under a lock, before any request runs it.
+
+    torch is not safe to import from two threads at once ("partially initialized module 'torch' has no
+    attribute 'cuda'"), and the light worker (``hello``) and the GPU worker (jobs) would otherwise race
+    on a fresh process. Every request waits here until the first import is complete."""
+    global _preloaded
+    with _IMPORT_LOCK:
+        if _preloaded:
+            return
+        try:
+            import torch  # noqa: F401
+
+            from .. import dwmesh, render  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - a broken torch is reported by hello / the job itself
+            log.warning("preloading torch failed: %s", exc)
+        _preloaded = True
+
+
 @dataclass
 class Task:
     id: str
@@ -118,6 +141,7 @@ class Server:
         self.interrupted = self.store.recover()
         for j in self.interrupted:
             log.warning("job %s was left unfinished by an earlier run: marked interrupted", j["job"])
+        threading.Thread(target=preload_heavy_modules, name="preload", daemon=True).start()
         threading.Thread(target=self._gpu_worker, name="gpu-worker", daemon=True).start()
         threading.Thread(target=self._light_worker, name="light-worker", daemon=True).start()
         log.info(
@@ -277,6 +301,7 @@ class Server:
         """Run a task, emitting ``started`` and its progress; return its final event (result or error)."""
         self._current.id = task.id
         self.emit({"id": task.id, "event": "started"})
+        preload_heavy_modules()
         step_delay = float(os.environ.get("EX4D_SERVICE_STEP_DELAY") or 0)  # test hook (see docs/service.md)
         last: dict = {}
 
