@@ -586,7 +586,8 @@ def setup_bpy_venvs(args: argparse.Namespace, runner: Runner) -> list[str]:
         venv = Path(args.bpy_dir).expanduser().resolve() / name
         key = {"installer": INSTALLER_VERSION, "requirements": list(reqs), "offline": bool(args.offline)}
         marker = venv / MARKER
-        if not args.force and read_marker(marker).get("key") == key and venv_python(venv).exists():
+        fresh = not (args.force or args.recreate)
+        if fresh and read_marker(marker).get("key") == key and venv_python(venv).exists():
             runner.say(f"{name}: up to date")
             continue
         marker.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ manifest fails with Blender's message and leaves no zip."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -26,34 +27,41 @@ needs42 = pytest.mark.skipif(
 )
 
 
-def _addon_files() -> set[str]:
+def _addon_files(addon_dir: Path) -> set[str]:
     """The add-on package's files as they should appear in the zip (relative, without caches)."""
     out = set()
-    for p in be.ADDON_DIR.rglob("*"):
-        rel = p.relative_to(be.ADDON_DIR)
+    for p in addon_dir.rglob("*"):
+        rel = p.relative_to(addon_dir)
         if p.is_file() and "__pycache__" not in rel.parts and p.suffix not in (".pyc", ".pyo"):
             out.add(rel.as_posix())
     return out
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    """(zip, the add-on snapshot it was built from): a snapshot, as others may edit the add-on meanwhile."""
     if be._bpy_scripts(ENV50) is None:
         pytest.skip("no .venv-bpy5.0 (scripts/install_deps.py --dev creates it)")
-    return be.build_extension(tmp_path_factory.mktemp("dist"), bpy_env=ENV50)
+    snap = tmp_path_factory.mktemp("addon") / "ex4d_addon"
+    shutil.copytree(be.ADDON_DIR, snap)
+    (snap / "__pycache__").mkdir(exist_ok=True)
+    (snap / "__pycache__" / "stale.cpython-311.pyc").write_bytes(b"cache")  # must not be packaged
+    return be.build_extension(tmp_path_factory.mktemp("dist"), bpy_env=ENV50, addon_dir=snap), snap
 
 
 def test_zip_contents(built):
+    zip_path, snap = built
     meta = tomllib.loads(be.MANIFEST.read_text(encoding="utf-8"))
-    assert built.name == f"{meta['id']}-{meta['version']}.zip"
-    with zipfile.ZipFile(built) as zf:
+    assert zip_path.name == f"{meta['id']}-{meta['version']}.zip"
+    with zipfile.ZipFile(zip_path) as zf:
         assert zf.testzip() is None
         names = {n for n in zf.namelist() if not n.endswith("/")}
-        assert names == _addon_files() | {"blender_manifest.toml"}
+        assert names == _addon_files(snap) | {"blender_manifest.toml"}
+        assert "__init__.py" in names
         assert tomllib.loads(zf.read("blender_manifest.toml").decode()) == meta
-        for name in _addon_files():
-            assert zf.read(name) == (be.ADDON_DIR / name).read_bytes(), name
-    assert not list(built.parent.glob("*.part.zip"))
+        for name in _addon_files(snap):
+            assert zf.read(name) == (snap / name).read_bytes(), name
+    assert not list(zip_path.parent.glob("*.part.zip"))
 
 
 def test_manifest_fields(built):
@@ -66,7 +74,7 @@ def test_manifest_fields(built):
 @needs42
 def test_zip_validates_with_blender_42_tool(built):
     base, extra = be.tool_command(bpy_env=ENV42)
-    done = subprocess.run(base + ["validate", *extra, str(built)], capture_output=True, text=True)
+    done = subprocess.run(base + ["validate", *extra, str(built[0])], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
