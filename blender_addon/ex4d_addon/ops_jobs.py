@@ -305,6 +305,7 @@ class Job:
         self.report: tuple[str, str] | None = None  # (level, text) when finished
         self.cancel_requested = False
         self.timed_out = False
+        self.killed = False  # a second cancel stopped the backend process
         self.started_at = self.finished_at = 0.0
         self._pending: list[dict] = []
         self._warm = None  # the hello sent to a new backend process before the job
@@ -335,8 +336,15 @@ class Job:
         return self.state in ("done", "failed", "cancelled")
 
     def cancel(self) -> None:
-        """Ask the backend to stop this job at its next step boundary."""
-        if self.done or self.cancel_requested:
+        """Ask the backend to stop this job at its next step boundary. A second cancel (Esc twice) stops
+        the backend process itself (a hung backend; it is restarted on the next request)."""
+        if self.done:
+            return
+        if self.cancel_requested:
+            if not self.killed and self.req is not None:
+                self.killed = True
+                self._set_status(f"{self.label}: stopping the backend", self.fraction, "")
+                self.client.kill()
             return
         self.cancel_requested = True
         self._set_status(f"{self.label}: cancelling", self.fraction, "waiting for the next step boundary")
@@ -382,13 +390,17 @@ class Job:
             self._finish_request()
         return self.done
 
-    def run_blocking(self, timeout: float = 0.0) -> None:
-        """Background mode: tick until the job ends (``timeout`` > 0: cancel after that many seconds)."""
+    def run_blocking(self, timeout: float = 0.0, grace: float = 60.0) -> None:
+        """Background mode: tick until the job ends. ``timeout`` > 0: cancel after that many seconds, and
+        stop the backend if the job has not ended ``grace`` seconds later."""
         deadline = time.monotonic() + timeout if timeout > 0 else None
         while not self.tick():
-            if deadline is not None and time.monotonic() > deadline and not self.cancel_requested:
+            now = time.monotonic()
+            if deadline is not None and now > deadline and not self.cancel_requested:
                 self.timed_out = True
                 self.cancel()
+            elif deadline is not None and now > deadline + grace:
+                self.cancel()  # the second cancel stops the backend
             time.sleep(0.01)
 
     # -- events ------------------------------------------------------------------------------
@@ -440,9 +452,12 @@ class Job:
         try:
             if req.error is not None:
                 err = req.error
-                if err.get("code") == "cancelled" or (self.cancel_requested and err.get("code") != "backend_died"):
+                code = err.get("code")
+                if code == "cancelled" or self.killed or (self.cancel_requested and code != "backend_died"):
                     self.state = "cancelled"
                     why = "stopped: time limit reached" if self.timed_out else "cancelled"
+                    if self.killed:
+                        why += " (the backend was stopped; it restarts on the next request)"
                     self.report = ("WARNING", f"EX-4D: {self.label} {why}; nothing was added")
                 elif err.get("code") == "backend_died":
                     self.state = "failed"

@@ -357,6 +357,37 @@ def test_cancel_mid_job(scene, ops, job_store, tmp_blend_dir):
     assert bpy.ops.ex4d.check_backend() == {"FINISHED"}
 
 
+def test_time_limit_and_second_cancel_stop_the_job(scene, ops, job_store, tmp_blend_dir):
+    """Background mode's time limit cancels the job; a second cancel (Esc twice) stops a backend that does
+    not answer: the job ends cancelled, nothing is added, the next request gets a new backend."""
+    clip = _make_clip(job_store.parent / "clips", "cancel", w=128, h=96, t=24, card=(48, 80, 24, 72), noise=True)
+    sc = scene
+    setup_shot(sc, clip, parented=False)
+    sc.ex4d_job.width, sc.ex4d_job.height, sc.ex4d_job.num_frames = 128, 96, 21
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "limit.blend"))
+    sc.ex4d.seed = 99  # a job not in the store
+    sc.ex4d_job.timeout = 0.01  # seconds
+    assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"CANCELLED"}
+    assert not strips_of(sc, "generate") and not sc.ex4d.job_running
+    sc.ex4d_job.timeout = 0.0
+    backend = addon_module("backend")
+    pids: list[int] = []
+
+    def hook(job, event):
+        if event.get("event") == "progress" and not pids:
+            pids.append(job.client.pid)
+            os.kill(job.client.pid, signal.SIGSTOP)  # a hung backend: it will not answer the cancel
+            bpy.ops.ex4d.cancel_job()
+            bpy.ops.ex4d.cancel_job()  # the second one stops it
+
+    ops.event_hooks.append(hook)
+    sc.ex4d.seed = 98
+    assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"CANCELLED"}
+    ops.event_hooks.clear()
+    assert pids and not strips_of(sc, "generate") and not sc.ex4d.job_running and sc.ex4d.last_error == ""
+    assert bpy.ops.ex4d.check_backend() == {"FINISHED"} and backend.current_client().pid != pids[0]
+
+
 def test_backend_dies_mid_job(scene, ops, card_clip, tmp_blend_dir):
     sc = scene
     setup_shot(sc, card_clip, parented=False)
