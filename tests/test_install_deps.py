@@ -216,3 +216,81 @@ def test_nvdiffrast_warm_up_on_gpu(tmp_path):
         pytest.skip("needs CUDA")
     runner = inst.Runner(tmp_path / "warm.log")
     assert inst.warm_nvdiffrast(runner, Path(sys.executable)) == "ready", (tmp_path / "warm.log").read_text()
+
+
+# ---------------------------------------------------------------------------- where torch comes from
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the Linux wheel rules")
+
+
+def _plan(monkeypatch, argv, index_up: bool, findable: set[str]):
+    """torch_plan with the PyTorch index (un)reachable and pip finding exactly ``findable``."""
+    monkeypatch.setattr(inst, "reachable", lambda url, timeout=6.0: index_up)
+    monkeypatch.setattr(inst, "pip_finds", lambda py, req, opts, args: req in findable)
+    args = inst.parse_args(argv)
+    build, _ = inst.resolve_torch(args, None)
+    return inst.torch_plan(build, args, Path(sys.executable))
+
+
+V, TV = inst.TORCH_VERSION, inst.TORCHVISION_VERSION
+
+
+@linux_only
+@pytest.mark.parametrize("argv", [["--torch", "cpu"], ["--torch", "auto"], ["--torch", "cpu", "--dev"]])
+def test_cpu_wheel_without_cpu_torchvision(monkeypatch, argv):
+    """The machine's +cpu torch, no torchvision+cpu: torch alone, generation libraries left out."""
+    plan = _plan(monkeypatch, argv, False, {f"torch=={V}+cpu"})
+    assert (plan.build, plan.reqs, plan.generation) == ("cpu", [f"torch=={V}+cpu"], False)
+    assert "without torchvision" in plan.note
+
+
+@linux_only
+def test_auto_dev_takes_pypi_build_for_the_generation_tests(monkeypatch):
+    plan = _plan(monkeypatch, ["--dev"], False, {f"torch=={V}+cpu"})
+    assert (plan.build, plan.reqs, plan.opts, plan.generation) == (
+        inst.PYPI_LINUX_BUILD,
+        [f"torch==={V}", f"torchvision==={TV}"],
+        [],
+        True,
+    )
+
+
+@linux_only
+def test_cpu_index_reachable(monkeypatch):
+    plan = _plan(monkeypatch, ["--torch", "cpu"], True, {f"torch=={V}+cpu", f"torchvision=={TV}+cpu"})
+    assert plan.reqs == [f"torch=={V}+cpu", f"torchvision=={TV}+cpu"] and plan.generation
+    assert plan.opts == ["--extra-index-url", f"{inst.TORCH_INDEX}/cpu"]
+
+
+@linux_only
+def test_no_cpu_wheel_anywhere(monkeypatch):
+    with pytest.raises(inst.InstallError) as err:
+        _plan(monkeypatch, ["--torch", "cpu"], False, set())
+    assert f"--torch {inst.PYPI_LINUX_BUILD}" in err.value.todo
+    assert _plan(monkeypatch, ["--torch", "auto"], False, set()).reqs == [f"torch==={V}", f"torchvision==={TV}"]
+
+
+@linux_only
+def test_cuda_build_sources(monkeypatch):
+    plan = _plan(monkeypatch, ["--torch", "cu128"], True, set())
+    assert plan.reqs == [f"torch=={V}+cu128", f"torchvision=={TV}+cu128"]
+    assert plan.opts == ["--index-url", f"{inst.TORCH_INDEX}/cu128"]
+    assert _plan(monkeypatch, ["--torch", inst.PYPI_LINUX_BUILD], False, set()).reqs[0] == f"torch==={V}"
+    with pytest.raises(inst.InstallError, match="cannot reach"):
+        _plan(monkeypatch, ["--torch", "cu126"], False, set())
+
+
+@linux_only
+def test_offline_wheelhouse_with_pypi_build(monkeypatch, tmp_path):
+    argv = ["--torch", inst.PYPI_LINUX_BUILD, "--offline", "--wheelhouse", str(tmp_path)]
+    plan = _plan(monkeypatch, argv, False, {f"torch==={V}", f"torchvision==={TV}"})
+    assert plan.reqs == [f"torch==={V}", f"torchvision==={TV}"] and plan.generation
+    with pytest.raises(inst.InstallError, match="no torch .* wheel") as err:
+        _plan(monkeypatch, ["--torch", "cu128", "--offline", "--wheelhouse", str(tmp_path)], False, set())
+    assert "--download-wheelhouse DIR --torch cu128" in err.value.todo
+
+
+def test_auto_with_gpu_picks_cuda_build():
+    args = inst.parse_args([])
+    build, why = inst.resolve_torch(args, gpu("580.65.06", "9.0", "NVIDIA H100 80GB HBM3"))
+    assert build == "cu130" and why.startswith("NVIDIA H100 80GB HBM3: driver 580.65.06")
