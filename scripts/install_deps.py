@@ -259,8 +259,13 @@ def pypi_plan(note: str = "") -> TorchPlan:
 
 def torch_plan(build: str, args: argparse.Namespace, py: Path) -> TorchPlan:
     """Choose the torch/torchvision wheels and their source for ``build`` (see docs/install.md)."""
-    if build == "none":
-        return TorchPlan("none", [], [], "-", True)
+    if build == "none":  # torch is yours; the generation libraries only where your torchvision imports
+        try:
+            vision = subprocess.run([str(py), "-c", "import torchvision"], capture_output=True).returncode == 0
+        except OSError:
+            vision = False
+        note = "" if vision else "--torch none and no importable torchvision: leaving out the generation libraries"
+        return TorchPlan("none", [], [], "-", vision, note)
     if args.offline:
         return offline_plan(build, args, py)
     system = platform.system()

@@ -294,3 +294,11 @@ def test_auto_with_gpu_picks_cuda_build():
     args = inst.parse_args([])
     build, why = inst.resolve_torch(args, gpu("580.65.06", "9.0", "NVIDIA H100 80GB HBM3"))
     assert build == "cu130" and why.startswith("NVIDIA H100 80GB HBM3: driver 580.65.06")
+
+
+def test_torch_none_keeps_generation_only_with_a_working_torchvision(tmp_path):
+    args = inst.parse_args(["--torch", "none"])
+    has_vision = importlib.util.find_spec("torchvision") is not None
+    plan = inst.torch_plan("none", args, Path(sys.executable))
+    assert (plan.reqs, plan.generation) == ([], has_vision)
+    assert inst.torch_plan("none", args, tmp_path / "no-python").generation is False
