@@ -587,7 +587,9 @@ def _finish_generate(job: Job, result: dict) -> str:
         "camera": job.camera_name,
         "camera_hash": result["camera_hash"],
         "generator": settings.get("generator", ""),
-        "model": "Wan2.1-I2V-14B-480P + EX-4D" if settings.get("generator") == "ex4d" else "preview (no model)",
+        "model": "Wan-AI/Wan2.1-I2V-14B-480P + yihouxiang/EX-4D"
+        if settings.get("generator") == "ex4d"
+        else "preview (no model)",
         "seed": int(settings.get("seed", 0)),
         "steps": int(settings.get("steps", 0)),
         "cfg": float(settings.get("cfg", 0.0)),
