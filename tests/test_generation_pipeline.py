@@ -365,15 +365,23 @@ def test_cancel_frees_gpu_memory(tiny_models_dir, guide):
     from ex4d_backend.generation import load_generator
 
     p = load_generator("ex4d", models_dir=tiny_models_dir, device="cuda")
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
 
     def cancel(stage, step, total, msg):
         if stage == "denoise":
             raise Cancelled()
 
-    with pytest.raises(Cancelled):
-        p(*guide, callback=cancel, **SIZE)
-    gc.collect()
+    def cancelled_run() -> int:
+        with pytest.raises(Cancelled):
+            p(*guide, callback=cancel, **SIZE)
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() == before
+    loaded = torch.cuda.memory_allocated()
+    # The first run makes one-off allocations that persist by design (cuBLAS workspace, rotary tables):
+    # measured 1.4 MiB on an H100. Cancelled runs after it must not leave anything behind.
+    first = cancelled_run()
+    assert first - loaded < 16 * 2**20
+    assert cancelled_run() == first
+    assert cancelled_run() == first
