@@ -32,17 +32,20 @@ ROOT = Path(__file__).resolve().parents[2]
 REPO_MODULE = "ex4d_test"  # the local extension repository the tests install into
 ADDON = f"bl_ext.{REPO_MODULE}.ex4d"
 
-_SESSION_DIR = Path(tempfile.mkdtemp(prefix="ex4d_bpy_tests_"))
-os.environ.setdefault("BLENDER_USER_RESOURCES", str(_SESSION_DIR / "blender_user"))
-os.environ.setdefault("EX4D_BACKEND_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
-os.environ.setdefault("EX4D_STORE", str(_SESSION_DIR / "store"))
-BACKEND_PYTHON = os.environ["EX4D_BACKEND_PYTHON"]
-
 try:
     import bpy
 except ImportError:  # not a bpy venv: nothing here can run
     bpy = None
     collect_ignore_glob = ["test_*.py"]
+
+# Only inside a bpy venv: the main .venv's pytest also imports this file (to learn that it has nothing to
+# collect) and must not leak these variables into the bpy suites it starts (they would share one job store).
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="ex4d_bpy_tests_")) if bpy is not None else Path(tempfile.gettempdir())
+if bpy is not None:
+    os.environ.setdefault("BLENDER_USER_RESOURCES", str(_SESSION_DIR / "blender_user"))
+    os.environ.setdefault("EX4D_BACKEND_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+    os.environ.setdefault("EX4D_STORE", str(_SESSION_DIR / "store"))
+BACKEND_PYTHON = os.environ.get("EX4D_BACKEND_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
 
 # The synthetic clip: small, with a wide field of view so the card, the sphere and their occlusion edges show.
 CLIP_W, CLIP_H, CLIP_T, CLIP_FOCAL = 64, 48, 6, 60.0
@@ -56,7 +59,8 @@ def pytest_sessionfinish(session, exitstatus):  # noqa: ARG001
                 mod.shutdown()
         except Exception:  # noqa: BLE001
             pass
-    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    if bpy is not None:
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
 
 
 def backend_py(code: str, timeout: float = 300, **args) -> dict:
