@@ -22,12 +22,12 @@ def main() -> None:
     for w, h in [(512, 512), (1920, 1080)]:
         frames, depth, k = make_scene(w, h, 49)
         cam = preset_path("90", 49, k, depth[0], w, h)
-        for rep in range(3):
+        for _rep in range(3):
             marks = {}
             torch.cuda.synchronize()
             t0 = time.perf_counter()
 
-            def mark(name: str) -> None:
+            def mark(name: str, marks: dict = marks, t0: float = t0) -> None:
                 torch.cuda.synchronize()
                 marks[name] = round(time.perf_counter() - t0, 4)
 
