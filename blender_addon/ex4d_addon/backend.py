@@ -45,7 +45,7 @@ def _fan_out(event: dict) -> None:
             print(f"EX-4D: event listener failed: {exc!r}")
 
 
-def _settings(context) -> tuple[str, str | None, str | None]:
+def _settings(context) -> tuple[str, str | None, str | None, int]:
     pref = props.prefs(context)
     python, where = props.find_backend_python(pref.backend_python if pref else "")
     if not python:
@@ -58,7 +58,8 @@ def _settings(context) -> tuple[str, str | None, str | None]:
         )
     store = (bpy.path.abspath(pref.store_dir) if pref and pref.store_dir else "") or os.environ.get(ENV_STORE) or None
     models = bpy.path.abspath(pref.models_dir) if pref and pref.models_dir else None
-    return python, store, models
+    keep_s = int(pref.keep_model_loaded) if pref else 600
+    return python, store, models, keep_s
 
 
 def _covered(path: str) -> bool:
@@ -77,14 +78,14 @@ def allow(folders: list[str]) -> None:
 def get_client(context, paths: list[str] = ()) -> BackendClient:
     """The session's client, started (or restarted when idle) so that it may read ``paths``."""
     global _client, _config
-    python, store, models = _settings(context)
+    python, store, models, keep_s = _settings(context)
     new_dirs = []
     for p in paths:  # allow the folder holding each input (an image sequence: the folder above it)
         if p and not _covered(p):
             d = os.path.dirname(os.path.realpath(p).rstrip(os.sep)) or os.sep
             if d not in new_dirs:
                 new_dirs.append(d)
-    config = (python, store, models)
+    config = (python, store, models, keep_s)
     if _client is not None:
         _client.poll()  # deliver a pending exit so requests of a dead backend count as done
     busy = _client is not None and _client.running and any(not r.done for r in _client.requests.values())
@@ -100,7 +101,12 @@ def get_client(context, paths: list[str] = ()) -> BackendClient:
     _allowed.update(new_dirs)
     if _client is None:
         _client = BackendClient(
-            python=python, store=store, models_dir=models, allow=sorted(_allowed), on_event=_fan_out
+            python=python,
+            store=store,
+            models_dir=models,
+            allow=sorted(_allowed),
+            extra_args=["--keep-generator", str(keep_s)],
+            on_event=_fan_out,
         )
         _config = config
     return _client

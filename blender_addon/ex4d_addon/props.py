@@ -93,6 +93,14 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         ],
         default="depthcrafter",
     )
+    keep_model_loaded: IntProperty(
+        name="Keep Model Loaded (s)",
+        description="Seconds the backend keeps the generator in memory after a generation, so the next one "
+        "starts at once (0: load it for each generation and free the memory right after)",
+        default=600,
+        min=0,
+        soft_max=3600,
+    )
     backend_info: StringProperty(name="Backend", default="")
 
     def draw(self, context):
@@ -106,6 +114,7 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         row.prop(self, "device")
         row.prop(self, "vram_profile")
         layout.prop(self, "depth_model")
+        layout.prop(self, "keep_model_loaded")
         layout.operator("ex4d.check_backend", icon="CHECKMARK")
         for line in self.backend_info.split("\n"):
             if line:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,7 @@ class Context:
     request_id: str | None = None
     cached: dict[str, bool] = field(default_factory=dict)
     force_stage: str | None = None  # the stage that ``force`` recomputes
+    resident: Any = None  # a ``resident.ResidentGenerator`` (the service's); None: load per job
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +173,8 @@ def depth_stage(ctx: Context, p: dict, clip: Clip) -> Depth:
     if meta is None or ctx.force_stage == "depth":
         from ..depth import estimate
 
+        if model != "file" and ctx.resident is not None:
+            ctx.resident.release()  # the depth model needs the VRAM the kept generator holds
         ctx.progress("depth", 0, 1, f"depth from {model}")
         frames = np.ascontiguousarray(clip.frames)
         result = estimate(frames, model, models_dir=ctx.models_dir, device=device, progress=ctx.progress, **options)
@@ -580,12 +584,21 @@ def exec_generate(ctx: Context, p: dict) -> dict:
     if ctx.store.stage_meta("generate", key) is None or ctx.force_stage == "generate":
         color = np.load(gdir / "color.npy")
         mask = np.load(gdir / "mask.npy")
-        ctx.progress("load", 0, 1, f"loading the {s['generator']} generator")
-        gen = load_generator(
-            s["generator"], models_dir=ctx.models_dir, device=s["device"], vram_profile=s["vram_profile"]
-        )
+
+        def load():
+            ctx.progress("load", 0, 1, f"loading the {s['generator']} generator")
+            return load_generator(
+                s["generator"], models_dir=ctx.models_dir, device=s["device"], vram_profile=s["vram_profile"]
+            )
+
+        if ctx.resident is not None:
+            gen_key = (s["generator"], str(ctx.models_dir), s["device"], s["vram_profile"])
+            gen, reused = ctx.resident.acquire(gen_key, load)
+        else:
+            gen, reused = load(), False
+        ok = False
         try:
-            ctx.progress("load", 1, 1, "loaded")
+            ctx.progress("load", 1, 1, "the generator was still loaded" if reused else "loaded")
             frames = gen(
                 color,
                 mask,
@@ -600,8 +613,12 @@ def exec_generate(ctx: Context, p: dict) -> dict:
                 negative_prompt=s["negative_prompt"],
                 callback=ctx.progress,
             )
+            ok = True
         finally:
-            gen.close()
+            if ctx.resident is not None:
+                ctx.resident.done(ok)  # kept for the next job, or closed after a cancel or an error
+            else:
+                gen.close()
             del gen
             _free_memory()
         from ..footage import write_png_sequence, write_video

@@ -22,6 +22,7 @@ from typing import BinaryIO
 from ..errors import CANCELLED, DEVICE, INTERNAL, Cancelled, Ex4dError
 from . import jobs, protocol
 from .jobstore import JobStore, TailHandler
+from .resident import DEFAULT_KEEP_ALIVE_S, ResidentGenerator
 
 log = logging.getLogger("ex4d_backend.service")
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
@@ -79,8 +80,17 @@ class _EventLogHandler(logging.Handler):
 class Server:
     """One service instance reading ``stdin`` and writing ``stdout`` (binary streams)."""
 
-    def __init__(self, store: JobStore, stdin: BinaryIO, stdout: BinaryIO, *, models_dir: str | None = None):
+    def __init__(
+        self,
+        store: JobStore,
+        stdin: BinaryIO,
+        stdout: BinaryIO,
+        *,
+        models_dir: str | None = None,
+        keep_generator_s: float = DEFAULT_KEEP_ALIVE_S,
+    ):
         self.store = store
+        self.resident = ResidentGenerator(keep_generator_s)  # used by the GPU worker alone
         self.stdin, self.stdout = stdin, stdout
         self.models_dir = models_dir
         self._out_lock = threading.Lock()
@@ -267,14 +277,24 @@ class Server:
     # -- workers ------------------------------------------------------------------------------
     def _gpu_worker(self) -> None:
         while True:
+            task = None
             with self._cond:
                 while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                task = self._queue.popleft()
-                self._running = task
-                self._report_positions()
+                    left = self.resident.seconds_left()  # None: nothing kept loaded, wait for work
+                    if left == 0:
+                        break
+                    self._cond.wait(left)
+                stopping = self._stopping
+                if not stopping and self._queue:
+                    task = self._queue.popleft()
+                    self._running = task
+                    self._report_positions()
+            if stopping:
+                self.resident.release()
+                return
+            if task is None:
+                self.resident.expire()  # idle for keep_alive: close the kept generator (outside the lock)
+                continue
             try:
                 final = self._run(task)
             except BaseException as exc:  # noqa: BLE001 - the worker must outlive any job
@@ -334,7 +354,7 @@ class Server:
             elif task.type == "probe_footage":
                 result = jobs.probe_footage(self.store, task.params)
             else:
-                ctx = jobs.Context(self.store, progress, self.models_dir, task.id)
+                ctx = jobs.Context(self.store, progress, self.models_dir, task.id, resident=self.resident)
                 result = jobs.run_job(task.type, task.params, ctx)
         except Ex4dError as exc:
             level = logging.INFO if exc.code == CANCELLED else logging.WARNING

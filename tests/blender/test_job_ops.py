@@ -330,6 +330,37 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     assert len(strips_of(sc, "guide")) == 1 and not sc.ex4d.job_running
 
 
+def test_keep_model_loaded_preference(scene, ops, card_clip, tmp_blend_dir):
+    """The backend keeps the generator loaded between generations for the preference's seconds; changing
+    the preference restarts the backend with it, and 0 loads the generator for every generation."""
+    pref = addon_module("props").prefs()
+    sc = scene
+    setup_shot(sc, card_clip, parented=False)
+    sc.ex4d.steps = 2
+    js = sc.ex4d_job
+    js.width, js.height, js.num_frames = 64, 48, 5
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "keep.blend"))
+    loads: list[str] = []
+
+    def hook(job, e):
+        if e.get("event") == "progress" and e.get("stage") == "load":
+            loads.append(e["message"])
+
+    ops.event_hooks.append(hook)
+    seen = {}
+    try:
+        for seed, keep in ((1, 600), (2, 600), (3, 0), (4, 0)):
+            pref.keep_model_loaded = keep
+            sc.ex4d.seed = seed
+            loads.clear()
+            assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}
+            seen[seed] = "reused" if loads == ["the generator was still loaded"] else "loaded"
+            assert loads and (seen[seed] == "reused" or loads[0].startswith("loading")), loads
+    finally:
+        pref.keep_model_loaded = 600
+    assert seen[2] == "reused" and seen[3] == "loaded" and seen[4] == "loaded", seen
+
+
 def test_cancel_mid_job(scene, ops, job_store, tmp_blend_dir):
     clip = _make_clip(job_store.parent / "clips", "cancel", w=128, h=96, t=24, card=(48, 80, 24, 72), noise=True)
     sc = scene
