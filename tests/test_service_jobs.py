@@ -87,6 +87,33 @@ def test_recon_job_dwmesh_positions(env):
     assert all(again.result["cached"].values())
 
 
+@pytest.mark.parametrize(
+    "fit, sensor_mm",
+    [("AUTO", {"sensor_width": 36.0}), ("HORIZONTAL", {"sensor_width": 36.0}), ("VERTICAL", {"sensor_height": 24.0})],
+)
+def test_source_lens_follows_blenders_sensor_fit_on_portrait_footage(env, fit, sensor_mm):
+    """A lens in mm becomes the focal length in pixels by Blender's rule: AUTO spans the sensor width
+    over the longer side (the height of portrait footage), HORIZONTAL over the width, VERTICAL spans the
+    sensor height over the height."""
+    clip, client, _ = env
+    portrait = clip.root / "portrait"
+    if not portrait.exists():
+        sf.make_clip(portrait, width=48, height=64, n_frames=3)
+    w, h = 48, 64
+    span = {"AUTO": h, "HORIZONTAL": w, "VERTICAL": h}[fit]
+    f_px = 57.0
+    lens = f_px * next(iter(sensor_mm.values())) / span
+    params = {
+        "footage": str(portrait / "clip"),
+        "depth": {"model": "file", "path": str(portrait / "depth.npy")},
+        "lens": lens,
+        "sensor_fit": fit,
+        **sensor_mm,
+    }
+    r = sf.run(client, "build_dwmesh", params)[0].raise_for_error()
+    np.testing.assert_allclose(r["K"], [[f_px, 0, w / 2], [0, f_px, h / 2], [0, 0, 1]], rtol=1e-9)
+
+
 def _source_camera_blender(clip: sf.Clip, n: int) -> dict:
     """The source camera itself, as raw Blender camera data (matrix_world, lens, sensor)."""
     h, w = clip.frames.shape[1:3]

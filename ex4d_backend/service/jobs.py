@@ -200,13 +200,19 @@ def depth_stage(ctx: Context, p: dict, clip: Clip) -> Depth:
 
 
 def intrinsics(p: dict, width: int, height: int) -> np.ndarray:
-    from ..cameras import intrinsics_from_focal
+    """The source camera's K (pixels, at the processing resolution) from ``focal_px`` or ``lens`` (mm)."""
+    from ..cameras import blender_to_intrinsics, intrinsics_from_focal
 
     if "focal_px" in p:
         return intrinsics_from_focal(width, height, focal_px=float(p["focal_px"]))
-    if "lens" in p:
-        return intrinsics_from_focal(
-            width, height, focal_mm=float(p["lens"]), sensor_width_mm=float(p.get("sensor_width", 36.0))
+    if "lens" in p:  # Blender's rule: the sensor size spans the side that sensor_fit names
+        return blender_to_intrinsics(
+            float(p["lens"]),
+            width,
+            height,
+            sensor_width=float(p.get("sensor_width", 36.0)),
+            sensor_height=float(p.get("sensor_height", 24.0)),
+            sensor_fit=p.get("sensor_fit", "HORIZONTAL"),
         )
     return intrinsics_from_focal(width, height)
 

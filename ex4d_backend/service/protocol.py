@@ -97,6 +97,8 @@ INTRINSICS = {
     "focal_px": _FOCAL_PX,  # default 500 (the reference) at the processing resolution
     "lens": _LENS,  # alternatively: the source camera's lens in mm ...
     "sensor_width": _SENSOR,  # ... on this sensor width in mm (default 36)
+    "sensor_height": _SENSOR,  # ... (used with sensor_fit VERTICAL; default 24)
+    "sensor_fit": {"enum": ["AUTO", "HORIZONTAL", "VERTICAL"]},  # Blender's; default HORIZONTAL
 }
 MESH = {
     "mesh_filter": {"enum": list(MESH_FILTERS)},
