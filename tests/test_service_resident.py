@@ -168,3 +168,68 @@ def test_bad_keep_generator_one_error(tmp_path, value):
     err = proc.stderr.decode()
     assert proc.returncode != 0 and "--keep-generator" in err and "seconds" in err, err
     assert not (tmp_path / "store").exists()  # nothing was created
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _cuda(), reason="no CUDA")])]
+)
+def test_kept_generator_memory_is_freed_by_cancel_and_idle(tmp_path, models, device):
+    """In-process (``Server._run``, as the GPU worker calls it) so the allocator can be read: the kept
+    generator holds its weights between jobs; a cancel and the idle expiry give all of it back."""
+    import io
+
+    from ex4d_backend.service.jobstore import JobStore
+    from ex4d_backend.service.server import Server, Task
+
+    clip = sf.make_clip(tmp_path / "data")
+    server = Server(JobStore(tmp_path / "store", [clip.root]), io.BytesIO(), io.BytesIO(), models_dir=str(models))
+    server.resident.keep_alive_s = 600
+
+    def allocated() -> int:
+        if device != "cuda":
+            return 0
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    def job(seed: int, cancel_at_denoise: bool = False) -> dict:
+        task = Task(f"job{seed}", "generate", _params(clip, seed=seed, device=device))
+        original = server.emit
+
+        def emit(event: dict) -> None:
+            if cancel_at_denoise and event.get("event") == "progress" and event["stage"] == "denoise":
+                task.cancel.set()
+            original(event)
+
+        server.emit = emit
+        try:
+            return server._run(task)
+        finally:
+            server.emit = original
+
+    assert job(0)["event"] == "result" and server.resident.loaded is not None
+    first = server.resident._gen
+    server.resident.release()  # after one complete cycle: what stays now is not the generator's
+    base = allocated()
+    assert job(1)["event"] == "result" and server.resident._gen is not first  # released: loaded anew
+    kept = allocated()
+    assert server.resident.loaded is not None and (device != "cuda" or kept > base)
+    assert job(2)["event"] == "result" and allocated() == kept  # reused: nothing more allocated
+    final = job(3, cancel_at_denoise=True)
+    assert final["event"] == "error" and final["error"]["code"] == "cancelled", final
+    assert server.resident.loaded is None and allocated() == base
+    assert job(4)["event"] == "result" and server.resident.loaded is not None
+    server.resident.keep_alive_s = 0.2
+    server.resident.done(True)  # restart the idle clock with the short keep-alive
+    time.sleep(0.3)
+    assert server.resident.expire() and server.resident.loaded is None and allocated() == base
