@@ -22,6 +22,7 @@ from ex4d_backend.service.jobstore import JobStore
 from ex4d_backend.service.pointcache import read_pc2
 
 FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
+EXTRA_INPUTS: set[Path] = set()  # input files tests add inside the allowed folder (not the service)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,7 @@ def test_source_lens_follows_blenders_sensor_fit_on_portrait_footage(env, fit, s
     portrait = clip.root / "portrait"
     if not portrait.exists():
         sf.make_clip(portrait, width=48, height=64, n_frames=3)
+        EXTRA_INPUTS.update({portrait, *portrait.rglob("*")})  # inputs, before any job ran on them
     w, h = 48, 64
     span = {"AUTO": h, "HORIZONTAL": w, "VERTICAL": h}[fit]
     f_px = 57.0
@@ -316,7 +318,7 @@ def test_client_is_stdlib_only():
 def test_jobs_wrote_only_inside_the_store(env):
     """After every job of this module (runs last): the input folder holds exactly the inputs."""
     clip, client, store = env
-    inputs = {clip.depth_path, *clip.footage.iterdir(), clip.footage}
+    inputs = {clip.depth_path, *clip.footage.iterdir(), clip.footage, *EXTRA_INPUTS}
     assert set(clip.root.rglob("*")) == inputs
     assert {p.name for p in clip.root.parent.iterdir()} == {"data", "store"}
     assert len(list(clip.footage.iterdir())) == len(clip.frames)
