@@ -170,18 +170,7 @@ def test_bad_keep_generator_one_error(tmp_path, value):
     assert not (tmp_path / "store").exists()  # nothing was created
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
-
-
-@pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not _cuda(), reason="no CUDA")])]
-)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_kept_generator_memory_is_freed_by_cancel_and_idle(tmp_path, models, device):
     """In-process (``Server._run``, as the GPU worker calls it) so the allocator can be read: the kept
     generator holds its weights between jobs; a cancel and the idle expiry give all of it back."""

@@ -16,7 +16,6 @@ so changing the camera reuses frames, depth and the DW-mesh.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
@@ -26,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -34,6 +32,7 @@ from .. import __version__
 from ..errors import BAD_INPUT, Ex4dError
 from . import protocol
 from .jobstore import JobStore, make_key
+from .resident import ResidentGenerator, free_memory
 
 log = logging.getLogger("ex4d_backend.service")
 Progress = Callable[[str, int, int, str], None]
@@ -50,7 +49,7 @@ class Context:
     request_id: str | None = None
     cached: dict[str, bool] = field(default_factory=dict)
     force_stage: str | None = None  # the stage that ``force`` recomputes
-    resident: Any = None  # a ``resident.ResidentGenerator`` (the service's); None: load per job
+    resident: ResidentGenerator = field(default_factory=lambda: ResidentGenerator(0))  # default: load per job
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,13 +68,6 @@ def _array_hash(*arrays: np.ndarray) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:20]
-
-
-def _free_memory() -> None:
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +165,7 @@ def depth_stage(ctx: Context, p: dict, clip: Clip) -> Depth:
     if meta is None or ctx.force_stage == "depth":
         from ..depth import estimate
 
-        if model != "file" and ctx.resident is not None:
+        if model != "file":
             ctx.resident.release()  # the depth model needs the VRAM the kept generator holds
         ctx.progress("depth", 0, 1, f"depth from {model}")
         frames = np.ascontiguousarray(clip.frames)
@@ -190,7 +182,7 @@ def depth_stage(ctx: Context, p: dict, clip: Clip) -> Depth:
         with ctx.store.write_stage("depth", key, meta) as tmp:
             np.save(tmp / "depth.npy", depth)
         del result, depth, frames
-        _free_memory()
+        free_memory()
         ctx.progress("depth", 1, 1, "done")
         ctx.cached["depth"] = False
     else:
@@ -597,11 +589,8 @@ def exec_generate(ctx: Context, p: dict) -> dict:
                 s["generator"], models_dir=ctx.models_dir, device=s["device"], vram_profile=s["vram_profile"]
             )
 
-        if ctx.resident is not None:
-            gen_key = (s["generator"], str(ctx.models_dir), s["device"], s["vram_profile"])
-            gen, reused = ctx.resident.acquire(gen_key, load)
-        else:
-            gen, reused = load(), False
+        gen_key = (s["generator"], str(ctx.models_dir), s["device"], s["vram_profile"])
+        gen, reused = ctx.resident.acquire(gen_key, load)
         ok = False
         try:
             ctx.progress("load", 1, 1, "the generator was still loaded" if reused else "loaded")
@@ -621,12 +610,9 @@ def exec_generate(ctx: Context, p: dict) -> dict:
             )
             ok = True
         finally:
-            if ctx.resident is not None:
-                ctx.resident.done(ok)  # kept for the next job, or closed after a cancel or an error
-            else:
-                gen.close()
+            ctx.resident.done(ok)  # kept for the next job, or closed (a cancel, an error, keep-alive 0)
             del gen
-            _free_memory()
+            free_memory()
         from ..footage import write_png_sequence, write_video
 
         idx = sample_indices(len(color), s["num_frames"]).tolist()

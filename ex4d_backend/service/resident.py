@@ -8,14 +8,17 @@ for ``keep_alive`` seconds after a job finishes (like a model server's keep-aliv
 - a different one closes the old generator first (never two in VRAM);
 - a cancelled or failed generation closes it (cancel frees GPU memory, an error may have left the
   model in a bad state); so does a depth-model job (which needs the VRAM) and ``shutdown``;
-- after ``keep_alive`` idle seconds the GPU worker closes it; ``keep_alive = 0`` loads per job.
+- after ``keep_alive`` idle seconds the GPU worker closes it; ``keep_alive = 0`` loads per job
+  (what ``ex4d run`` and any job context without the service's instance use).
 
 Only the GPU worker thread touches it (one job at a time), so it needs no lock.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -23,6 +26,14 @@ from typing import Any
 log = logging.getLogger("ex4d_backend.service")
 
 DEFAULT_KEEP_ALIVE_S = 600.0
+
+
+def free_memory() -> None:
+    """Collect garbage and hand torch's cached CUDA blocks back to the driver (no-op without torch)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class ResidentGenerator:
@@ -82,6 +93,4 @@ class ResidentGenerator:
             gen.close()
         finally:
             del gen
-            from .jobs import _free_memory
-
-            _free_memory()
+            free_memory()

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from ..errors import CANCELLED, DEVICE, INTERNAL, Cancelled, Ex4dError
 from . import jobs, protocol
 from .jobstore import JobStore, TailHandler
-from .resident import DEFAULT_KEEP_ALIVE_S, ResidentGenerator
+from .resident import DEFAULT_KEEP_ALIVE_S, ResidentGenerator, free_memory
 
 log = logging.getLogger("ex4d_backend.service")
 _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}
@@ -389,7 +389,7 @@ class Server:
         finally:
             self._current.id = None
             try:
-                jobs._free_memory()
+                free_memory()
             except Exception:  # noqa: BLE001
                 pass
         return self.error_event(task.id, err)
