@@ -1,63 +1,36 @@
 """Reconstruction: footage frames + depth + a camera -> the guide (colour, mask) EX-4D generates from.
 
-``run_recon`` builds the DW-meshes and renders them in chunks of frames (bounded memory), reporting
-progress per chunk; ``write_recon_outputs`` writes the reference's files atomically.
+``run_recon`` is the in-memory entry to the one guide path (``pipeline.guide``: chunked, pinned and
+double-buffered on CUDA); ``write_recon_outputs`` writes the reference's files atomically. ``ex4d recon``
+goes through the job store's stages (``pipeline.stages``), which call the same path.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from . import transfer
-from .cameras import CameraPath, load_camera_file, preset_path, reference_intrinsics, save_camera_npz
-from .dwmesh import DWMesh, build_dwmesh, write_ply
+from .cameras import CameraPath, reference_intrinsics, save_camera_npz
+from .constants import BORDER_DEPTH, MESH_FILTER
+from .dwmesh import write_ply
 from .errors import Ex4dError
-from .render import guide_tensors, rasterize_rgba, resolve_renderer, rgba_to_guide
+from .pipeline import camera as pipeline_camera
+from .pipeline.guide import CHUNK_PIXELS, Guide, render_guide  # noqa: F401 (CHUNK_PIXELS: re-exported)
+from .pipeline.settings import MeshSettings, RenderSettings
 
 Progress = Callable[[str, int, int, str], None]
-CHUNK_PIXELS = {"cuda": 16_000_000, "cpu": 6_000_000}  # pixels x frames per chunk (memory bound)
-
-
-def _finish(pending: tuple, color: np.ndarray, mask: np.ndarray) -> None:
-    """Wait for a chunk's asynchronous read-back and copy it out of the pinned buffers."""
-    start, stop, col_h, mask_h, event = pending
-    event.synchronize()
-    torch.from_numpy(color[start:stop]).copy_(col_h)
-    torch.from_numpy(mask[start:stop]).copy_(mask_h)
-
-
-@dataclass
-class Guide:
-    color: np.ndarray  # (T, H, W, 3) uint8
-    mask: np.ndarray  # (T, H, W) uint8 {0, 255}
-    camera: CameraPath
-    mesh0: DWMesh | None  # DW-mesh of frame 0 (for the PLY export)
 
 
 def resolve_camera(
     camera: str | os.PathLike | CameraPath, n_frames: int, k: np.ndarray, depth0: np.ndarray, width: int, height: int
 ) -> CameraPath:
-    """A CameraPath from a preset name, a camera file (.json/.npz) or a CameraPath."""
-    if isinstance(camera, CameraPath):
-        cam = camera
-    elif str(camera).lower().endswith((".json", ".npz")):
-        cam = load_camera_file(camera, n_frames, width, height, default_k=k)
-    else:
-        cam = preset_path(str(camera), n_frames, k, depth0, width, height)
-    if len(cam) < n_frames:
-        raise Ex4dError(f"the camera path has {len(cam)} frames but {n_frames} are needed", where="camera")
-    if (cam.width, cam.height) != (width, height):
-        raise Ex4dError(
-            f"the camera is for {cam.width}x{cam.height} but the footage is processed at {width}x{height}",
-            where="camera",
-        )
-    return cam
+    """A checked CameraPath from a preset name, a camera file (.json/.npz) or a CameraPath (``pipeline.camera``)."""
+    return pipeline_camera.resolve_camera(
+        pipeline_camera.spec_from_arg(camera), n_frames, k, depth0, width, height, where="--cam"
+    )
 
 
 def run_recon(
@@ -67,12 +40,13 @@ def run_recon(
     *,
     k: np.ndarray | None = None,
     renderer: str = "auto",
-    mesh_filter: str = "angle",
+    mesh_filter: str = MESH_FILTER,
     use_dwmesh: bool = True,
+    border_depth: float = BORDER_DEPTH,
     keep_mesh0: bool = False,
     progress: Progress | None = None,
 ) -> Guide:
-    """Render the guide for a novel camera.
+    """Render the guide for a novel camera, in memory (no store): ``pipeline.guide.render_guide``.
 
     Args:
         frames: (T, H, W, 3) uint8 source frames.
@@ -93,49 +67,11 @@ def run_recon(
     if depth.shape != (t, h, w):
         raise Ex4dError(f"depth {depth.shape} does not match the frames {(t, h, w)}", where="depth")
     k = reference_intrinsics(w, h) if k is None else np.asarray(k, dtype=np.float64)
-    cam = resolve_camera(camera, t, k, depth[0], w, h)
-    backend = resolve_renderer(renderer)
-    device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
-    chunk = max(1, CHUNK_PIXELS[backend] // (h * w))
-    color = np.empty((t, h, w, 3), np.uint8)
-    mask = np.empty((t, h, w), np.uint8)
-    mesh0 = None
-    n_chunks = (t + chunk - 1) // chunk
-    pending: tuple | None = None  # CUDA: (start, stop, pinned colour, pinned mask, event) being read back
-    for i, start in enumerate(range(0, t, chunk)):
-        if progress:
-            progress("render", i, n_chunks, f"frames {start}-{min(t, start + chunk) - 1}")
-        stop = min(t, start + chunk)
-        if backend == "cuda":  # pinned, asynchronous copies; chunk i's read-back overlaps chunk i+1's work
-            slot = i % 2
-            d = transfer.upload(depth[start:stop], "depth", slot, device)
-            c = transfer.upload(frames[start:stop], "frames", slot, device)
-        else:
-            d, c = torch.from_numpy(depth[start:stop]), torch.from_numpy(frames[start:stop])
-        mesh = build_dwmesh(d, k, c, mesh_filter=mesh_filter)
-        sl = slice(start, stop)
-        rgba = rasterize_rgba(mesh, cam.extrinsics[sl], cam.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
-        if backend == "cuda":
-            col_t, mask_t = guide_tensors(rgba)
-            col_h, ev_c = transfer.download_async(col_t, "color", slot)
-            mask_h, ev_m = transfer.download_async(mask_t, "mask", slot)
-            if pending is not None:
-                _finish(pending, color, mask)
-            pending = (start, stop, col_h, mask_h, ev_m)
-        else:
-            color[sl], mask[sl] = rgba_to_guide(rgba)
-        if keep_mesh0 and start == 0:
-            mesh0 = DWMesh(
-                mesh.vertices[:1].cpu(), mesh.faces.cpu(), mesh.invalid[:1].cpu(), mesh.colors[:1].cpu(), h, w
-            )
-        del mesh, rgba
-    if pending is not None:
-        _finish(pending, color, mask)
-    color[0] = frames[0]  # reference: the guide's frame 0 is the source frame with a full mask
-    mask[0] = 255
-    if progress:
-        progress("render", n_chunks, n_chunks, "done")
-    return Guide(color, mask, CameraPath(cam.extrinsics[:t], cam.intrinsics[:t], w, h, cam.name), mesh0)
+    mesh = MeshSettings(mesh_filter=mesh_filter, border_depth=border_depth)
+    spec = pipeline_camera.spec_from_arg(camera)
+    cam = pipeline_camera.resolve_camera(spec, t, k, depth[0], w, h, mesh, where="--cam")
+    render = RenderSettings(renderer=renderer, use_dwmesh=use_dwmesh)
+    return render_guide(frames, depth, k, cam, mesh, render, keep_mesh0=keep_mesh0, progress=progress)
 
 
 def write_recon_outputs(
@@ -165,4 +101,55 @@ def write_recon_outputs(
         if guide.mesh0 is None:
             raise ValueError("run_recon(keep_mesh0=True) is needed to save the mesh")
         paths["mesh"] = write_ply(out / "DW-Mesh.ply", guide.mesh0, 0)
+    return paths
+
+
+def _copy_atomic(src: Path, dst: Path) -> Path:
+    """Copy a file or folder from the store to ``dst`` (a temporary name, renamed when complete)."""
+    import shutil
+
+    from .atomic import atomic_path
+
+    with atomic_path(dst) as tmp:
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+        else:
+            shutil.copyfile(src, tmp)
+    return dst
+
+
+def export_guide(
+    guide_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    cam_name: str,
+    *,
+    png: bool = False,
+    mesh_of: tuple | None = None,
+) -> dict[str, Path]:
+    """Copy a stored guide (``pipeline.stages.guide_stage``) out as ``ex4d recon``'s files: ``color_<cam>.mp4``,
+    ``mask_<cam>.mp4``, ``camera_<cam>.npz`` (+ PNG folders ``color_<cam>/``, ``mask_<cam>/`` with ``png``;
+    + ``DW-Mesh.ply`` of frame 0 with ``mesh_of = (clip, depth, k, MeshSettings)``), each atomically; the
+    files are byte for byte the store's."""
+    src, out = Path(guide_dir), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "color_video": _copy_atomic(src / "color.mp4", out / f"color_{cam_name}.mp4"),
+        "mask_video": _copy_atomic(src / "mask.mp4", out / f"mask_{cam_name}.mp4"),
+        "camera": _copy_atomic(src / "camera.npz", out / f"camera_{cam_name}.npz"),
+    }
+    if png:
+        paths["color_frames"] = _copy_atomic(src / "color", out / f"color_{cam_name}")
+        paths["mask_frames"] = _copy_atomic(src / "mask", out / f"mask_{cam_name}")
+    if mesh_of is not None:
+        from .dwmesh import build_dwmesh
+
+        clip, depth, k, mesh = mesh_of
+        mesh0 = build_dwmesh(
+            np.array(depth.depth[:1]),
+            k,
+            np.array(clip.frames[:1]),
+            mesh_filter=mesh.mesh_filter,
+            border_depth=mesh.border_depth,
+        )
+        paths["mesh"] = write_ply(out / "DW-Mesh.ply", mesh0, 0)
     return paths

@@ -2,7 +2,8 @@
 
 As the reference: rasterise each frame's DW-mesh (OpenGL projection from K, near 1e-3, far 1e3, rows
 top-down), interpolate RGBA, antialias (cuda backend), mask = 255 where alpha > 125 else 0,
-colour = colour * mask / 255, and frame 0 = the source frame with a full mask.
+colour = colour * mask / 255 and frame 0 by ``pipeline.guide.apply_frame0_rule``
+(the chunked pipeline everybody uses is ``pipeline.guide.render_guide``).
 Two backends behind one function: ``cuda`` (nvdiffrast) and ``cpu`` (numba, no antialiasing).
 """
 
@@ -13,10 +14,10 @@ import torch
 
 from . import raster_cuda
 from .cameras import CameraPath, projection_matrix
+from .constants import FAR, NEAR
 from .dwmesh import DWMesh
 from .errors import DEVICE, Ex4dError
 
-NEAR, FAR = 1e-3, 1e3
 MASK_THRESHOLD = 125  # alpha (0..255) above which a rendered pixel counts as seen
 RENDERERS = ("auto", "cuda", "cpu")
 
@@ -115,6 +116,7 @@ def render_guide(
     rgba = rasterize_rgba(mesh, camera.extrinsics[sl], camera.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
     color, mask = rgba_to_guide(rgba)
     if first_frame == 0:
-        color[0] = source_frames[0]
-        mask[0] = 255
+        from .pipeline.guide import apply_frame0_rule
+
+        apply_frame0_rule(color, mask, source_frames, camera)
     return color, mask

@@ -58,7 +58,9 @@ def test_recon_job_dwmesh_positions(env):
     assert (r["n_frames"], r["width"], r["height"], r["n_vertices"]) == (t, w, h, h * w)
     np.testing.assert_allclose(r["K"], clip.k)
     np.testing.assert_allclose(r["cv_to_blender"], CV_TO_BLENDER)
-    pos = np.load(r["positions_npy"])
+    # One copy of the positions: the PC2 point cache the add-on's Mesh Cache modifier plays.
+    pos, start, rate = read_pc2(Path(r["positions_pc2"]))
+    assert (start, rate) == (0.0, 1.0) and "positions_npy" not in r
     assert pos.shape == (t, h * w, 3) and pos.dtype == np.float32
     # Every vertex is its pixel (u, v) unprojected with the scene's exact depth; the outer ring at 100.
     v, u = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
@@ -71,12 +73,8 @@ def test_recon_job_dwmesh_positions(env):
         -1,
     ).reshape(t, h * w, 3)
     np.testing.assert_allclose(pos, want, rtol=1e-5, atol=1e-4)
-    # The PC2 point cache holds the same positions; colours are the frames; occlusion flags are 0/1.
-    pc2, start, rate = read_pc2(Path(r["positions_pc2"]))
-    assert (start, rate) == (0.0, 1.0)
-    np.testing.assert_array_equal(pc2, pos)
-    colors = np.load(r["colors_npy"])
-    np.testing.assert_array_equal(colors[..., :3], clip.frames.reshape(t, h * w, 3))
+    # Vertex colours are the frames (frames_npy); occlusion flags are 0/1.
+    np.testing.assert_array_equal(np.load(r["frames_npy"]), clip.frames)
     faces = np.load(r["faces_npy"])
     occ = np.load(r["occlusion_npy"])
     assert faces.shape == (r["n_faces"], 3) and occ.shape == (t, r["n_faces"])
@@ -84,7 +82,7 @@ def test_recon_job_dwmesh_positions(env):
     assert Path(r["job_file"]).is_file() and json.loads(Path(r["job_file"]).read_text())["type"] == "build_dwmesh"
     # The same request again: the whole result from the store.
     again, events = sf.run(client, "build_dwmesh", clip.params())
-    assert again.raise_for_error()["positions_npy"] == r["positions_npy"]
+    assert again.raise_for_error()["positions_pc2"] == r["positions_pc2"]
     assert all(again.result["cached"].values())
 
 
@@ -130,7 +128,7 @@ def test_render_guide_camera_path_then_camera_change_from_cache(env):
     params = clip.params(camera=_source_camera_blender(clip, t), renderer="cpu")
     req, events = sf.run(client, "render_guide", params)
     r = req.raise_for_error()
-    sf.check_progress_order(events, ["inputs", "frames", "depth", "mesh", "camera", "render", "write"])
+    sf.check_progress_order(events, ["inputs", "frames", "depth", "camera", "render", "write"])
     color, mask = _read_dir(r["color_dir"]), _read_dir(r["mask_dir"])
     assert color.shape == clip.frames.shape and Path(r["color_mp4"]).stat().st_size > 0
     # Seen from the source camera the mesh reproduces the frames. A rendered pixel (i, j) samples
@@ -145,19 +143,22 @@ def test_render_guide_camera_path_then_camera_change_from_cache(env):
     assert np.median(diff) <= 1 and diff.mean() < 4, (np.median(diff), diff.mean())
     mesh_dir = Path(r["camera_npz"]).parents[1]
     depth_files = sorted(store.glob("cache/depth-*/depth.npy"))
-    mesh_files = sorted(store.glob("cache/mesh-*/positions.npy"))
-    stamps = {p: p.stat().st_mtime_ns for p in depth_files + mesh_files}
-    # Only the camera changes: frames, depth and DW-mesh come from the store, the guide is new.
+    frame_files = sorted(store.glob("cache/frames-*/frames.npy"))
+    stamps = {p: p.stat().st_mtime_ns for p in depth_files + frame_files}
+    meshes = sorted(store.glob("cache/mesh-*"))
+    # Only the camera changes: frames and depth come from the store (the same files), the guide is new;
+    # the guide's DW-mesh is rebuilt on the fly (it is never stored for a guide).
     req2, events2 = sf.run(client, "render_guide", clip.params(camera={"preset": "90"}, renderer="cpu"))
     r2 = req2.raise_for_error()
-    assert r2["cached"] == {"frames": True, "depth": True, "mesh": True, "guide": False}
+    assert r2["cached"] == {"frames": True, "depth": True, "guide": False}
     assert r2["job"] != r["job"] and r2["color_dir"] != r["color_dir"]
-    for stage in ("frames", "depth", "mesh"):
+    for stage in ("frames", "depth"):
         msgs = [e["message"] for e in events2 if e["event"] == "progress" and e["stage"] == stage]
         assert msgs[-1] == "from the store" and "done" not in msgs, (stage, msgs)
         assert stage == "frames" or msgs == ["from the store"], (stage, msgs)
     assert sorted(store.glob("cache/depth-*/depth.npy")) == depth_files
-    assert sorted(store.glob("cache/mesh-*/positions.npy")) == mesh_files
+    assert sorted(store.glob("cache/frames-*/frames.npy")) == frame_files
+    assert sorted(store.glob("cache/mesh-*")) == meshes
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # The orbit really is another view: far from the source frames.
     color2 = _read_dir(r2["color_dir"])
@@ -174,7 +175,7 @@ def test_generate_preview(env):
     )
     req, events = sf.run(client, "generate", params)
     r = req.raise_for_error()
-    sf.check_progress_order(events, ["inputs", "frames", "depth", "mesh", "camera", "render", "write", "save"])
+    sf.check_progress_order(events, ["inputs", "frames", "depth", "camera", "render", "write", "save"])
     frames = _read_dir(r["frames_dir"])
     assert frames.shape == (5, 48, 64, 3) and r["n_frames"] == 5
     assert r["source_frames"][0] == 0 and r["source_frames"][-1] == t - 1
@@ -190,7 +191,6 @@ def test_generate_preview(env):
     assert req2.raise_for_error()["cached"] == {
         "frames": True,
         "depth": True,
-        "mesh": True,
         "guide": True,
         "generate": False,
     }
@@ -227,7 +227,7 @@ def test_queue_and_cancel(tmp_path):
         # The cancelled mesh left nothing: no partial folder, only b's complete mesh.
         store = tmp_path / "store"
         assert not list(store.glob("cache/.*"))
-        assert [p.parent.name for p in store.glob("cache/mesh-*/meta.json")] == [Path(rb["positions_npy"]).parent.name]
+        assert [p.parent.name for p in store.glob("cache/mesh-*/meta.json")] == [Path(rb["positions_pc2"]).parent.name]
         # A client-side time limit: the request fails with `timeout` and the backend cancels the job.
         slow = client.submit("build_dwmesh", clip.params(border_depth=70.0))
         client.wait(slow, 0.5)
@@ -247,7 +247,7 @@ def test_killed_mid_write_keeps_previous_result(tmp_path):
     store = tmp_path / "store"
     # The previous result, made in-process with the service's own job code (saves a backend start).
     first = service_jobs.run_job("build_dwmesh", clip.params(), service_jobs.Context(JobStore(store, [clip.root])))
-    pos_path = Path(first["positions_npy"])
+    pos_path = Path(first["positions_pc2"])
     before = pos_path.read_bytes()
     # Recompute the same mesh (force) in a backend that sleeps inside the stage write, and kill it there.
     client = sf.start_client(store, [clip.root], env={"EX4D_SERVICE_WRITE_DELAY": "60"})
@@ -272,7 +272,7 @@ def test_killed_mid_write_keeps_previous_result(tmp_path):
         assert jobs[first["job"]]["state"] == "interrupted" and jobs[first["job"]]["request_id"] == req.id
         assert not list(store.glob("cache/.*"))
         again = client.request("build_dwmesh", clip.params(), timeout=120)
-        assert again["positions_npy"] == str(pos_path) and pos_path.read_bytes() == before
+        assert again["positions_pc2"] == str(pos_path) and pos_path.read_bytes() == before
     finally:
         client.close()
 

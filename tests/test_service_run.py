@@ -46,7 +46,7 @@ def test_run_matches_service(tmp_path):
     proc = _ex4d_run(str(job_file), "--store", str(tmp_path / "store2"), "--allow", str(clip.root), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     ran = json.loads(proc.stdout)  # stdout holds the result JSON and nothing else
-    assert ran["cached"] == {"frames": False, "depth": False, "mesh": False, "guide": False}
+    assert ran["cached"] == {"frames": False, "depth": False, "guide": False}
     assert ran["job"] == served["job"] and ran["camera_hash"] == served["camera_hash"]
     assert Path(ran["color_dir"]).is_relative_to(tmp_path / "store2")
     np.testing.assert_array_equal(_frames(ran["color_dir"]), _frames(served["color_dir"]))
@@ -64,11 +64,12 @@ def test_run_matches_service(tmp_path):
     proc = _ex4d_run("mesh_job.json", "--store", str(tmp_path / "store2"), "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     ran = json.loads(proc.stdout)
-    assert ran["cached"] == {"frames": True, "depth": True, "mesh": True}  # built by the render job above
+    # frames and depth were computed by the render job above (a guide never stores its DW-mesh)
+    assert ran["cached"] == {"frames": True, "depth": True, "mesh": False}
     assert ran["job"] == mesh["job"]  # same job key: inputs are keyed by content, not by path spelling
-    np.testing.assert_array_equal(np.load(ran["positions_npy"]), np.load(mesh["positions_npy"]))
-    assert (out / "positions.npy").is_file() and ran["output_positions_npy"] == str(out / "positions.npy")
-    np.testing.assert_array_equal(np.load(out / "positions.npy"), np.load(mesh["positions_npy"]))
+    assert Path(ran["positions_pc2"]).read_bytes() == Path(mesh["positions_pc2"]).read_bytes()
+    assert ran["output_positions_pc2"] == str(out / "positions.pc2")
+    assert (out / "positions.pc2").read_bytes() == Path(mesh["positions_pc2"]).read_bytes()
 
 
 def test_run_refuses_bad_job_files(tmp_path, capsys, monkeypatch):

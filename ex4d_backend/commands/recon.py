@@ -6,7 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..constants import BORDER_DEPTH, MAX_SIDE, NUM_FRAMES, SENSOR_WIDTH_MM
 from ..errors import Ex4dError
+from ..pipeline.settings import DepthSettings, FrameSettings, IntrinsicsSettings, MeshSettings, RenderSettings
 
 log = logging.getLogger("ex4d")
 
@@ -26,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repair-depth", action="store_true", help="fill NaN/inf/non-positive depth from neighbours")
     p.add_argument("--cam", default="90", help="preset (30, 60, 90, 180, any angle, zoom_in, zoom_out) or .json/.npz")
     p.add_argument("--output-dir", required=True, help="folder for the outputs (created)")
-    p.add_argument("--frames", type=int, default=49, help="use the first N frames (0 = all; default 49)")
-    p.add_argument("--max-side", type=int, default=1024, help="cap of the long side in pixels (0 = none)")
+    p.add_argument(
+        "--frames", type=int, default=NUM_FRAMES, help=f"use the first N frames (0 = all; default {NUM_FRAMES})"
+    )
+    p.add_argument("--max-side", type=int, default=MAX_SIDE, help="cap of the long side in pixels (0 = none)")
     p.add_argument("--fps", type=float, default=None, help="frame rate of image sequences / outputs")
     p.add_argument("--save-mesh", action="store_true", help="also write DW-Mesh.ply (frame 0)")
     p.add_argument("--png", action="store_true", help="also write PNG sequences color_<cam>/ and mask_<cam>/")
@@ -39,31 +43,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cx", type=float, help="principal point, pixels (default W/2)")
     p.add_argument("--cy", type=float, help="principal point, pixels (default H/2)")
     p.add_argument("--focal-mm", type=float, help="focal length in mm (with --sensor-width), instead of --fx")
-    p.add_argument("--sensor-width", type=float, default=36.0, help="sensor width in mm (default 36)")
+    p.add_argument("--sensor-width", type=float, default=SENSOR_WIDTH_MM, help="sensor width in mm (default 36)")
     p.add_argument("--models-dir", help="models folder for --depth-model")
-    p.add_argument("--depth-cache", help="depth cache folder for --depth-model (default: user cache)")
+    p.add_argument(
+        "--depth-cache", help="ignored (kept for old scripts): estimated depth is kept in the job store (--store)"
+    )
+    p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")
     p.set_defaults(func=run)
 
 
-def intrinsics_from_args(args: argparse.Namespace, width: int, height: int):
-    from ..cameras import intrinsics_from_focal
-
+def intrinsics_from_args(args: argparse.Namespace) -> IntrinsicsSettings:
+    """The source camera's settings from --fx/--fy/--cx/--cy or --focal-mm/--sensor-width."""
     if args.fx is not None and args.focal_mm is not None:
         raise Ex4dError(
             "give the focal length either in pixels (--fx) or in mm (--focal-mm), not both",
             where="--fx/--focal-mm",
             hint="drop one of them",
         )
-    k = intrinsics_from_focal(
-        width, height, focal_mm=args.focal_mm, sensor_width_mm=args.sensor_width, focal_px=args.fx
+    return IntrinsicsSettings(
+        focal_px=args.fx,
+        lens=args.focal_mm,
+        sensor_width=args.sensor_width,
+        sensor_fit="HORIZONTAL",
+        fy=args.fy,
+        cx=args.cx,
+        cy=args.cy,
     )
-    if args.fy is not None:
-        k[1, 1] = args.fy
-    if args.cx is not None:
-        k[0, 2] = args.cx
-    if args.cy is not None:
-        k[1, 2] = args.cy
-    return k
 
 
 def check_camera_arg(cam: str) -> str:
@@ -78,84 +83,68 @@ def check_camera_arg(cam: str) -> str:
     return cam.strip().lower()
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class StageBars:
+    """tqdm bars for the stages' progress on stderr; a bar opens with a stage's first multi-step report,
+    so an error message never shares a terminal line with a bar."""
 
-    from ..depth_io import load_depth
-    from ..footage import read_footage
-    from ..recon import run_recon, write_recon_outputs
+    def __init__(self) -> None:
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, step: int, total: int, message: str = "") -> None:
+        from tqdm import tqdm
+
+        if total <= 1 and stage not in self.bars:
+            return
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(desc=stage, unit="step", leave=False, total=total)
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def open_store(path: str | None):
+    """The job store the CLI computes in (``--store``; default the user cache's), any input allowed."""
+    from ..service.jobstore import JobStore
+
+    return JobStore(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import stages
+    from ..pipeline.camera import spec_from_arg
+    from ..recon import export_guide
 
     cam_name = check_camera_arg(args.cam)
     if args.frames < 0:
         raise Ex4dError("--frames must be >= 0", where="--frames")
-    footage = read_footage(args.input, max_frames=args.frames or None, max_side=args.max_side or None, fps=args.fps)
-    t = len(footage.frames)
-    if args.frames and t < args.frames:
-        log.warning("the footage has %d frames; using all of them (asked for %d)", t, args.frames)
-    w, h = footage.size
-    k = intrinsics_from_args(args, w, h)
-    if args.depth:
-        depth = load_depth(
-            args.depth,
-            kind=args.depth_kind,
-            size=(w, h),
-            n_frames=t,
-            total_frames=footage.total_frames,
-            repair=args.repair_depth,
-            scale=args.depth_scale,
-        )
-    else:
-        from ..depth import estimate_cached
-
-        depth_bar: list = []  # opened with the first depth step: errors never share a line with a bar
-
-        def depth_progress(stage: str, step: int, total: int, message: str = "") -> None:
-            if not depth_bar:
-                depth_bar.append(tqdm(desc="depth", unit="step", leave=False, total=total))
-            depth_bar[0].total = total
-            depth_bar[0].n = step
-            depth_bar[0].set_postfix_str(f"{stage} {message}"[:40])
-            depth_bar[0].refresh()
-
-        try:
-            depth = estimate_cached(
-                footage.path,
-                footage.frames,
-                args.depth_model,
-                args.depth_cache,
-                models_dir=args.models_dir,
-                progress=depth_progress,
-            ).depth
-        finally:
-            for bar in depth_bar:
-                bar.close()
-    # The render bar starts with the first render step, i.e. after the camera and renderer are validated,
-    # so an error message never lands on the same terminal line as a progress bar.
-    render_bar: list = []
-
-    def progress(stage: str, step: int, total: int, message: str = "") -> None:
-        if not render_bar:
-            render_bar.append(tqdm(desc="render", unit="chunk", leave=False, total=total))
-        render_bar[0].total = total
-        render_bar[0].n = step
-        render_bar[0].refresh()
-
+    store = open_store(args.store)
+    bars = StageBars()
+    ctx = stages.Context(store, bars, args.models_dir, input_check=stages.local_input)
     try:
-        guide = run_recon(
-            footage.frames,
-            depth,
-            args.cam,
-            k=k,
-            renderer=args.renderer,
-            mesh_filter=args.mesh_filter,
-            use_dwmesh=not args.no_dwmesh,
-            keep_mesh0=args.save_mesh,
-            progress=progress,
-        )
+        clip = stages.frames_stage(ctx, args.input, FrameSettings(args.frames, args.max_side or None, args.fps))
+        if args.frames and clip.n_frames < args.frames:
+            log.warning("the footage has %d frames; using all of them (asked for %d)", clip.n_frames, args.frames)
+        if args.depth:
+            depth_s = DepthSettings(
+                "file", str(args.depth), args.depth_kind, bool(args.repair_depth), float(args.depth_scale)
+            )
+        else:
+            depth_s = DepthSettings(args.depth_model)
+        depth = stages.depth_stage(ctx, clip, depth_s)
+        k = intrinsics_from_args(args).matrix(*clip.size)
+        mesh = MeshSettings(args.mesh_filter, BORDER_DEPTH)
+        cam = stages.camera_stage(ctx, clip, depth, k, spec_from_arg(args.cam), mesh, where="--cam")
+        guide = stages.guide_stage(ctx, clip, depth, k, cam, mesh, RenderSettings(args.renderer, not args.no_dwmesh))
     finally:
-        for bar in render_bar:
-            bar.close()
-    paths = write_recon_outputs(guide, args.output_dir, cam_name, footage.fps, png=args.png, save_mesh=args.save_mesh)
+        bars.close()
+    paths = export_guide(
+        guide.dir, args.output_dir, cam_name, png=args.png, mesh_of=(clip, depth, k, mesh) if args.save_mesh else None
+    )
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0

@@ -50,7 +50,11 @@ RENDERERS = ("auto", "cpu", "cuda")
 
 # Requests answered at once by the reader (never queued) vs jobs run by the single GPU worker.
 CONTROL_TYPES = ("hello", "cancel", "shutdown", "jobs")
-LIGHT_TYPES = ("probe_footage",)  # cheap, CPU only: run beside the GPU job, never wait behind it
+LIGHT_TYPES = (
+    "probe_footage",
+    "store_info",
+    "store_clean",
+)  # cheap, CPU only: run beside the GPU job, never wait behind it
 JOB_TYPES = ("estimate_depth", "build_dwmesh", "camera_preset", "render_guide", "generate")
 REQUEST_TYPES = CONTROL_TYPES + LIGHT_TYPES + JOB_TYPES
 EVENT_TYPES = ("queued", "started", "progress", "log", "result", "error")
@@ -184,6 +188,15 @@ PARAMS: dict[str, dict] = {
     "cancel": _params({"target": _ID}, []),
     "shutdown": _params({}, []),
     "jobs": _params({}, []),
+    "store_info": _params({}, []),
+    "store_clean": _params(
+        {
+            "older_than_days": {"type": "number", "minimum": 0, "maximum": 1e5},
+            "max_size_gb": {"type": "number", "minimum": 0, "maximum": 1e6},
+            "dry_run": {"type": "boolean"},
+        },
+        [],
+    ),
     "probe_footage": _params({"footage": _PATH, "max_side": CLIP["max_side"], **INTRINSICS}, ["footage"]),
     "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
     "build_dwmesh": _params({**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **COMMON}, ["footage", "depth"]),

@@ -353,6 +353,8 @@ class Server:
                 result = jobs.hello(self.store, self.models_dir, self.interrupted)
             elif task.type == "probe_footage":
                 result = jobs.probe_footage(self.store, task.params)
+            elif task.type in ("store_info", "store_clean"):
+                result = getattr(jobs.info, task.type)(self.store, task.params)
             else:
                 ctx = jobs.Context(self.store, progress, self.models_dir, task.id, resident=self.resident)
                 result = jobs.run_job(task.type, task.params, ctx)

@@ -1,0 +1,170 @@
+"""The camera stage: a novel-camera spec -> a checked ``cameras.CameraPath`` at the processing resolution.
+
+A spec is the protocol's ``camera`` object: ``{"preset": "90"}`` (any preset name ``cameras.preset_path``
+knows), ``{"blender": {...}}`` (raw Blender values), ``{"opencv": {...}}`` (matrices), ``{"file": PATH}``
+(.json/.npz), each with an optional ``"name"``, or a ``CameraPath``. ``ex4d recon --cam`` turns its
+argument into the same spec, so the CLI and the service share every check below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import constants as C
+from ..cameras import CameraPath
+from ..errors import Ex4dError
+from .settings import MeshSettings
+
+
+def spec_from_arg(cam: str | os.PathLike | CameraPath | dict) -> dict | CameraPath:
+    """``--cam`` (a preset name or a .json/.npz path) as a camera spec."""
+    if isinstance(cam, (dict, CameraPath)):
+        return cam
+    if str(cam).lower().endswith((".json", ".npz")):
+        return {"file": str(cam)}
+    return {"preset": str(cam).strip().lower()}
+
+
+def camera_hash(cam: CameraPath) -> str:
+    """Content hash (20 hex) of a path's matrices and intrinsics (the camera stage's key)."""
+    h = hashlib.sha256()
+    for a in (cam.extrinsics, cam.intrinsics):
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+def check_rigid(m: np.ndarray, where: str, *, scale_ok: bool) -> None:
+    """4x4 matrices must be finite with a last row (0, 0, 0, 1) and an invertible (``scale_ok``: scaled)
+    rotation part; raises ``bad_input``."""
+    if not np.isfinite(m).all():
+        raise Ex4dError("the camera contains NaN or infinite values", where=where)
+    if not np.allclose(m[:, 3], [0, 0, 0, 1], atol=1e-6):
+        raise Ex4dError("a camera matrix's last row is not (0, 0, 0, 1)", where=where, hint="send affine matrices")
+    rot = m[:, :3, :3]
+    if scale_ok:
+        rot = rot / np.maximum(np.linalg.norm(rot, axis=-2, keepdims=True), 1e-300)
+    if not np.allclose(rot @ np.swapaxes(rot, 1, 2), np.eye(3), atol=1e-3) or np.any(np.linalg.det(rot) < 0):
+        raise Ex4dError(
+            "a camera matrix is not a rotation (shear, zero scale or a mirror?)",
+            where=where,
+            hint="remove shear and negative scale from the camera object and its parents",
+        )
+
+
+def check_path(path: CameraPath, n_frames: int, width: int, height: int, where: str) -> CameraPath:
+    """The first ``n_frames`` frames of ``path``, checked: enough frames, the processing size, finite rigid
+    extrinsics, positive focal lengths."""
+    if len(path) < n_frames:
+        raise Ex4dError(
+            f"the camera path has {len(path)} frames but {n_frames} are needed",
+            where=where,
+            hint="send one camera per footage frame, or use fewer frames",
+        )
+    if (path.width, path.height) != (width, height):
+        raise Ex4dError(
+            f"the camera is for {path.width}x{path.height} but the footage is processed at {width}x{height}",
+            where=where,
+        )
+    ext, ks = path.extrinsics[:n_frames], path.intrinsics[:n_frames]
+    if not (np.isfinite(ext).all() and np.isfinite(ks).all()):
+        raise Ex4dError("the camera contains NaN or infinite values", where=where)
+    if np.any(np.abs(np.linalg.det(ext[:, :3, :3]) - 1.0) > 1e-3):
+        raise Ex4dError(
+            "a camera matrix is not a rotation (scale or shear in matrix_world?)",
+            where=where,
+            hint="remove scale from the camera object and its parents",
+        )
+    if np.any(ks[:, 0, 0] <= 0) or np.any(ks[:, 1, 1] <= 0) or not np.allclose(ks[:, 2], [0, 0, 1]):
+        raise Ex4dError(
+            "the camera's intrinsics must have positive focal lengths and a last row (0, 0, 1)", where=where
+        )
+    if np.any(ks[:, :2, :] > 1e7):
+        raise Ex4dError("the camera's focal length or centre is absurdly large", where=where)
+    return CameraPath(ext, ks, width, height, name=path.name or "custom")
+
+
+def resolve_camera(
+    spec: dict | CameraPath,
+    n_frames: int,
+    k: np.ndarray,
+    depth0: np.ndarray,
+    width: int,
+    height: int,
+    mesh: MeshSettings = MeshSettings(),
+    *,
+    where: str = "params.camera",
+    check_input=None,
+) -> CameraPath:
+    """The novel camera for ``n_frames`` frames of a ``width`` x ``height`` shot with source intrinsics ``k``
+    and frame-0 depth ``depth0`` (presets' radius; border ring at ``mesh.border_depth``).
+    ``check_input(path, what)`` vets a camera file path (the service's sandbox) and returns it."""
+    try:
+        path = _resolve(spec, n_frames, k, depth0, width, height, mesh, where, check_input)
+        return check_path(path, n_frames, width, height, where)
+    except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as exc:
+        raise Ex4dError(
+            f"unusable camera: {str(exc)[:300]}",
+            where=where,
+            hint="send finite, rigid camera matrices with positive focal lengths",
+        ) from None
+
+
+def _resolve(spec, n_frames, k, depth0, width, height, mesh, where, check_input) -> CameraPath:
+    from .. import cameras
+
+    if isinstance(spec, CameraPath):
+        return spec
+    name = spec.get("name")
+    if "preset" in spec:
+        path = cameras.preset_path(
+            spec["preset"], n_frames, k, np.asarray(depth0), width, height, border_depth=mesh.border_depth
+        )
+        return CameraPath(path.extrinsics, path.intrinsics, width, height, name=name or path.name)
+    if "blender" in spec:
+        b = spec["blender"]
+        if "resolution" in b:
+            rw, rh = b["resolution"]
+            if abs(rw / rh - width / height) > 0.01 * (width / height):
+                raise Ex4dError(
+                    f"the camera's resolution {rw}x{rh} has another aspect ratio than the footage ({width}x{height})",
+                    where=f"{where}.blender.resolution",
+                    hint="set the scene resolution to the footage's aspect ratio",
+                )
+        mw = np.asarray(b["matrix_world"], dtype=np.float64)
+        lens = np.asarray(b["lens"], dtype=np.float64)
+        if lens.ndim == 1 and len(lens) not in (1, len(mw)):
+            raise Ex4dError(
+                f"{len(lens)} lens values for {len(mw)} camera matrices",
+                where=f"{where}.blender.lens",
+                hint="send one lens value, or one per matrix",
+            )
+        check_rigid(mw, f"{where}.blender.matrix_world", scale_ok=True)
+        return cameras.camera_path_from_blender(
+            mw,
+            lens,
+            width,
+            height,
+            sensor_width=b.get("sensor_width", C.SENSOR_WIDTH_MM),
+            sensor_height=b.get("sensor_height", C.SENSOR_HEIGHT_MM),
+            sensor_fit=b.get("sensor_fit", "AUTO"),
+            shift_x=b.get("shift_x", 0.0),
+            shift_y=b.get("shift_y", 0.0),
+            name=name or "blender",
+        )
+    if "opencv" in spec:
+        o = spec["opencv"]
+        ext = np.asarray(o["extrinsics"], dtype=np.float64)
+        ks = np.asarray(o["intrinsics"], dtype=np.float64) if "intrinsics" in o else k
+        if ks.ndim == 3 and len(ks) != len(ext):
+            raise Ex4dError(f"{len(ks)} intrinsics for {len(ext)} extrinsics", where=f"{where}.opencv")
+        check_rigid(ext, f"{where}.opencv.extrinsics", scale_ok=False)
+        return CameraPath(ext, ks, width, height, name=name or "opencv")
+    f = check_input(spec["file"], "camera file") if check_input else Path(spec["file"])
+    path = cameras.load_camera_file(f, n_frames, width, height, default_k=k)
+    return CameraPath(path.extrinsics, path.intrinsics, width, height, name=name or path.name)

@@ -1,0 +1,531 @@
+"""The cached stages, in the job store: frames, depth, mesh, camera, guide, generate.
+
+Each stage is a function of explicit inputs (the previous stages' results and its settings dataclass)
+whose result lives in ``<store>/cache/<stage>-<key>/``, ``key`` a content hash of everything it depends on::
+
+    frames   footage bytes + FrameSettings
+    depth    frames + DepthSettings (the depth file's bytes, or the model and its options)
+    mesh     depth + K + MeshSettings                       (the add-on's DW-mesh: positions.pc2, ...)
+    camera   the camera path's matrices and intrinsics + size
+    guide    depth + K + MeshSettings + camera + renderer + use_dwmesh
+    generate guide + GenerateSettings
+
+so a camera change reuses frames and depth, and ``ex4d recon`` reuses what the service computed (and the
+other way round): the same key gives the same folder. Every stage follows the store's lock pattern (one
+worker computes a result, the others wait and reuse it) and writes atomically (``JobStore.write_stage``);
+each reuse touches the entry's last-use stamp (``housekeeping.touch``) for least-recently-used cleaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..cameras import CameraPath
+from ..errors import Ex4dError
+from ..service.jobstore import JobStore, make_key
+from ..service.resident import ResidentGenerator, free_memory
+from . import housekeeping
+from .camera import camera_hash, resolve_camera
+from .guide import Guide, chunk_frames, render_guide
+from .settings import DepthSettings, FrameSettings, GenerateSettings, MeshSettings, RenderSettings
+
+Progress = Callable[[str, int, int, str], None]
+STAGE_VERSION = 2  # bump when a change alters stage results, so stale cache entries are never reused
+INVALID_REQUEST = "invalid_request"  # protocol error code (service.protocol.INVALID_REQUEST)
+
+
+@dataclass
+class Context:
+    """What a stage may use: the store, a progress callback (may raise ``Cancelled``), settings."""
+
+    store: JobStore
+    progress: Progress = lambda *a: None
+    models_dir: str | None = None
+    request_id: str | None = None
+    cached: dict[str, bool] = field(default_factory=dict)  # stage -> reused from the store
+    force_stage: str | None = None  # the stage that ``force`` recomputes
+    resident: ResidentGenerator = field(default_factory=lambda: ResidentGenerator(0))  # default: load per job
+    input_check: Callable[[str | os.PathLike, str], Path] | None = None  # default: the store's sandbox check
+
+    def check_input(self, path: str | os.PathLike, what: str) -> Path:
+        """The resolved path of an input (the service: inside the allowed folders, ``JobStore.check_input``)."""
+        if self.input_check is not None:
+            return self.input_check(path, what)
+        return self.store.check_input(path, what)
+
+
+def local_input(path: str | os.PathLike, what: str) -> Path:
+    """The CLI's input check: the path must exist (any folder may be read)."""
+    from ..errors import NOT_FOUND
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise Ex4dError(f"{what} not found: {p}", where=str(p), hint="check the path", code=NOT_FOUND)
+    return p.resolve()
+
+
+@contextlib.contextmanager
+def _locked(ctx: Context, stage: str, key: str):
+    """``store.stage_lock(stage, key)`` (the store's cross-process lock), where the store has it."""
+    lock = getattr(ctx.store, "stage_lock", None)
+    if lock is None:
+        yield
+    else:
+        with lock(stage, key):
+            yield
+
+
+def _lookup(ctx: Context, stage: str, key: str) -> dict | None:
+    """The stage's meta if it may be reused (present, not forced), else None."""
+    if ctx.force_stage == stage:
+        return None
+    return ctx.store.stage_meta(stage, key)
+
+
+def _reused(ctx: Context, stage: str, key: str, cached: bool) -> None:
+    ctx.cached[stage] = cached
+    housekeeping.touch(ctx.store, stage, key)
+    if cached:
+        ctx.progress(stage, 1, 1, "from the store")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. frames
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Clip:
+    key: str
+    dir: Path
+    frames: np.ndarray  # (T, H, W, 3) uint8 (memory-mapped)
+    fps: float
+    meta: dict
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.frames.shape[2], self.frames.shape[1]
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def frames_stage(ctx: Context, footage: str | os.PathLike, s: FrameSettings) -> Clip:
+    """Footage -> the processed frames (``frames.npy``)."""
+    path = ctx.check_input(footage, "footage")
+    ctx.progress("frames", 0, 1, "hashing the footage")
+    key = make_key(STAGE_VERSION, "frames", ctx.store.input_hash(path), s.key())
+    with _locked(ctx, "frames", key):
+        meta = ctx.store.stage_meta("frames", key)
+        cached = meta is not None
+        if meta is None:
+            from ..footage import read_footage
+
+            ctx.progress("frames", 0, 1, "reading the footage")
+            f = read_footage(path, max_frames=s.max_frames or None, max_side=s.max_side, fps=s.fps)
+            ctx.progress("frames", 0, 1, "writing the frames")
+            meta = {
+                **s.key(),
+                "shot": key,
+                "footage": str(path),
+                "fps": f.fps,
+                "source_size": list(f.source_size),
+                "total_frames": f.total_frames,
+                "n_frames": len(f.frames),
+                "width": f.size[0],
+                "height": f.size[1],
+            }
+            with ctx.store.write_stage("frames", key, meta) as tmp:
+                np.save(tmp / "frames.npy", f.frames)
+            del f
+            ctx.progress("frames", 1, 1, "done")
+    _reused(ctx, "frames", key, cached)
+    d = ctx.store.stage_dir("frames", key)
+    return Clip(key, d, np.load(d / "frames.npy", mmap_mode="r"), float(meta["fps"]), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. depth
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Depth:
+    key: str
+    dir: Path
+    depth: np.ndarray  # (T, H, W) float32 (memory-mapped)
+    meta: dict
+
+
+def _depth_source(ctx: Context, s: DepthSettings, clip: Clip) -> tuple[str, list, dict]:
+    """(model, what the key holds, the options ``depth.estimate`` takes)."""
+    if s.model == "file":
+        if s.options:
+            raise Ex4dError(
+                "depth 'options' do not apply to model 'file'",
+                where="params.depth.options",
+                hint="use kind, repair and scale",
+                code=INVALID_REQUEST,
+            )
+        if not s.path:
+            raise Ex4dError("the 'file' depth provider needs a path", where="--depth", hint="pass the depth file")
+        path = ctx.check_input(s.path, "depth file")
+        opts = {"kind": s.kind, "repair": bool(s.repair), "scale": float(s.scale)}
+        source = ["file", ctx.store.input_hash(path), opts]
+        return "file", source, {**opts, "path": str(path), "total_frames": clip.meta["total_frames"]}
+    from ..depth import canonical_model
+
+    model = canonical_model(s.model)
+    if s.path or s.kind != "depth" or s.repair or s.scale != 1.0:
+        raise Ex4dError(
+            "depth fields path, kind, repair and scale only apply to model 'file'",
+            where="params.depth",
+            code=INVALID_REQUEST,
+        )
+    options = dict(s.options or {})
+    return model, [model, options], options
+
+
+def depth_stage(ctx: Context, clip: Clip, s: DepthSettings) -> Depth:
+    """Frames -> depth (``depth.npy``, float32 (T, H, W), scene units) from a file or a depth model."""
+    model, source, options = _depth_source(ctx, s, clip)
+    key = make_key(STAGE_VERSION, "depth", clip.key, source)
+    with _locked(ctx, "depth", key):
+        meta = _lookup(ctx, "depth", key)
+        cached = meta is not None
+        if meta is None:
+            from ..depth import estimate
+
+            if model != "file":
+                ctx.resident.release()  # the depth model needs the VRAM the kept generator holds
+            ctx.progress("depth", 0, 1, f"depth from {model}")
+            frames = np.ascontiguousarray(clip.frames)
+            result = estimate(
+                frames, model, models_dir=ctx.models_dir, device=s.device, progress=ctx.progress, **options
+            )
+            depth = np.ascontiguousarray(result.depth, dtype=np.float32)
+            if depth.shape != frames.shape[:3] or not np.isfinite(depth).all():
+                raise Ex4dError(f"the depth has shape {depth.shape}, the frames {frames.shape[:3]}", where="depth")
+            meta = {
+                "shot": clip.key,
+                "model": model,
+                "options": {k: v for k, v in options.items() if k != "path"},
+                "depth_min": float(depth.min()),
+                "depth_max": float(depth.max()),
+            }
+            with ctx.store.write_stage("depth", key, meta) as tmp:
+                np.save(tmp / "depth.npy", depth)
+            del result, depth, frames
+            free_memory()
+            ctx.progress("depth", 1, 1, "done")
+    _reused(ctx, "depth", key, cached)
+    d = ctx.store.stage_dir("depth", key)
+    return Depth(key, d, np.load(d / "depth.npy", mmap_mode="r"), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. mesh (the DW-mesh files the add-on shows; the guide re-meshes on the device instead)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class MeshEntry:
+    key: str
+    dir: Path
+    meta: dict
+
+
+def _mesh_key(depth: Depth, k: np.ndarray, s: MeshSettings) -> list:
+    return [depth.key, np.round(np.asarray(k, dtype=np.float64), 9).tolist(), *s.key()]
+
+
+def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSettings) -> MeshEntry:
+    """Depth -> the DW-mesh as files: ``positions.pc2`` (the only copy of the per-frame vertex positions,
+    (T, H*W, 3) float32 OpenCV world, in the PC2 format of Blender's Mesh Cache modifier; read it with
+    ``service.pointcache.read_pc2``), ``faces.npy`` (F, 3) int32 and ``occlusion.npy`` (T, F) uint8 {0, 1}.
+    Vertex colours are the frames (``frames.npy``) with alpha 0 on occlusion faces' vertices."""
+    import torch
+
+    from ..dwmesh import build_dwmesh
+    from ..render import resolve_renderer
+    from ..service.pointcache import HEADER, MAGIC
+
+    key = make_key(STAGE_VERSION, "mesh", *_mesh_key(depth, k, s))
+    with _locked(ctx, "mesh", key):
+        meta = _lookup(ctx, "mesh", key)
+        cached = meta is not None
+        if meta is None:
+            t, h, w = depth.depth.shape
+            n_faces = 2 * (h - 1) * (w - 1) + 2
+            meta = {
+                "shot": clip.key,
+                "n_frames": t,
+                "width": w,
+                "height": h,
+                "n_vertices": h * w,
+                "n_faces": n_faces,
+                "K": np.asarray(k).tolist(),
+                "mesh_filter": s.mesh_filter,
+                "border_depth": s.border_depth,
+                "fps": clip.fps,
+            }
+            backend = resolve_renderer("auto")
+            device = torch.device("cuda" if backend == "cuda" else "cpu")
+            step = chunk_frames(w, h, t, backend)
+            total = -(-t // step)
+            with ctx.store.write_stage("mesh", key, meta) as tmp:
+                occ = np.lib.format.open_memmap(tmp / "occlusion.npy", "w+", np.uint8, (t, n_faces))
+                with open(tmp / "positions.pc2", "wb") as pc2:
+                    pc2.write(HEADER.pack(MAGIC, 1, h * w, 0.0, 1.0, t))
+                    for i, start in enumerate(range(0, t, step)):
+                        stop = min(t, start + step)
+                        ctx.progress("mesh", i, total, f"frames {start}-{stop - 1}")
+                        m = build_dwmesh(
+                            torch.from_numpy(np.array(depth.depth[start:stop])).to(device),
+                            k,
+                            torch.from_numpy(np.array(clip.frames[start:stop])).to(device),
+                            mesh_filter=s.mesh_filter,
+                            border_depth=s.border_depth,
+                        )
+                        if i == 0:
+                            np.save(tmp / "faces.npy", m.faces.cpu().numpy().astype(np.int32))
+                        pc2.write(np.ascontiguousarray(m.vertices.cpu().numpy(), dtype="<f4").tobytes())
+                        occ[start:stop] = m.invalid.cpu().numpy()
+                        del m
+                occ.flush()
+                del occ
+                ctx.progress("mesh", total, total, "written")
+    _reused(ctx, "mesh", key, cached)
+    return MeshEntry(key, ctx.store.stage_dir("mesh", key), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. camera
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class CameraEntry:
+    key: str
+    dir: Path
+    path: CameraPath  # T frames, checked
+
+
+def camera_stage(
+    ctx: Context,
+    clip: Clip,
+    depth: Depth,
+    k: np.ndarray,
+    spec: dict | CameraPath,
+    mesh: MeshSettings,
+    *,
+    where: str = "params.camera",
+) -> CameraEntry:
+    """A camera spec (see ``pipeline.camera``) -> the checked path for the clip, stored as ``camera.npz``."""
+    from ..cameras import save_camera_npz
+
+    ctx.progress("camera", 0, 1, "camera path")
+    w, h = clip.size
+    path = resolve_camera(spec, clip.n_frames, k, depth.depth[0], w, h, mesh, where=where, check_input=ctx.check_input)
+    key = make_key(STAGE_VERSION, "camera", camera_hash(path), w, h)
+    with _locked(ctx, "camera", key):
+        if _lookup(ctx, "camera", key) is None:
+            meta = {"shot": clip.key, "name": path.name, "camera_hash": camera_hash(path), "n_frames": len(path)}
+            with ctx.store.write_stage("camera", key, meta) as tmp:
+                save_camera_npz(tmp / "camera.npz", path)
+    housekeeping.touch(ctx.store, "camera", key)
+    ctx.progress("camera", 1, 1, path.name)
+    return CameraEntry(key, ctx.store.stage_dir("camera", key), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. guide
+# ----------------------------------------------------------------------------------------------
+GUIDE_FILES = ("color.mp4", "mask.mp4", "color", "mask", "camera.npz")  # PNG folders hold frame_00000.png ...
+PNG_PREFIX = "frame_"
+
+
+@dataclass
+class GuideEntry:
+    key: str
+    dir: Path
+    meta: dict
+    guide: Guide | None = None  # the arrays, when this call rendered them
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(colour (T, H, W, 3), mask (T, H, W)) uint8, exact (from the PNG frames when reused)."""
+        if self.guide is not None:
+            return self.guide.color, self.guide.mask
+        return read_png_folder(self.dir / "color", 3), read_png_folder(self.dir / "mask", 1)
+
+
+def read_png_folder(folder: Path, channels: int) -> np.ndarray:
+    """(T, H, W, 3) RGB or (T, H, W) grey uint8 from ``frame_*.png`` files."""
+    import cv2
+
+    files = sorted(folder.glob(f"{PNG_PREFIX}*.png"))
+    flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        imgs = list(pool.map(lambda f: cv2.imread(str(f), flag), files))
+    if channels == 3:
+        imgs = [cv2.cvtColor(i, cv2.COLOR_BGR2RGB) for i in imgs]
+    return np.stack(imgs)
+
+
+def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, fps: float, camera: CameraPath) -> None:
+    """The guide's files into ``folder`` (a stage's temporary folder): H.264 previews, lossless PNG frames
+    (the exact guide) and the camera; encoded in parallel threads (OpenCV and PyAV release the GIL)."""
+    import cv2
+
+    from ..cameras import save_camera_npz
+    from ..footage import write_video
+
+    (folder / "color").mkdir()
+    (folder / "mask").mkdir()
+
+    def png(args) -> None:
+        sub, i, img = args
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        if not cv2.imwrite(str(folder / sub / f"{PNG_PREFIX}{i:05d}.png"), img):
+            raise OSError(f"cannot write PNG frame {i} in {folder / sub}")
+
+    with ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 1))) as pool:
+        videos = [pool.submit(write_video, folder / "color.mp4", color, fps)]
+        videos.append(pool.submit(write_video, folder / "mask.mp4", mask, fps))
+        jobs = [("color", i, f) for i, f in enumerate(color)] + [("mask", i, f) for i, f in enumerate(mask)]
+        list(pool.map(png, jobs))
+        save_camera_npz(folder / "camera.npz", camera)
+        for v in videos:
+            v.result()
+
+
+def guide_stage(
+    ctx: Context,
+    clip: Clip,
+    depth: Depth,
+    k: np.ndarray,
+    camera: CameraEntry,
+    mesh: MeshSettings,
+    render: RenderSettings,
+) -> GuideEntry:
+    """Frames + depth + K + camera -> the guide (``pipeline.guide.render_guide``), stored as
+    ``color/``, ``mask/`` (PNG frames, exact), ``color.mp4``, ``mask.mp4`` and ``camera.npz``."""
+    from ..render import resolve_renderer
+
+    backend = resolve_renderer(render.renderer)
+    key = make_key(STAGE_VERSION, "guide", *_mesh_key(depth, k, mesh), camera.key, backend, bool(render.use_dwmesh))
+    with _locked(ctx, "guide", key):
+        meta = _lookup(ctx, "guide", key)
+        if meta is not None:
+            _reused(ctx, "guide", key, True)
+            return GuideEntry(key, ctx.store.stage_dir("guide", key), meta)
+        cam = camera.path
+        guide = render_guide(
+            clip.frames,
+            depth.depth,
+            k,
+            cam,
+            mesh,
+            RenderSettings(backend, render.use_dwmesh),
+            progress=ctx.progress,
+        )
+        t, h, w = depth.depth.shape
+        meta = {
+            "shot": clip.key,
+            "camera": cam.name,
+            "camera_hash": camera_hash(cam),
+            "renderer": backend,
+            "use_dwmesh": bool(render.use_dwmesh),
+            "n_frames": t,
+            "width": w,
+            "height": h,
+            "fps": clip.fps,
+        }
+        ctx.progress("write", 0, 1, "guide files")
+        with ctx.store.write_stage("guide", key, meta) as tmp:
+            write_guide_files(tmp, guide.color, guide.mask, clip.fps, guide.camera)
+        ctx.progress("write", 1, 1, "done")
+    _reused(ctx, "guide", key, False)
+    return GuideEntry(key, ctx.store.stage_dir("guide", key), meta, guide)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. generate
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GenerateEntry:
+    key: str
+    dir: Path
+    meta: dict
+
+
+def generate_frames(gen, color: np.ndarray, mask: np.ndarray, s: dict, progress: Progress, **extra) -> np.ndarray:
+    """Run a loaded generator on a guide with resolved settings ``s`` (``GenerateSettings.resolved()``)."""
+    return gen(
+        color,
+        mask,
+        height=s["height"],
+        width=s["width"],
+        num_frames=s["num_frames"],
+        steps=s["steps"],
+        cfg=s["cfg"],
+        shift=s["shift"],
+        seed=s["seed"],
+        prompt=s["prompt"],
+        negative_prompt=s["negative_prompt"],
+        callback=progress,
+        **extra,
+    )
+
+
+def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSettings) -> GenerateEntry:
+    """Guide -> the generated shot (``frames/`` PNGs, ``video.mp4``)."""
+    from ..generation import load_generator
+    from ..generation.conditioning import sample_indices
+
+    s = gs.resolved()
+    key = make_key(STAGE_VERSION, "generate", guide.key, {f: v for f, v in s.items() if f != "device"})
+    with _locked(ctx, "generate", key):
+        meta = _lookup(ctx, "generate", key)
+        cached = meta is not None
+        if meta is None:
+            color, mask = guide.arrays()
+
+            def load():
+                ctx.progress("load", 0, 1, f"loading the {s['generator']} generator")
+                return load_generator(
+                    s["generator"], models_dir=ctx.models_dir, device=s["device"], vram_profile=s["vram_profile"]
+                )
+
+            gen_key = (s["generator"], str(ctx.models_dir), s["device"], s["vram_profile"])
+            gen, reused = ctx.resident.acquire(gen_key, load)
+            ok = False
+            try:
+                ctx.progress("load", 1, 1, "the generator was still loaded" if reused else "loaded")
+                frames = generate_frames(gen, color, mask, s, ctx.progress)
+                ok = True
+            finally:
+                ctx.resident.done(ok)  # kept for the next job, or closed (a cancel, an error, keep-alive 0)
+                del gen
+                free_memory()
+            from ..footage import write_png_sequence, write_video
+
+            meta = {
+                "shot": clip.key,
+                "settings": s,
+                "camera_hash": guide.meta["camera_hash"],
+                "source_frames": sample_indices(len(color), s["num_frames"]).tolist(),
+                "fps": clip.fps,
+                "n_frames": len(frames),
+                "width": s["width"],
+                "height": s["height"],
+            }
+            with ctx.store.write_stage("generate", key, meta) as tmp:
+                ctx.progress("save", 0, 2, "frames")
+                write_png_sequence(tmp / "frames", frames)
+                ctx.progress("save", 1, 2, "video")
+                write_video(tmp / "video.mp4", frames, clip.fps)
+            ctx.progress("save", 2, 2, "done")
+    _reused(ctx, "generate", key, cached)
+    return GenerateEntry(key, ctx.store.stage_dir("generate", key), meta)
