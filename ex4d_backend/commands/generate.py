@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..pipeline.settings import GenerateSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -23,15 +25,18 @@ def register(subparsers) -> None:
     p.add_argument("--mask-video", required=True, help="guide mask video or folder (white = seen, black = fill)")
     p.add_argument("--output-video", required=True, help="output mp4")
     p.add_argument("--output-frames", default=None, help="also write the frames as PNGs into this folder")
-    p.add_argument("--generator", choices=("ex4d", "preview"), default="ex4d")
+    p.add_argument("--generator", choices=("ex4d", "preview"), default=GenerateSettings.generator)
     p.add_argument("--models-dir", default=None, help="models directory (default: $EX4D_MODELS_DIR or the cache)")
-    p.add_argument("--height", type=int, default=512, help="output height, multiple of 16")
-    p.add_argument("--width", type=int, default=512, help="output width, multiple of 16")
-    p.add_argument("--frames", type=int, default=49, help="output frames (4k+1), sampled evenly from the guide")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise and of the mask erosion")
+    d = GenerateSettings()
+    p.add_argument("--height", type=int, default=d.height, help="output height, multiple of 16")
+    p.add_argument("--width", type=int, default=d.width, help="output width, multiple of 16")
+    p.add_argument(
+        "--frames", type=int, default=d.num_frames, help="output frames (4k+1), sampled evenly from the guide"
+    )
+    p.add_argument("--steps", type=int, default=d.steps, help="denoising steps")
+    p.add_argument("--cfg", type=float, default=d.cfg, help="classifier-free guidance scale")
+    p.add_argument("--shift", type=float, default=d.shift, help="flow-matching sigma shift")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the noise and of the mask erosion")
     p.add_argument("--prompt", default=None, help="text prompt (default: the reference's)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the reference's)")
     p.add_argument(
@@ -40,8 +45,8 @@ def register(subparsers) -> None:
         default="crop",
         help="crop keeps the guide's aspect (centred crop); stretch squashes like the reference",
     )
-    p.add_argument("--vram-profile", choices=("full", "24gb", "12gb"), default="full")
-    p.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu")
+    p.add_argument("--vram-profile", choices=("full", "24gb", "12gb"), default=d.vram_profile)
+    p.add_argument("--device", default=d.device, help="auto, cuda, cuda:1 or cpu")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the colour video's)")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT blocks (GPU; ~1 min once, then faster steps)"
@@ -65,8 +70,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..footage import read_footage
-    from ..generation import REFERENCE_NEGATIVE, REFERENCE_PROMPT, load_generator, write_outputs
+    from ..generation import load_generator, write_outputs
     from ..generation.conditioning import validate_guide, validate_size
+    from ..pipeline.stages import generate_frames
 
     validate_size(args.height, args.width, args.frames)
     color = read_footage(args.color_video, max_side=None)
@@ -91,21 +97,21 @@ def run(args: argparse.Namespace) -> int:
         **options,
     )
     try:
-        frames = gen(
-            color.frames,
-            mask_frames,
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
+        settings = GenerateSettings(
+            generator=args.generator,
             steps=args.steps,
             cfg=args.cfg,
             shift=args.shift,
             seed=args.seed,
-            prompt=args.prompt if args.prompt is not None else REFERENCE_PROMPT,
-            negative_prompt=args.negative_prompt if args.negative_prompt is not None else REFERENCE_NEGATIVE,
-            resize=args.resize,
-            callback=progress,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            height=args.height,
+            width=args.width,
+            num_frames=args.frames,
+            vram_profile=args.vram_profile,
+            device=args.device,
         )
+        frames = generate_frames(gen, color.frames, mask_frames, settings.resolved(), progress, resize=args.resize)
     finally:
         gen.close()
     fps = args.fps or color.fps

@@ -126,25 +126,29 @@ def run(args: argparse.Namespace) -> int:
     bars = StageBars()
     ctx = stages.Context(store, bars, args.models_dir, input_check=stages.local_input)
     try:
-        clip = stages.frames_stage(ctx, args.input, FrameSettings(args.frames, args.max_side or None, args.fps))
-        if args.frames and clip.n_frames < args.frames:
-            log.warning("the footage has %d frames; using all of them (asked for %d)", clip.n_frames, args.frames)
         if args.depth:
             depth_s = DepthSettings(
                 "file", str(args.depth), args.depth_kind, bool(args.repair_depth), float(args.depth_scale)
             )
         else:
             depth_s = DepthSettings(args.depth_model)
-        depth = stages.depth_stage(ctx, clip, depth_s)
-        k = intrinsics_from_args(args).matrix(*clip.size)
-        mesh = MeshSettings(args.mesh_filter, BORDER_DEPTH)
-        cam = stages.camera_stage(ctx, clip, depth, k, spec_from_arg(args.cam), mesh, where="--cam")
-        guide = stages.guide_stage(ctx, clip, depth, k, cam, mesh, RenderSettings(args.renderer, not args.no_dwmesh))
+        shot = stages.guide_for_shot(
+            ctx,
+            args.input,
+            FrameSettings(args.frames, args.max_side or None, args.fps),
+            depth_s,
+            intrinsics_from_args(args),
+            spec_from_arg(args.cam),
+            MeshSettings(args.mesh_filter, BORDER_DEPTH),
+            RenderSettings(args.renderer, not args.no_dwmesh),
+            where="--cam",
+        )
+        if args.frames and shot.clip.n_frames < args.frames:
+            log.warning("the footage has %d frames; using all of them (asked for %d)", shot.clip.n_frames, args.frames)
     finally:
         bars.close()
-    paths = export_guide(
-        guide.dir, args.output_dir, cam_name, png=args.png, mesh_of=(clip, depth, k, mesh) if args.save_mesh else None
-    )
+    mesh_of = (shot.clip, shot.depth, shot.k, shot.mesh) if args.save_mesh else None
+    paths = export_guide(shot.guide.dir, args.output_dir, cam_name, png=args.png, mesh_of=mesh_of)
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0

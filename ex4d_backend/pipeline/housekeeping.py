@@ -144,8 +144,7 @@ def _protected_since(store) -> float | None:
 
 
 def _held(store, e: Entry) -> bool:
-    is_held = getattr(store, "is_held", None)
-    return bool(is_held and is_held(e.stage, e.key))
+    return store.is_held(e.stage, e.key)
 
 
 def clean(
@@ -179,11 +178,9 @@ def clean(
                     size -= e.size
     removed = []
     for e in doomed:
-        if not dry_run:
-            if _held(store, e):  # taken since the listing
-                kept_back.append(e)
-                continue
-            _remove_entry(store, e)
+        if not dry_run and not _remove_entry(store, e):  # taken since the listing
+            kept_back.append(e)
+            continue
         removed.append(e)
     return {
         "removed": [e.to_dict() for e in removed],
@@ -194,12 +191,21 @@ def clean(
     }
 
 
-def _remove_entry(store, e: Entry) -> None:
-    """Move the entry aside (atomically: it vanishes whole), then delete it and its stamp."""
-    aside = e.path.with_name(f".{e.path.name}.partial-clean{os.getpid()}")
-    try:
-        os.replace(e.path, aside)
-    except OSError:
-        return
+def _remove_entry(store, e: Entry) -> bool:
+    """Move the entry aside under the stage's commit lock (it vanishes whole, never racing a commit), then
+    delete it and its stamp. False when it was taken (locked) meanwhile."""
+    import uuid
+
+    from ..service.jobstore import COMMIT
+
+    aside = e.path.with_name(f".{e.path.name}.corrupt-clean{uuid.uuid4().hex[:8]}")
+    with store.stage_lock(COMMIT, e.path.name):
+        if _held(store, e):
+            return False
+        try:
+            os.rename(e.path, aside)
+        except OSError:
+            return False
     shutil.rmtree(aside, ignore_errors=True)
     _usage_file(store, e.stage, e.key).unlink(missing_ok=True)
+    return True

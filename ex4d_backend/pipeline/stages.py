@@ -34,7 +34,14 @@ from ..service.resident import ResidentGenerator, free_memory
 from . import housekeeping
 from .camera import camera_hash, resolve_camera
 from .guide import Guide, chunk_frames, render_guide
-from .settings import DepthSettings, FrameSettings, GenerateSettings, MeshSettings, RenderSettings
+from .settings import (
+    DepthSettings,
+    FrameSettings,
+    GenerateSettings,
+    IntrinsicsSettings,
+    MeshSettings,
+    RenderSettings,
+)
 
 Progress = Callable[[str, int, int, str], None]
 STAGE_VERSION = 2  # bump when a change alters stage results, so stale cache entries are never reused
@@ -73,13 +80,15 @@ def local_input(path: str | os.PathLike, what: str) -> Path:
 
 @contextlib.contextmanager
 def _locked(ctx: Context, stage: str, key: str):
-    """``store.stage_lock(stage, key)`` (the store's cross-process lock), where the store has it."""
-    lock = getattr(ctx.store, "stage_lock", None)
-    if lock is None:
+    """``store.stage_lock(stage, key)``: one process computes a stage result, the others wait (reporting
+    progress, so a cancel stops the wait) and then reuse it."""
+
+    def waiting() -> bool:
+        ctx.progress(stage, 0, 1, "waiting for another worker computing it")  # raises Cancelled on a cancel
+        return False
+
+    with ctx.store.stage_lock(stage, key, cancelled=waiting):
         yield
-    else:
-        with lock(stage, key):
-            yield
 
 
 def _lookup(ctx: Context, stage: str, key: str) -> dict | None:
@@ -529,3 +538,36 @@ def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSett
             ctx.progress("save", 2, 2, "done")
     _reused(ctx, "generate", key, cached)
     return GenerateEntry(key, ctx.store.stage_dir("generate", key), meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shot path most requests take: frames -> depth -> camera -> guide
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Shot:
+    clip: Clip
+    depth: Depth
+    k: np.ndarray  # (3, 3) source intrinsics, pixels
+    mesh: MeshSettings
+    camera: CameraEntry
+    guide: GuideEntry
+
+
+def guide_for_shot(
+    ctx: Context,
+    footage: str | os.PathLike,
+    frames: FrameSettings,
+    depth: DepthSettings,
+    intrinsics: IntrinsicsSettings,
+    camera: dict | CameraPath,
+    mesh: MeshSettings,
+    render: RenderSettings,
+    *,
+    where: str = "params.camera",
+) -> Shot:
+    """Stages 1, 2, 4 and 5 for one shot and one novel camera (``ex4d recon``, ``render_guide``, ``generate``)."""
+    clip = frames_stage(ctx, footage, frames)
+    d = depth_stage(ctx, clip, depth)
+    k = intrinsics.matrix(*clip.size)
+    cam = camera_stage(ctx, clip, d, k, camera, mesh, where=where)
+    return Shot(clip, d, k, mesh, cam, guide_stage(ctx, clip, d, k, cam, mesh, render))

@@ -45,11 +45,17 @@ def _clip_depth(ctx: Context, p: dict) -> tuple[stages.Clip, stages.Depth]:
 
 
 def _guide(ctx: Context, p: dict) -> tuple[stages.Clip, stages.GuideEntry]:
-    clip, depth = _clip_depth(ctx, p)
-    k = intrinsics(p, *clip.size)
-    mesh = MeshSettings.from_params(p)
-    cam = stages.camera_stage(ctx, clip, depth, k, p["camera"], mesh)
-    return clip, stages.guide_stage(ctx, clip, depth, k, cam, mesh, RenderSettings.from_params(p))
+    shot = stages.guide_for_shot(
+        ctx,
+        p["footage"],
+        FrameSettings.from_params(p),
+        DepthSettings.from_params(p["depth"]),
+        IntrinsicsSettings.from_params(p),
+        p["camera"],
+        MeshSettings.from_params(p),
+        RenderSettings.from_params(p),
+    )
+    return shot.clip, shot.guide
 
 
 def _clip_result(clip: stages.Clip) -> dict:
