@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
+from .constants import BORDER_DEPTH, FOCAL_PX
 from .errors import NOT_FOUND, Ex4dError
 
 CV_TO_BLENDER = np.array(
@@ -31,7 +32,7 @@ CV_TO_BLENDER = np.array(
 )  # OpenCV world (x right, y down, z forward) -> Blender world (X right, Y forward, Z up)
 FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV camera axes <-> OpenGL/Blender camera axes
 
-REFERENCE_FOCAL_PX = 500.0  # the reference's fx = fy at the processing resolution
+REFERENCE_FOCAL_PX = FOCAL_PX  # the reference's fx = fy (500) at the processing resolution
 PRESET_NAMES = ("30", "60", "90", "180", "zoom_in", "zoom_out")
 ZOOM_DISTANCE = 0.5  # zoom presets dolly by this fraction of r (the target's distance) along the axis
 PRESET_RADIUS_OFFSET = 0.15  # r = min depth of frame 0 (border ring set) + 0.15, as the reference
@@ -129,7 +130,7 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray = np.array([0.0,
     return e
 
 
-def preset_radius(depth0: np.ndarray, border_depth: float = 100.0) -> float:
+def preset_radius(depth0: np.ndarray, border_depth: float = BORDER_DEPTH) -> float:
     """r = minimum depth of frame 0 after the border ring is set to ``border_depth``, + 0.15."""
     d = np.array(depth0, dtype=np.float64, copy=True)
     d[0, :] = d[-1, :] = d[:, 0] = d[:, -1] = border_depth
@@ -166,7 +167,7 @@ def preset_path(
     depth0: np.ndarray,
     width: int,
     height: int,
-    border_depth: float = 100.0,
+    border_depth: float = BORDER_DEPTH,
 ) -> CameraPath:
     """The reference camera path for ``preset`` ("30", "60", "90", "180", any integer angle, "zoom_in",
     "zoom_out"), looking at target (0, 0, r) with world up (0, 1, 0)."""

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .constants import BORDER_DEPTH
 from .errors import Ex4dError
 
-BORDER_DEPTH = 100.0
 ANGLE_THRESHOLD_DEG = 2.5
 BOUNDARY_RATIO = 2.0
 FILTERS = ("angle", "boundary")

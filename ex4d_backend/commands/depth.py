@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..constants import MAX_SIDE
+
 log = logging.getLogger("ex4d.depth")
 
 MODEL_CHOICES = (
@@ -39,7 +41,9 @@ def register(subparsers) -> None:
     p.add_argument("--models-dir", help="models directory (default: $EX4D_MODELS_DIR or ~/.cache/ex4d/models)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:N or cpu")
     p.add_argument("--max-frames", type=int, default=None, help="use only the first N frames")
-    p.add_argument("--max-side", type=int, default=1024, help="cap of the long side in pixels (default: 1024)")
+    p.add_argument(
+        "--max-side", type=int, default=MAX_SIDE, help=f"cap of the long side in pixels (default: {MAX_SIDE})"
+    )
     g = p.add_argument_group("DepthCrafter")
     g.add_argument("--steps", type=int, help="denoising steps (default 5)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 1.0: none)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import constants as C
 from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT, prepare_guide
 
 LABEL = "EX-4D PREVIEW - not generated"
@@ -57,10 +58,10 @@ class PreviewGenerator:
         *,
         height: int = 512,
         width: int = 512,
-        num_frames: int = 49,
-        steps: int = 25,
-        cfg: float = 5.0,
-        shift: float = 5.0,
+        num_frames: int = C.NUM_FRAMES,
+        steps: int = C.STEPS,
+        cfg: float = C.CFG,
+        shift: float = C.SHIFT,
         seed: int = 0,
         prompt: str = REFERENCE_PROMPT,
         negative_prompt: str = REFERENCE_NEGATIVE,

@@ -209,3 +209,35 @@ def _remove_entry(store, e: Entry) -> bool:
     shutil.rmtree(aside, ignore_errors=True)
     _usage_file(store, e.stage, e.key).unlink(missing_ok=True)
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The size limit (a setting of the store: <store>/store_settings.json {"max_size_gb": ...})
+# ----------------------------------------------------------------------------------------------
+SETTINGS = "store_settings.json"
+
+
+def get_limit_gb(store) -> float | None:
+    """The store's size limit in GB (1e9 bytes), or None (no limit)."""
+    from ..service.jobstore import read_json
+
+    value = (read_json(Path(store.root) / SETTINGS) or {}).get("max_size_gb")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def set_limit_gb(store, gb: float | None) -> None:
+    """Set (or with None / 0 remove) the store's size limit; every finished job then cleans down to it."""
+    from ..service.jobstore import write_json
+
+    write_json(Path(store.root) / SETTINGS, {"max_size_gb": float(gb) if gb else None})
+
+
+def enforce_limit(store) -> dict | None:
+    """Clean least-recently-used entries down to the store's limit, if it has one and is over it."""
+    gb = get_limit_gb(store)
+    if gb is None:
+        return None
+    limit = int(gb * 1e9)
+    if sum(e.size for e in entries(store)) <= limit:
+        return None
+    return clean(store, max_size_bytes=limit)

@@ -227,6 +227,12 @@ def run_job(type_: str, params: dict, ctx: Context) -> dict:
         }
     )
     ctx.store.finish_job(job_dir, "done", result=payload)
+    from ..pipeline import housekeeping
+
+    try:
+        housekeeping.enforce_limit(ctx.store)  # the store's size limit, least recently used first
+    except OSError as exc:  # housekeeping never fails a job
+        log.warning("store clean-up failed: %s", exc)
     return payload
 
 
