@@ -1,0 +1,212 @@
+"""The service's guide job against ``run_recon`` (the CLI's in-memory fast path), in-process and warm.
+
+    python benchmarks/bench_service_guide.py --footage shared/data/flower/input.mp4 --out results.json
+    python benchmarks/bench_service_guide.py --synthetic --frames 49 --size 512
+    python benchmarks/bench_service_guide.py --synthetic --cpu --frames 9 --size 128     # CPU smoke test
+
+Measures, each the median of ``--repeats`` runs after one warm-up (plugin build, numba compile, CUDA context):
+
+- ``recon_s``: ``recon.run_recon(frames, depth, preset)`` on arrays already in memory (what the README's
+  recon figure measures: DW-mesh + render, no reads or writes);
+- ``new_shot_s``: the ``render_guide`` job on a new shot (an empty job store): footage hash + decode, depth
+  file load, camera, DW-mesh + render, every write (frames, depth, guide PNGs + videos, manifests);
+- ``new_camera_s``: the ``render_guide`` job for a camera never seen before, frames and depth cached;
+- per-stage medians of both jobs (from the progress events: time from a stage's first event to the next's).
+
+The depth is a file: ``--depth PATH`` (.npy/.npz (T, H, W), depth in scene units), else a smooth synthetic
+depth (a tilted plane plus a bump, 2-6 units) written as .npz at the processing size. Results as JSON on
+stdout and in ``--out``. Goals on an H200 (issue 12): new shot <= 0.5 s, new camera <= 0.15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GOALS = {"new_shot_s": 0.5, "new_camera_s": 0.15}
+
+
+def smooth_depth(t: int, h: int, w: int) -> np.ndarray:
+    """(T, H, W) float32 depth: a plane tilted left-right (2..5 units) with a bump that moves over time."""
+    v, u = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
+    out = np.empty((t, h, w), np.float32)
+    for i in range(t):
+        cx = -0.5 + i / max(1, t - 1)
+        bump = 1.5 * np.exp(-((u - cx) ** 2 + v**2) / 0.08)
+        out[i] = 3.5 + 1.5 * u - bump
+    return out
+
+
+class StageClock:
+    """A progress callback recording when each stage first reported."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def __call__(self, stage: str, step: int, total: int, message: str = "") -> None:
+        if not self.marks or self.marks[-1][0] != stage:
+            self.marks.append((stage, time.perf_counter()))
+
+    def durations(self, end: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (stage, t0), (_, t1) in zip(self.marks, self.marks[1:] + [("end", end)], strict=True):
+            out[stage] = out.get(stage, 0.0) + (t1 - t0)
+        return out
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--footage", help="video file or image-sequence folder (e.g. the flower clip)")
+    src.add_argument("--synthetic", action="store_true", help="the procedural scene (ex4d_backend.synthetic)")
+    ap.add_argument("--depth", help="depth file (.npy/.npz) at the processing size; default: a smooth synthetic one")
+    ap.add_argument("--frames", type=int, default=49)
+    ap.add_argument("--size", type=int, default=512, help="--synthetic: width = height; --footage: max side")
+    ap.add_argument("--preset", default="90")
+    ap.add_argument("--cpu", action="store_true", help="CPU renderer (smoke test)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", help="write the JSON here too")
+    args = ap.parse_args()
+
+    import torch
+
+    from ex4d_backend import cameras, footage, recon
+    from ex4d_backend.service import jobs
+    from ex4d_backend.service.jobstore import JobStore
+
+    renderer = "cpu" if args.cpu else "cuda"
+    work = Path(tempfile.mkdtemp(prefix="ex4d-bench-"))
+    if args.synthetic:
+        from ex4d_backend.synthetic import make_scene
+
+        frames, _, _ = make_scene(args.size, args.size, args.frames)
+        clip_path = work / "input.mp4"
+        footage.write_video(clip_path, frames, 24.0)
+    else:
+        clip_path = Path(args.footage).resolve()
+    clip = footage.read_footage(clip_path, max_frames=args.frames, max_side=args.size)
+    frames = clip.frames
+    t, h, w = frames.shape[:3]
+    if args.depth:
+        depth_path = Path(args.depth).resolve()
+        from ex4d_backend.depth_io import load_depth
+
+        depth = load_depth(depth_path, size=(w, h), n_frames=t)
+    else:
+        depth = smooth_depth(t, h, w)
+        depth_path = work / "depth.npz"
+        np.savez_compressed(depth_path, depth=depth)
+    k = cameras.reference_intrinsics(w, h)
+    params = {
+        "footage": str(clip_path),
+        "depth": {"model": "file", "path": str(depth_path)},
+        "max_frames": args.frames,
+        "max_side": args.size,
+        "renderer": renderer,
+    }
+    allowed = [clip_path.parent, depth_path.parent, work]
+
+    # 1. run_recon, in memory.
+    recon.run_recon(frames, depth, args.preset, k=k, renderer=renderer)  # warm-up
+    recon_times = []
+    for _ in range(args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        recon.run_recon(frames, depth, args.preset, k=k, renderer=renderer)
+        sync()
+        recon_times.append(time.perf_counter() - t0)
+
+    def job(store: JobStore, camera: dict) -> tuple[float, dict, dict]:
+        clock = StageClock()
+        ctx = jobs.Context(store, clock)
+        sync()
+        t0 = time.perf_counter()
+        result = jobs.run_job("render_guide", {**params, "camera": camera}, ctx)
+        sync()
+        end = time.perf_counter()
+        return end - t0, clock.durations(end), result
+
+    def new_camera(i: int) -> dict:  # the preset path, shifted by i mm: a camera never rendered before
+        path = cameras.preset_path(args.preset, t, k, depth[0], w, h)
+        ext = path.extrinsics.copy()
+        ext[:, 0, 3] += 1e-3 * (i + 1)
+        return {"opencv": {"extrinsics": ext.tolist()}, "name": f"bench{i}"}
+
+    # 2. New shot: an empty store every time (warm-up first).
+    job(JobStore(work / "store-warm", allowed), {"preset": args.preset})
+    shot_times, shot_stages = [], []
+    for i in range(args.repeats):
+        dt, stages, result = job(JobStore(work / f"store-shot{i}", allowed), {"preset": args.preset})
+        shot_times.append(dt)
+        shot_stages.append(stages)
+    assert result["cached"] == {"frames": False, "depth": False, "guide": False}, result["cached"]
+
+    # 3. New camera, frames and depth cached.
+    store = JobStore(work / "store-shot0", allowed)
+    cam_times, cam_stages = [], []
+    for i in range(args.repeats):
+        dt, stages, result = job(store, new_camera(i))
+        cam_times.append(dt)
+        cam_stages.append(stages)
+    assert result["cached"] == {"frames": True, "depth": True, "guide": False}, result["cached"]
+
+    def med_stages(rows: list[dict]) -> dict:
+        names = {n for r in rows for n in r}
+        return {n: round(statistics.median(r.get(n, 0.0) for r in rows), 4) for n in sorted(names)}
+
+    guide_dir = Path(result["color_dir"]).parent
+    out = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "renderer": renderer,
+        "torch": torch.__version__,
+        "footage": str(clip_path),
+        "depth": str(depth_path),
+        "frames": t,
+        "width": w,
+        "height": h,
+        "preset": args.preset,
+        "repeats": args.repeats,
+        "recon_s": round(statistics.median(recon_times), 4),
+        "new_shot_s": round(statistics.median(shot_times), 4),
+        "new_camera_s": round(statistics.median(cam_times), 4),
+        "new_shot_stages_s": med_stages(shot_stages),
+        "new_camera_stages_s": med_stages(cam_stages),
+        "all_s": {"recon": recon_times, "new_shot": shot_times, "new_camera": cam_times},
+        "guide_bytes": sum(p.stat().st_size for p in guide_dir.rglob("*") if p.is_file()),
+        "store_bytes_one_shot": sum(
+            p.stat().st_size for p in (work / "store-shot1" / "cache").rglob("*") if p.is_file()
+        )
+        if args.repeats > 1
+        else None,
+        "goals_s": GOALS,
+        "cpu_count": os.cpu_count(),
+    }
+    if not args.cpu:
+        out["meets_goals"] = {name: out[name] <= goal for name, goal in GOALS.items()}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
