@@ -246,8 +246,11 @@ def linear_to_srgb(x: np.ndarray) -> np.ndarray:
     return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(np.maximum(x, 0.0031308), 1 / 2.4) - 0.055)
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf: int = 12) -> Path:
-    """Encode (T, H, W, 3) or (T, H, W) uint8 frames as H.264 yuv420p (plays everywhere).
+def write_video(
+    path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf: int = 12, preset: str = "medium"
+) -> Path:
+    """Encode (T, H, W, 3) or (T, H, W) uint8 frames as H.264 yuv420p (plays everywhere); ``preset`` is
+    x264's speed/size trade-off (the quality is set by ``crf``).
 
     Odd sizes are padded by repeating the last row/column. Written atomically.
     """
@@ -269,7 +272,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf:
             stream = out.add_stream("libx264", rate=rate)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "medium"}
+            stream.options = {"crf": str(crf), "preset": preset}
             for f in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                     out.mux(packet)

@@ -352,6 +352,7 @@ def camera_stage(
 # ----------------------------------------------------------------------------------------------
 GUIDE_FILES = ("color.mp4", "mask.mp4", "color", "mask", "camera.npz")  # PNG folders hold frame_00000.png ...
 PNG_PREFIX = "frame_"
+GUIDE_X264_PRESET = "veryfast"  # the videos are previews (the PNGs are the exact guide): 2x faster than medium
 
 
 @dataclass
@@ -400,8 +401,8 @@ def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, fps: fl
             raise OSError(f"cannot write PNG frame {i} in {folder / sub}")
 
     with ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 1))) as pool:
-        videos = [pool.submit(write_video, folder / "color.mp4", color, fps)]
-        videos.append(pool.submit(write_video, folder / "mask.mp4", mask, fps))
+        videos = [pool.submit(write_video, folder / "color.mp4", color, fps, preset=GUIDE_X264_PRESET)]
+        videos.append(pool.submit(write_video, folder / "mask.mp4", mask, fps, preset=GUIDE_X264_PRESET))
         jobs = [("color", i, f) for i, f in enumerate(color)] + [("mask", i, f) for i, f in enumerate(mask)]
         list(pool.map(png, jobs))
         save_camera_npz(folder / "camera.npz", camera)
