@@ -215,3 +215,17 @@ def test_store_size_of_a_49_frame_512_square_shot(tmp_path):
     info = housekeeping.info(store)
     assert info["cache_size"] == _walk_size(store.root / "cache")
     print(f"with the add-on's DW-mesh: {info['cache_size'] / 1e6:.1f} MB (mesh {_walk_size(mesh_dir) / 1e6:.1f} MB)")
+
+
+def test_service_and_cli_start_without_torch(subprocess_env):
+    """The stage modules import torch only when a stage renders: ``ex4d serve`` is ready (and ``ex4d --help``
+    answers) without it. Fails if a module-level ``import torch`` creeps into pipeline/, jobs.py or info.py
+    (a second service then starts seconds later, after another's temporary files were finished)."""
+    import sys
+
+    code = (
+        "import sys; import ex4d_backend.service.server, ex4d_backend.pipeline.stages, ex4d_backend.cli as c; "
+        "c.build_parser(); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env)
+    assert proc.returncode == 0, proc.stderr

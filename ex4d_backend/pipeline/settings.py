@@ -15,29 +15,29 @@ import numpy as np
 from .. import constants as C
 
 
-def _pick(cls, p: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in p.items() if k in names and v is not None}
+class _FromParams:
+    """``from_params(p)``: the fields present (and not None) in a protocol params / job file dict."""
+
+    @classmethod
+    def from_params(cls, p: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in p.items() if k in names and v is not None})
 
 
 @dataclass(frozen=True)
-class FrameSettings:
+class FrameSettings(_FromParams):
     """footage -> frames: the first ``max_frames`` frames (0 = all), long side capped at ``max_side``."""
 
     max_frames: int = 0
     max_side: int = C.MAX_SIDE
     fps: float | None = None  # frame rate for image sequences / override
 
-    @classmethod
-    def from_params(cls, p: dict) -> FrameSettings:
-        return cls(**_pick(cls, p))
-
     def key(self) -> dict:
         return {"max_frames": self.max_frames, "max_side": self.max_side, "fps": self.fps}
 
 
 @dataclass(frozen=True)
-class DepthSettings:
+class DepthSettings(_FromParams):
     """frames -> depth: ``model`` "file" (``path``, ``kind``, ``repair``, ``scale``) or a depth model
     (``options``), run on ``device``."""
 
@@ -49,13 +49,9 @@ class DepthSettings:
     device: str = C.DEVICE
     options: dict = field(default_factory=dict)
 
-    @classmethod
-    def from_params(cls, spec: dict) -> DepthSettings:
-        return cls(**_pick(cls, spec))
-
 
 @dataclass(frozen=True)
-class IntrinsicsSettings:
+class IntrinsicsSettings(_FromParams):
     """The source camera's K at the processing resolution: ``focal_px``, or ``lens`` mm on a sensor of
     ``sensor_width`` x ``sensor_height`` mm spanning the side ``sensor_fit`` names; else fx = fy = 500.
     ``fy``, ``cx``, ``cy`` override single entries (CLI)."""
@@ -68,10 +64,6 @@ class IntrinsicsSettings:
     fy: float | None = None
     cx: float | None = None
     cy: float | None = None
-
-    @classmethod
-    def from_params(cls, p: dict) -> IntrinsicsSettings:
-        return cls(**_pick(cls, p))
 
     def matrix(self, width: int, height: int) -> np.ndarray:
         """(3, 3) float64 K in pixels for a ``width`` x ``height`` processing size."""
@@ -105,40 +97,26 @@ class IntrinsicsSettings:
 
 
 @dataclass(frozen=True)
-class MeshSettings:
+class MeshSettings(_FromParams):
     """depth -> DW-mesh: occlusion-face filter and the depth of the border ring."""
 
     mesh_filter: str = C.MESH_FILTER
     border_depth: float = C.BORDER_DEPTH
-
-    @classmethod
-    def from_params(cls, p: dict) -> MeshSettings:
-        s = _pick(cls, p)
-        if "border_depth" in s:
-            s["border_depth"] = float(s["border_depth"])
-        return cls(**s)
 
     def key(self) -> list:
         return [self.mesh_filter, float(self.border_depth)]
 
 
 @dataclass(frozen=True)
-class RenderSettings:
+class RenderSettings(_FromParams):
     """DW-mesh + camera -> guide: renderer ("auto", "cuda", "cpu") and whether occlusion faces stay."""
 
     renderer: str = C.RENDERER
     use_dwmesh: bool = C.USE_DWMESH
 
-    @classmethod
-    def from_params(cls, p: dict) -> RenderSettings:
-        s = _pick(cls, p)
-        if "use_dwmesh" in s:
-            s["use_dwmesh"] = bool(s["use_dwmesh"])
-        return cls(**s)
-
 
 @dataclass(frozen=True)
-class GenerateSettings:
+class GenerateSettings(_FromParams):
     """guide -> result: the generator and its sampling settings (the reference's generate.py defaults).
     ``prompt``/``negative_prompt`` None = the reference's."""
 
@@ -154,10 +132,6 @@ class GenerateSettings:
     num_frames: int = C.NUM_FRAMES
     vram_profile: str = C.VRAM_PROFILE
     device: str = C.DEVICE
-
-    @classmethod
-    def from_params(cls, p: dict) -> GenerateSettings:
-        return cls(**_pick(cls, p))
 
     def resolved(self) -> dict:
         """All fields as a dict, the prompts filled in with the reference's when None."""

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,7 +34,6 @@ from ..service.jobstore import JobStore, make_key
 from ..service.resident import ResidentGenerator, free_memory
 from . import housekeeping
 from .camera import camera_hash, resolve_camera
-from .guide import Guide, chunk_frames, render_guide
 from .settings import (
     DepthSettings,
     FrameSettings,
@@ -42,6 +42,9 @@ from .settings import (
     MeshSettings,
     RenderSettings,
 )
+
+if TYPE_CHECKING:  # torch is imported by the stages that render, never at import (fast service start)
+    from .guide import Guide
 
 Progress = Callable[[str, int, int, str], None]
 STAGE_VERSION = 2  # bump when a change alters stage results, so stale cache entries are never reused
@@ -260,6 +263,7 @@ def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSet
     from ..dwmesh import build_dwmesh
     from ..render import resolve_renderer
     from ..service.pointcache import HEADER, MAGIC
+    from .guide import chunk_frames
 
     key = make_key(STAGE_VERSION, "mesh", *_mesh_key(depth, k, s))
     with _locked(ctx, "mesh", key):
@@ -422,6 +426,7 @@ def guide_stage(
     """Frames + depth + K + camera -> the guide (``pipeline.guide.render_guide``), stored as
     ``color/``, ``mask/`` (PNG frames, exact), ``color.mp4``, ``mask.mp4`` and ``camera.npz``."""
     from ..render import resolve_renderer
+    from .guide import render_guide
 
     backend = resolve_renderer(render.renderer)
     key = make_key(STAGE_VERSION, "guide", *_mesh_key(depth, k, mesh), camera.key, backend, bool(render.use_dwmesh))
