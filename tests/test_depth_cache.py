@@ -88,11 +88,11 @@ def test_recon_with_another_camera_never_reruns_depth(fast_depth_models, tmp_pat
     from ex4d_backend.footage import write_video
 
     video = write_video(tmp_path / "clip.mp4", gradient_clip(4, 32, 48), 24)
-    cache = tmp_path / "cache"
+    store = tmp_path / "store"  # estimated depth is a stage of the job store (shared with the service)
     common = ["--input", str(video), "--depth-model", "depth-anything-v2", "--models-dir", str(fast_depth_models)]
-    common += ["--depth-cache", str(cache), "--renderer", "cpu", "--frames", "0"]
+    common += ["--store", str(store), "--renderer", "cpu", "--frames", "0"]
     assert main(["recon", *common, "--cam", "30", "--output-dir", str(tmp_path / "a")]) == 0
-    (entry,) = cache.glob("*.npz")
+    (entry,) = store.glob("cache/depth-*/depth.npy")
     mtime = entry.stat().st_mtime_ns
     assert main(["recon", *common, "--cam", "60", "--focal-mm", "35", "--output-dir", str(tmp_path / "b")]) == 0
     assert len(counted) == 1 and entry.stat().st_mtime_ns == mtime

@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     cam_name = check_camera_arg(args.cam)
     if args.frames < 0:
         raise Ex4dError("--frames must be >= 0", where="--frames")
+    intrinsics = intrinsics_from_args(args)  # flag conflicts are reported before any work
     store = open_store(args.store)
     bars = StageBars()
     ctx = stages.Context(store, bars, args.models_dir, input_check=stages.local_input)
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             args.input,
             FrameSettings(args.frames, args.max_side or None, args.fps),
             depth_s,
-            intrinsics_from_args(args),
+            intrinsics,
             spec_from_arg(args.cam),
             MeshSettings(args.mesh_filter, BORDER_DEPTH),
             RenderSettings(args.renderer, not args.no_dwmesh),
