@@ -104,7 +104,7 @@ def write_recon_outputs(
     return paths
 
 
-def _copy_atomic(src: Path, dst: Path) -> Path:
+def copy_atomic(src: Path, dst: Path) -> Path:
     """Copy a file or folder from the store to ``dst`` (a temporary name, renamed when complete)."""
     import shutil
 
@@ -133,13 +133,13 @@ def export_guide(
     src, out = Path(guide_dir), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "color_video": _copy_atomic(src / "color.mp4", out / f"color_{cam_name}.mp4"),
-        "mask_video": _copy_atomic(src / "mask.mp4", out / f"mask_{cam_name}.mp4"),
-        "camera": _copy_atomic(src / "camera.npz", out / f"camera_{cam_name}.npz"),
+        "color_video": copy_atomic(src / "color.mp4", out / f"color_{cam_name}.mp4"),
+        "mask_video": copy_atomic(src / "mask.mp4", out / f"mask_{cam_name}.mp4"),
+        "camera": copy_atomic(src / "camera.npz", out / f"camera_{cam_name}.npz"),
     }
     if png:
-        paths["color_frames"] = _copy_atomic(src / "color", out / f"color_{cam_name}")
-        paths["mask_frames"] = _copy_atomic(src / "mask", out / f"mask_{cam_name}")
+        paths["color_frames"] = copy_atomic(src / "color", out / f"color_{cam_name}")
+        paths["mask_frames"] = copy_atomic(src / "mask", out / f"mask_{cam_name}")
     if mesh_of is not None:
         from .dwmesh import build_dwmesh
 

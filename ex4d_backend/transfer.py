@@ -25,9 +25,10 @@ def staging(name: str, slot: int, shape: tuple[int, ...], dtype: torch.dtype) ->
 def upload(array: np.ndarray, name: str, slot: int, device: torch.device) -> torch.Tensor:
     """Copy a numpy array to ``device`` through a pinned buffer (asynchronous on the current stream: do not
     reuse ``(name, slot)`` until that stream has passed this copy)."""
-    src = torch.from_numpy(np.ascontiguousarray(array))
-    buf = staging(name, slot, tuple(src.shape), src.dtype)
-    buf.copy_(src)
+    src = np.asarray(array)  # may be a read-only memory map (the job store's): numpy copies it in
+    dtype = torch.from_numpy(np.empty(0, src.dtype)).dtype
+    buf = staging(name, slot, tuple(src.shape), dtype)
+    buf.numpy()[...] = src
     return buf.to(device, non_blocking=True)
 
 

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         MeshSettings,
         RenderSettings,
     )
-    from ..recon import _copy_atomic, export_guide
+    from ..recon import copy_atomic, export_guide
     from ..synthetic import make_scene
     from .recon import StageBars, open_store
 
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             result = stages.generate_stage(ctx, shot.clip, shot.guide, gs)
             for key, name in (("video", f"preview_{cam}.mp4"), ("frames", f"preview_{cam}")):
                 src = result.dir / ("video.mp4" if key == "video" else "frames")
-                print(f"preview {key}: {_copy_atomic(src, out / name)}")
+                print(f"preview {key}: {copy_atomic(src, out / name)}")
             columns.append(stages.read_png_folder(result.dir / "frames", 3))
             labels.append("PREVIEW result")
     finally:
