@@ -147,17 +147,28 @@ def _probe_video(path: Path) -> tuple[int, float, tuple[int, int]]:
 class ResultWriter:
     """Write frames one at a time into an mp4 (H.264 yuv420p, ``crf``) and/or a PNG folder
     (``frame_00000.png`` ...). Use as a context manager: on a clean exit the results are renamed into
-    place (the PNG folder first, then the video); on an exception nothing appears at the final paths."""
+    place (the PNG folder first, then the video); on an exception nothing appears at the final paths.
 
-    def __init__(self, video=None, frames_dir=None, *, fps: float, crf: int = 12):
+    ``background`` (default) encodes and writes on a worker thread (a queue of at most
+    ``queue_frames`` frames, so memory stays bounded) while the caller computes the next frames; a
+    write error is raised by the next :meth:`write` or on exit."""
+
+    def __init__(self, video=None, frames_dir=None, *, fps: float, crf: int = 12, background: bool = True,
+                 queue_frames: int = 4):  # fmt: skip
         self.video = Path(video) if video else None
         self.frames_dir = Path(frames_dir) if frames_dir else None
         self.fps, self.crf = fps, crf
-        self.count = 0
+        self.count = 0  # frames handed to write()
+        self._written = 0  # frames written to disk
         self._stack = contextlib.ExitStack()
         self._av = self._stream = None
+        self._background, self._queue_frames = background and (video or frames_dir), queue_frames
+        self._queue = self._thread = self._error = None
 
     def __enter__(self) -> ResultWriter:
+        import queue
+        import threading
+
         from ..atomic import atomic_path
 
         try:
@@ -169,19 +180,45 @@ class ResultWriter:
         except BaseException:
             self._stack.close()
             raise
+        if self._background:
+            self._queue = queue.Queue(maxsize=self._queue_frames)
+            self._thread = threading.Thread(target=self._work, name="ex4d-result-writer", daemon=True)
+            self._thread.start()
         return self
 
     def write(self, frame: np.ndarray) -> None:
         """One uint8 (H, W, 3) RGB frame."""
+        if self._error is not None:
+            raise self._error
+        if self._queue is not None:
+            self._queue.put(np.array(frame, dtype=np.uint8, copy=True))
+        else:
+            self._write_now(np.ascontiguousarray(frame))
+        self.count += 1
+
+    def _work(self) -> None:
+        while (frame := self._queue.get()) is not None:
+            if self._error is None:  # after an error: keep draining so write() never blocks
+                try:
+                    self._write_now(frame)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._error = exc
+
+    def _stop_worker(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _write_now(self, frame: np.ndarray) -> None:
         import cv2
 
-        frame = np.ascontiguousarray(frame)
         if self.frames_dir is not None:
-            if not cv2.imwrite(str(self._tmp_dir / f"frame_{self.count:05d}.png"), frame[..., ::-1]):
-                raise OSError(f"cannot write PNG frame {self.count} in {self.frames_dir}")
+            if not cv2.imwrite(str(self._tmp_dir / f"frame_{self._written:05d}.png"), frame[..., ::-1]):
+                raise OSError(f"cannot write PNG frame {self._written} in {self.frames_dir}")
         if self.video is not None:
             self._encode(frame)
-        self.count += 1
+        self._written += 1
 
     def _encode(self, frame: np.ndarray) -> None:
         import av
@@ -199,10 +236,18 @@ class ResultWriter:
             self._av.mux(packet)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop_worker()
+        if exc_type is None and self._error is not None:
+            exc_type, exc, tb = type(self._error), self._error, self._error.__traceback__
+            failed = self._error
+        else:
+            failed = None
         if exc_type is not None:  # failed: close the encoder, remove the temporaries
             if self._av is not None:
                 self._av.close()
             self._stack.__exit__(exc_type, exc, tb)
+            if failed is not None:
+                raise failed
             return
         with self._stack:  # complete: flush, then rename into place (an error here removes them)
             if self._av is not None:
