@@ -312,6 +312,24 @@ def test_cancel_stops_at_a_step_and_keeps_finished_windows(tmp_path):
     np.testing.assert_array_equal(read_pngs(tmp_path / "o" / "f"), read_pngs(tmp_path / "clean"))
 
 
+def test_windows_run_as_ordered_tasks(tmp_path):
+    """``generate_windows(upto=k)`` (one farm task per window, in order, on one store) computes only
+    window k and reuses the earlier ones; the final ``generate_shot`` only reads the cache and equals a
+    run in one go."""
+    from ex4d_backend.generation.windows import generate_windows
+
+    c, m, _, _ = write_guide(tmp_path / "g", 20)
+    s = ShotSettings(window=9, overlap=3, size="64x64")
+    store = tmp_path / "store"
+    for k in range(3):
+        rep = generate_windows(PreviewGenerator(), c, m, s, store=store, upto=k)
+        assert [w["cached"] for w in rep.windows] == [True] * k + [False]
+    rep = generate_shot(PreviewGenerator(), c, m, s, ShotOutputs(frames=tmp_path / "a"), store=store)
+    assert [w["cached"] for w in rep.windows] == [True, True, True]
+    generate_shot(PreviewGenerator(), c, m, s, ShotOutputs(frames=tmp_path / "b"))
+    np.testing.assert_array_equal(read_pngs(tmp_path / "a"), read_pngs(tmp_path / "b"))
+
+
 @pytest.mark.slow
 def test_killed_job_resumes_at_the_next_window(tmp_path, subprocess_env):
     """A real ``ex4d generate`` subprocess is SIGKILLed after window 1 is cached; running it again

@@ -254,6 +254,7 @@ class ShotReport:
     fps: float
     outputs: dict = field(default_factory=dict)
     windows: list[dict] = field(default_factory=list)  # per window: key, cached, seconds
+    composite: dict | None = None  # guide size, the box of it the generation shows, feather width
 
 
 # ---------------------------------------------------------------------------------------- the cache
@@ -317,10 +318,12 @@ def chained_frames(
     generator_key: dict | None = None,
     progress: Progress | None = None,
     records: list | None = None,
+    stop_after: int | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Run the plan; yield ``(result index, source index, frame)`` for each result frame, in order, as
     soon as it is final. ``color_reader`` / ``mask_reader`` give frames already at the generation size
-    (``size`` = (width, height)); ``generator`` follows the ``load_generator(...)`` interface."""
+    (``size`` = (width, height)); ``generator`` follows the ``load_generator(...)`` interface.
+    ``stop_after``: return once that window is done (the windows before it come from the cache)."""
     width, height = size
     n_windows = len(plan.windows)
     previous, prev_start = None, 0
@@ -373,6 +376,8 @@ def chained_frames(
         del color, mask, raw
         for pos in range(w.out_start, plan.final_stop(w.index)):
             yield pos, w.indices[pos - w.out_start], stitched[pos - w.out_start]
+        if stop_after is not None and w.index >= stop_after:
+            return
         if w.index + 1 < n_windows:
             nxt = plan.windows[w.index + 1].indices[0]
             color_reader.release(nxt)
@@ -417,6 +422,48 @@ def probe_guides(color_path, mask_path) -> tuple[int, tuple[int, int], float]:
         return c.n_frames, c.size, c.fps
 
 
+def shot_plan(color_path, mask_path, settings: ShotSettings, fps: float | None = None):
+    """(guide size, generation size, :class:`WindowPlan`, output fps) for a shot, every input checked."""
+    from .sizing import generation_size
+
+    if settings.resize not in RESIZE_MODES:
+        raise Ex4dError(f"unknown resize mode '{settings.resize}'", where="--resize", hint=", ".join(RESIZE_MODES))
+    n_frames, guide_size, guide_fps = probe_guides(color_path, mask_path)
+    size = generation_size(*guide_size, settings.size, width=settings.width, height=settings.height)
+    plan = plan_windows(
+        n_frames, length=settings.window, overlap=settings.overlap, variant=settings.variant, sampling=settings.sampling
+    )
+    return guide_size, size, plan, float(fps or guide_fps)
+
+
+def generate_windows(
+    generator,
+    color_path,
+    mask_path,
+    settings: ShotSettings,
+    *,
+    store,
+    upto: int,
+    generator_key: dict | None = None,
+    progress: Progress | None = None,
+) -> ShotReport:
+    """Compute (or find in ``store``) windows ``0 .. upto`` of a shot and write no result: one task of a
+    farm that runs the windows of a long shot in order (window k needs window k - 1 in the shared store;
+    the last task calls :func:`generate_shot`, which then only reads the cache)."""
+    from .conditioning import fit_frame
+    from .frame_streams import FrameReader
+
+    guide_size, size, plan, fps = shot_plan(color_path, mask_path, settings)
+    report = ShotReport(plan=plan.summary(), size=size, fps=fps)
+    fit = lambda img: fit_frame(img, size[0], size[1], settings.resize)  # noqa: E731
+    with FrameReader(color_path, transform=fit) as c, FrameReader(mask_path, transform=fit, channel0=True) as m:
+        for _ in chained_frames(generator, plan, settings, size, c, m, cache=WindowCache(store),
+                                generator_key=generator_key, progress=progress, records=report.windows,
+                                stop_after=upto):  # fmt: skip
+            pass
+    return report
+
+
 def generate_shot(
     generator,
     color_path,
@@ -437,21 +484,9 @@ def generate_shot(
     from ..composite import Compositor
     from .conditioning import fit_frame
     from .frame_streams import FrameReader, ResultWriter
-    from .sizing import generation_size
 
     outputs = outputs or ShotOutputs()
-    if settings.resize not in RESIZE_MODES:
-        raise Ex4dError(f"unknown resize mode '{settings.resize}'", where="--resize", hint=", ".join(RESIZE_MODES))
-    n_frames, guide_size, guide_fps = probe_guides(color_path, mask_path)
-    size = generation_size(*guide_size, settings.size, width=settings.width, height=settings.height)
-    plan = plan_windows(
-        n_frames,
-        length=settings.window,
-        overlap=settings.overlap,
-        variant=settings.variant,
-        sampling=settings.sampling,
-    )
-    fps = float(outputs.fps or guide_fps)
+    guide_size, size, plan, fps = shot_plan(color_path, mask_path, settings, outputs.fps)
     report = ShotReport(plan=plan.summary(), size=size, fps=fps)
     w, h = size
     fit = lambda img: fit_frame(img, w, h, settings.resize)  # noqa: E731
@@ -492,6 +527,7 @@ def generate_shot(
     report.outputs = {k: str(v) for k, v in writer.paths().items()}
     if compositor is not None:
         report.outputs.update({f"composite_{k}": str(v) for k, v in comp_writer.paths().items()})
+        report.composite = {"size": list(guide_size), "box": list(compositor.box), "feather_px": compositor.feather_px}
     return report
 
 
@@ -510,6 +546,8 @@ __all__ = [
     "chain_guide",
     "chained_frames",
     "generate_shot",
+    "generate_windows",
+    "shot_plan",
     "plan_windows",
     "probe_guides",
     "stitch",

@@ -144,15 +144,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace, settings: ShotSettings) -> None:
-    """The guides, the size and the plan, checked before the generator loads (same functions)."""
-    from .sizing import generation_size
-    from .windows import plan_windows, probe_guides
+    """The guides, the size and the plan, checked before the generator loads (same function)."""
+    from .windows import shot_plan
 
-    n, size, _ = probe_guides(args.color_video, args.mask_video)
-    generation_size(*size, settings.size, width=settings.width, height=settings.height)
-    plan_windows(
-        n, length=settings.window, overlap=settings.overlap, variant=settings.variant, sampling=settings.sampling
-    )
+    shot_plan(args.color_video, args.mask_video, settings)
 
 
 __all__ = ["add_arguments", "run"]
