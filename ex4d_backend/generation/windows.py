@@ -245,6 +245,7 @@ class ShotOutputs:
     composite_match: str = "affine"
     feather_px: float | None = None
     fps: float | None = None  # default: the colour guide's
+    overlay: Callable[[np.ndarray], np.ndarray] | None = None  # drawn on every written frame (the PREVIEW label)
 
 
 @dataclass
@@ -518,10 +519,11 @@ def generate_shot(
             progress=progress,
             records=report.windows,
         )
+        mark = outputs.overlay or (lambda f: f)
         for _, src, frame in frames:
-            writer.write(frame)
+            writer.write(mark(frame.copy()) if outputs.overlay else frame)
             if compositor is not None:
-                comp_writer.write(compositor(full_c.frame(src), full_m.frame(src), frame))
+                comp_writer.write(mark(compositor(full_c.frame(src), full_m.frame(src), frame)))
                 full_c.release(src)
                 full_m.release(src)
     report.outputs = {k: str(v) for k, v in writer.paths().items()}

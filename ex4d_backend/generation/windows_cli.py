@@ -112,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         **options,
     )
+    if args.generator == "preview":  # chain from unlabelled frames; label every written frame instead
+        from .preview import _label
+
+        gen.label, outputs.overlay = False, _label
     try:
         report = generate_shot(
             gen,
