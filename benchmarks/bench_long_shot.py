@@ -89,8 +89,11 @@ def write_guide(folder: Path, frames: int, width: int, height: int, fps: float) 
     """A moving texture with a disocclusion growing from the right edge, written frame by frame."""
     from ex4d_backend.generation.frame_streams import ResultWriter
 
+    import cv2
+
     rng = np.random.default_rng(0)
-    tex = rng.integers(0, 256, (height, 2 * width, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (max(2, height // 8), max(2, width // 4), 3), dtype=np.uint8)
+    tex = cv2.resize(small, (2 * width, height), interpolation=cv2.INTER_CUBIC)  # smooth: quick to encode
     with ResultWriter(folder / "color.mp4", fps=fps) as c, ResultWriter(folder / "mask.mp4", fps=fps) as m:
         for i in range(frames):
             x = (i * 3) % width
