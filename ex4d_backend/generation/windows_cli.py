@@ -55,9 +55,28 @@ def generator_key(args: argparse.Namespace, options: dict) -> dict:
     profile computes the same result; not compile)."""
     key = {"generator": args.generator}
     if args.generator == "ex4d":
-        key["models_dir"] = str(args.models_dir)
+        key["weights"] = weights_fingerprint(args.models_dir)
         key.update({k: v for k, v in options.items() if k != "compile"})
     return key
+
+
+def weights_fingerprint(models_dir=None) -> list:
+    """(repo, file, size, mtime_ns) of every Wan2.1 / EX-4D weight file: replacing the weights never
+    reuses windows generated with the old ones (the same rule as the depth cache's)."""
+    from .. import modelstore
+    from . import specs
+
+    out = []
+    for name in (specs.WAN_NAME, specs.EX4D_NAME):
+        for spec in modelstore.with_requirements(name):
+            folder = modelstore.model_folder(spec, models_dir)
+            for f in spec.files:
+                try:
+                    st = (folder / f.path).stat()
+                except OSError:
+                    continue
+                out.append([spec.repo_id, f.path, st.st_size, st.st_mtime_ns])
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
