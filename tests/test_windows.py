@@ -79,6 +79,23 @@ class Recorder:
         pass
 
 
+class SeedTinted:
+    """The real preview generator with its output brightened by 9 levels per seed: windows then differ
+    over their shared frames (the preview alone would reproduce them), so the cross-fade is observable."""
+
+    name = "preview"
+
+    def __init__(self):
+        self.inner = PreviewGenerator(label=False)
+
+    def __call__(self, color, mask, **kw):
+        out = self.inner(color, mask, **kw).astype(np.int16) + 9 * kw["seed"]
+        return np.clip(out, 0, 255).astype(np.uint8)
+
+    def close(self):
+        pass
+
+
 def read_pngs(folder: Path) -> np.ndarray:
     return read_footage(folder, max_side=None).frames
 
@@ -186,7 +203,7 @@ def test_chained_frames_are_the_previous_output_preview(tmp_path, variant):
     guide's pixels), and the written result is the documented cross-fade of the raw outputs. Fails if
     chaining feeds the guide instead of the output, the wrong offset, a mask < 255, or a wrong blend."""
     c, m, color, mask = write_guide(tmp_path / "g", 30)
-    rec = Recorder(PreviewGenerator(label=False))
+    rec = Recorder(SeedTinted())
     overlap = None if variant == "i2v" else 3
     s = ShotSettings(window=9, overlap=overlap, variant=variant, size="64x64")
     rep = generate_shot(rec, c, m, s, ShotOutputs(frames=tmp_path / "out"))
