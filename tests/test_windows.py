@@ -329,6 +329,35 @@ def test_cancel_stops_at_a_step_and_keeps_finished_windows(tmp_path):
     np.testing.assert_array_equal(read_pngs(tmp_path / "o" / "f"), read_pngs(tmp_path / "clean"))
 
 
+def test_window_keys_follow_the_previous_output(tmp_path):
+    """A window's cache key covers the previous window's output: when cached window 0 holds other
+    (validly hashed) frames, window 0 is reused but window 1, whose given frames changed, is generated
+    again; a window file corrupted behind its meta's back is generated again. Fails if the key
+    misses the chained frames or a reused result is not verified."""
+    from ex4d_backend.generation.windows import WINDOW_STAGE, array_hash
+    from ex4d_backend.service.jobstore import JobStore, write_json
+
+    c, m, _, _ = write_guide(tmp_path / "g", 15)
+    s = ShotSettings(window=9, overlap=3, size="64x64")
+    store = JobStore(tmp_path / "store")
+    first = generate_shot(SeedTinted(), c, m, s, ShotOutputs(frames=tmp_path / "a"), store=store)
+    d0 = store.stage_dir(WINDOW_STAGE, first.windows[0]["key"])
+    frames = np.load(d0 / "frames.npy")
+    other = (255 - frames).astype(np.uint8)
+    np.save(d0 / "frames.npy", other)
+    write_json(
+        d0 / "meta.json", {**store.stage_meta(WINDOW_STAGE, first.windows[0]["key"]), "sha256": array_hash(other)}
+    )
+    again = generate_shot(SeedTinted(), c, m, s, ShotOutputs(frames=tmp_path / "b"), store=store)
+    assert [w["cached"] for w in again.windows] == [True, False]
+    assert again.windows[1]["key"] != first.windows[1]["key"]
+    np.testing.assert_array_equal(read_pngs(tmp_path / "b")[:6], other[:6])
+    np.save(d0 / "frames.npy", frames)  # content no longer matches the meta's hash
+    third = generate_shot(SeedTinted(), c, m, s, ShotOutputs(frames=tmp_path / "c"), store=store)
+    assert [w["cached"] for w in third.windows] == [False, True]  # window 0 regenerated = the original
+    np.testing.assert_array_equal(read_pngs(tmp_path / "c"), read_pngs(tmp_path / "a"))
+
+
 def test_windows_run_as_ordered_tasks(tmp_path):
     """``generate_windows(upto=k)`` (one farm task per window, in order, on one store) computes only
     window k and reuses the earlier ones; the final ``generate_shot`` only reads the cache and equals a
