@@ -87,9 +87,9 @@ def sync(device: torch.device) -> None:
 
 def write_guide(folder: Path, frames: int, width: int, height: int, fps: float) -> tuple[Path, Path]:
     """A moving texture with a disocclusion growing from the right edge, written frame by frame."""
-    from ex4d_backend.generation.frame_streams import ResultWriter
-
     import cv2
+
+    from ex4d_backend.generation.frame_streams import ResultWriter
 
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (max(2, height // 8), max(2, width // 4), 3), dtype=np.uint8)
