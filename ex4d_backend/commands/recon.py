@@ -24,7 +24,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-kind", choices=("depth", "disparity"), default="depth", help="what --depth holds")
     p.add_argument("--depth-scale", type=float, default=1.0, help="multiply file depth by this (e.g. 0.001 for mm)")
     p.add_argument("--repair-depth", action="store_true", help="fill NaN/inf/non-positive depth from neighbours")
-    p.add_argument("--cam", default="90", help="preset (30, 60, 90, 180, any angle, zoom_in, zoom_out) or .json/.npz")
+    p.add_argument(
+        "--cam",
+        default="90",
+        help="preset (30, 60, 90, 180, any angle, zoom_in, zoom_out; relative to the source camera), "
+        "lock_off[:FRAME], stabilize[:SECONDS], or a .json/.npz world-space camera file",
+    )
+    p.add_argument(
+        "--source-camera",
+        help="the source camera path (.json/.npz: extrinsics (N,4,4) OpenCV world-to-camera in --cam's world, "
+        "intrinsics (3,3) or (N,3,3)); default: a static source at the origin (the reference)",
+    )
+    p.add_argument("--bundles", help="the camera solve's 3D bundles (.json/.npz) to fit the depth's scale to")
+    p.add_argument("--per-frame-scale", action="store_true", help="fit the depth scale per frame (with --bundles)")
+    p.add_argument(
+        "--source-scale", type=float, default=1.0, help="depth units -> source camera world units (without --bundles)"
+    )
     p.add_argument("--output-dir", required=True, help="folder for the outputs (created)")
     p.add_argument("--frames", type=int, default=49, help="use the first N frames (0 = all; default 49)")
     p.add_argument("--max-side", type=int, default=1024, help="cap of the long side in pixels (0 = none)")
@@ -68,14 +83,12 @@ def intrinsics_from_args(args: argparse.Namespace, width: int, height: int):
 
 def check_camera_arg(cam: str) -> str:
     """Validate --cam before any work; returns the output name (<cam>)."""
-    from ..cameras import preset_eyes
+    from ..camera_paths import camera_spec_name
 
     if cam.lower().endswith((".json", ".npz")):
         if not Path(cam).is_file():
             raise Ex4dError("camera file not found", where=cam, code="not_found")
-        return Path(cam).stem
-    preset_eyes(cam, 2, 1.0)  # raises the clear error for an unknown preset
-    return cam.strip().lower()
+    return camera_spec_name(cam)  # raises the clear error for an unknown preset
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
         log.warning("the footage has %d frames; using all of them (asked for %d)", t, args.frames)
     w, h = footage.size
     k = intrinsics_from_args(args, w, h)
+    source = None
+    if args.source_camera:  # validated before the depth work
+        from ..camera_paths import load_source_camera
+
+        source = load_source_camera(args.source_camera, t, w, h, default_k=k)
     if args.depth:
         depth = load_depth(
             args.depth,
@@ -140,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         render_bar[0].n = step
         render_bar[0].refresh()
 
+    scale = source_depth_scale(args, source, depth, t)
     try:
         guide = run_recon(
             footage.frames,
@@ -151,11 +170,31 @@ def run(args: argparse.Namespace) -> int:
             use_dwmesh=not args.no_dwmesh,
             keep_mesh0=args.save_mesh,
             progress=progress,
+            source_camera=source,
+            depth_scale=scale,
+            fps=footage.fps,
         )
     finally:
         for bar in render_bar:
             bar.close()
+    if not guide.frame0_is_source:
+        log.warning("the novel camera does not start at the source camera: guide frame 0 is rendered (with holes)")
     paths = write_recon_outputs(guide, args.output_dir, cam_name, footage.fps, png=args.png, save_mesh=args.save_mesh)
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
+
+
+def source_depth_scale(args: argparse.Namespace, source, depth, n_frames: int):
+    """The depth's scale to the source camera's world: fitted to --bundles, else --source-scale."""
+    from ..depth_scale import ScaleFit, fit_depth_scale, load_bundles
+
+    if not args.bundles:
+        return ScaleFit.manual(args.source_scale).scale
+    if source is None:
+        raise Ex4dError("--bundles needs --source-camera (the solve's camera path)", where="--bundles")
+    fit = fit_depth_scale(load_bundles(args.bundles, n_frames), source, depth, per_frame=args.per_frame_scale)
+    log.info("depth scale %.6g from %d bundle observations, residual %.1f %%", fit.scale, fit.n_obs, 100 * fit.residual)
+    for w in fit.warnings:
+        log.warning("depth scale: %s", w)
+    return fit.scales(n_frames)
