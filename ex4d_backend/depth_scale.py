@@ -12,9 +12,11 @@ the solve's units: ``z_world = s * z_depth``.
    iteratively reweighted least squares started from the median of the log ratios; sigma = 1.4826 * MAD.
    Per shot, or per frame (frames with fewer than ``min_per_frame`` observations take the shot's scale).
 3. Report: the scale, the robust relative residual (sigma of the log ratios: 0.05 = about 5 %), the share
-   of observations within ``INLIER_LOG`` of the fit; warnings when the fit is poor (residual above
-   ``WARN_RESIDUAL``, too few observations, few inliers): monocular depth is then not a scaled copy of the
-   solve's geometry (an affine disparity, a bad solve) and a single scale cannot fix it.
+   of observations within ``INLIER_LOG`` of the fit, and the robust slope of the log ratio against log
+   depth (0 for a scaled copy; an affine disparity gives a clear slope even where a robust scale looks
+   fine); warnings when the fit is poor (residual above ``WARN_RESIDUAL``, |slope| above ``WARN_SLOPE``,
+   too few observations, few inliers): monocular depth is then not a scaled copy of the solve's geometry
+   (an affine disparity, a bad solve) and a single scale cannot fix it.
 Without bundles: a manual scale (``ScaleFit.manual``).
 
 Bundle files: .json ``{"bundles": [{"co": [x, y, z], "frames": [t, ...], "uv": [[u, v], ...]?}, ...],
@@ -43,6 +45,8 @@ MIN_PER_FRAME = 5  # a per-frame scale needs this many observations on the frame
 WARN_RESIDUAL = 0.10  # robust relative residual above which the fit is called poor
 INLIER_LOG = 0.10  # |log ratio - log s| below this counts as an inlier (about 10 %)
 WARN_INLIERS = 0.5  # inlier share below which the fit is called poor
+WARN_SLOPE = 0.15  # |d log(z_solve / z_depth) / d log z_depth| above which depth is not a scaled copy
+MIN_LOG_RANGE = 0.1  # the slope is judged only when the solve's depths span this much (log, 5-95 %)
 SIGMA_FLOOR = 1e-6
 
 
@@ -62,6 +66,7 @@ class ScaleFit:
     scale: float
     per_frame: np.ndarray | None = None
     residual: float = 0.0  # robust relative residual (sigma of log ratios)
+    slope: float = 0.0  # robust slope of log ratio against log depth: 0 for a scaled copy
     n_obs: int = 0
     inlier_share: float = 1.0
     warnings: list[str] = field(default_factory=list)
@@ -87,6 +92,7 @@ class ScaleFit:
             "scale": self.scale,
             "per_frame": None if self.per_frame is None else [float(x) for x in self.per_frame],
             "residual": self.residual,
+            "slope": self.slope,
             "n_obs": self.n_obs,
             "inlier_share": self.inlier_share,
             "warnings": list(self.warnings),
@@ -230,6 +236,21 @@ def robust_log_mean(values: np.ndarray, huber_k: float = HUBER_K) -> tuple[float
     return mu, sigma
 
 
+def robust_slope(x: np.ndarray, y: np.ndarray, huber_k: float = HUBER_K) -> float:
+    """Huber IRLS slope of the line y = a + b x (started from least squares on the median-centred data)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    a = np.stack([np.ones_like(x), x], 1)
+    wgt = np.ones_like(x)
+    coef = np.zeros(2)
+    for _ in range(IRLS_ITERATIONS):
+        sw = np.sqrt(wgt)
+        coef = np.linalg.lstsq(a * sw[:, None], y * sw, rcond=None)[0]
+        r = y - a @ coef
+        sigma = max(1.4826 * float(np.median(np.abs(r - np.median(r)))), SIGMA_FLOOR)
+        wgt = np.minimum(1.0, huber_k / np.maximum(np.abs(r) / sigma, 1e-12))
+    return float(coef[1])
+
+
 def fit_depth_scale(
     bundles: Bundles,
     source: CameraPath,
@@ -260,6 +281,15 @@ def fit_depth_scale(
         )
     if inliers < WARN_INLIERS:
         warnings.append(f"only {100 * inliers:.0f} % of the observations agree with the fitted scale within 10 %")
+    # The slope is taken against the depth map's log depth (a bad bundle keeps its pixel, so its error does
+    # not correlate with it), judged where the solve's depths span enough of a range.
+    spread = float(np.subtract(*np.percentile(np.log(z_solve), [95, 5])))
+    slope = robust_slope(np.log(z_depth), log_ratio) if spread >= MIN_LOG_RANGE and len(frames) >= 3 else 0.0
+    if abs(slope) > WARN_SLOPE:
+        warnings.append(
+            f"the depth does not follow the solve: the solve/depth ratio changes with depth (slope {slope:.2f}); "
+            "the depth is not a scaled copy of the scene (a relative or affine depth?)"
+        )
     scales = None
     if per_frame:
         scales = np.full(int(np.shape(depth)[0]), math.exp(mu))
@@ -267,4 +297,4 @@ def fit_depth_scale(
             sel = frames == t
             if sel.sum() >= min_per_frame:
                 scales[t] = math.exp(robust_log_mean(log_ratio[sel])[0])
-    return ScaleFit(math.exp(mu), scales, sigma, int(len(frames)), inliers, warnings)
+    return ScaleFit(math.exp(mu), scales, sigma, slope, int(len(frames)), inliers, warnings)
