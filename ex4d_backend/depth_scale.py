@@ -127,7 +127,7 @@ def load_bundles(path: str | os.PathLike, n_frames: int) -> Bundles:
             if uv is not None and uv.shape != vis.shape + (2,):
                 raise Ex4dError(f"uv must be (T, M, 2) = {vis.shape + (2,)}, got {uv.shape}", where=where)
         elif p.suffix.lower() == ".json":
-            points, vis, uv = _parse_json_bundles(json.loads(p.read_text()), n_frames, where)
+            points, vis, uv = bundles_from_json(json.loads(p.read_text()), n_frames, where)
         else:
             raise Ex4dError("bundle files must be .json or .npz", where=where)
     except KeyError as exc:
@@ -144,7 +144,8 @@ def load_bundles(path: str | os.PathLike, n_frames: int) -> Bundles:
     return Bundles(points, vis[:n_frames], None if uv is None else uv[:n_frames])
 
 
-def _parse_json_bundles(data: object, n_frames: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def bundles_from_json(data: object, n_frames: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(points (M, 3) OpenCV world, visibility (T, M), uv (T, M, 2) or None) from the JSON bundle layout."""
     if not isinstance(data, dict) or not isinstance(data.get("bundles"), list):
         raise Ex4dError("a JSON bundle file must hold {'bundles': [...]}", where=where)
     convention = str(data.get("convention", "opencv")).lower()
