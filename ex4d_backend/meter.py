@@ -23,13 +23,16 @@ masked pixels. What keeps it within about 2 percentage points of the full guide:
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 import torch
 
 from . import raster_cpu
 from .camera_paths import mesh_to_novel
 from .cameras import CameraPath
-from .dwmesh import BORDER_DEPTH, face_invalid, grid_faces, vertex_invalid
+from .dwmesh import ANGLE_THRESHOLD_DEG, BORDER_DEPTH, face_invalid, grid_faces, vertex_invalid
 from .render import MASK_THRESHOLD, clip_positions
 
 TARGET_SIDE = 170  # the meter's long side in pixels (512 px footage: every 3rd pixel)
@@ -78,6 +81,65 @@ def fade_threshold(step: int) -> float:
     return max(0.5, 255.0 * tau)
 
 
+@numba.njit(cache=True, inline="always")
+def _small(ax, ay, az, bx, by, bz, cos2):
+    dot = ax * bx + ay * by + az * bz
+    return dot > 0.0 and dot * dot > cos2 * (ax * ax + ay * ay + az * az) * (bx * bx + by * by + bz * bz)
+
+
+@numba.njit(cache=True, inline="always")
+def _tri_small_angle(p, q, r, cos2):
+    """dwmesh._min_angle_below for one triangle (points as 3-tuples)."""
+    e01 = (q[0] - p[0], q[1] - p[1], q[2] - p[2])
+    e02 = (r[0] - p[0], r[1] - p[1], r[2] - p[2])
+    e12 = (r[0] - q[0], r[1] - q[1], r[2] - q[2])
+    return (
+        _small(e01[0], e01[1], e01[2], e02[0], e02[1], e02[2], cos2)
+        or _small(-e01[0], -e01[1], -e01[2], e12[0], e12[1], e12[2], cos2)
+        or _small(e02[0], e02[1], e02[2], e12[0], e12[1], e12[2], cos2)
+    )
+
+
+@numba.njit(parallel=True, cache=True)
+def _angle_vertex_invalid(g, cos2, out):
+    """out (T, h, w) bool |= vertices of the quads' (c, a, b) / (c, b, d) faces with a small angle (the
+    'angle' filter of ``dwmesh.face_invalid``, fused with ``vertex_invalid``; closing faces excluded)."""
+    n, h, w, _ = g.shape
+    for t in numba.prange(n):
+        for r in range(h - 1):
+            for c in range(w - 1):
+                a = (g[t, r, c, 0], g[t, r, c, 1], g[t, r, c, 2])
+                b = (g[t, r, c + 1, 0], g[t, r, c + 1, 1], g[t, r, c + 1, 2])
+                cc = (g[t, r + 1, c, 0], g[t, r + 1, c, 1], g[t, r + 1, c, 2])
+                d = (g[t, r + 1, c + 1, 0], g[t, r + 1, c + 1, 1], g[t, r + 1, c + 1, 2])
+                if _tri_small_angle(cc, a, b, cos2):
+                    out[t, r, c] = True
+                    out[t, r, c + 1] = True
+                    out[t, r + 1, c] = True
+                if _tri_small_angle(cc, b, d, cos2):
+                    out[t, r, c + 1] = True
+                    out[t, r + 1, c] = True
+                    out[t, r + 1, c + 1] = True
+
+
+def vertex_alpha(verts: torch.Tensor, h: int, w: int, faces: torch.Tensor, mesh_filter: str) -> torch.Tensor:
+    """(T, h*w, 1) float32 vertex alpha (0 on occlusion faces' vertices, else 255), as ``build_dwmesh``; the
+    'angle' filter runs as one fused numba pass (the torch version dominates the meter's time)."""
+    t = verts.shape[0]
+    if mesh_filter == "angle":
+        cos = math.cos(math.radians(ANGLE_THRESHOLD_DEG))
+        bad = np.zeros((t, h, w), np.bool_)
+        _angle_vertex_invalid(np.ascontiguousarray(verts.numpy().reshape(t, h, w, 3)), cos * cos, bad)
+        bad = torch.from_numpy(bad.reshape(t, -1))
+        closing = face_invalid(verts, h, w, faces, mesh_filter)[:, -2:]  # the two corner faces (cheap)
+        corners = torch.tensor([[w - 1, 0, h * w - 1], [h * w - 1, 0, (h - 1) * w]])
+        for i in range(2):
+            bad[:, corners[i]] |= closing[:, i : i + 1]
+    else:
+        bad = vertex_invalid(face_invalid(verts, h, w, faces, mesh_filter), h, w)
+    return (~bad).to(torch.float32)[..., None] * 255.0
+
+
 def masked_share(
     depth: np.ndarray,
     k: np.ndarray,
@@ -112,8 +174,7 @@ def masked_share(
     hl, wl = len(rows), len(cols)
     verts = decimated_vertices(depth, k, rows, cols, border_depth)
     faces = grid_faces(hl, wl)
-    invalid = face_invalid(verts, hl, wl, faces, mesh_filter)
-    alpha = (~vertex_invalid(invalid, hl, wl)).to(torch.float32)[..., None] * 255.0  # (T, V, 1)
+    alpha = vertex_alpha(verts, hl, wl, faces, mesh_filter)  # (T, V, 1)
     src_ext = None if source is None else source.extrinsics[:t]
     ext = mesh_to_novel(camera.extrinsics[:t], src_ext, np.broadcast_to(np.asarray(depth_scale, float), (t,)))
     clip = clip_positions(verts, ext, camera.intrinsics[:t], w, h)  # same clip space as the full guide
