@@ -32,7 +32,7 @@ import torch
 from . import raster_cpu
 from .camera_paths import mesh_to_novel
 from .cameras import CameraPath
-from .dwmesh import ANGLE_THRESHOLD_DEG, BORDER_DEPTH, face_invalid, grid_faces, vertex_invalid
+from .dwmesh import ANGLE_THRESHOLD_DEG, BORDER_DEPTH, _min_angle_below, face_invalid, grid_faces, vertex_invalid
 from .render import MASK_THRESHOLD, clip_positions
 
 TARGET_SIDE = 170  # the meter's long side in pixels (512 px footage: every 3rd pixel)
@@ -57,16 +57,19 @@ def decimated_vertices(
 ) -> torch.Tensor:
     """(T, h*w, 3) float32: full-resolution DW-mesh vertices (border ring at ``border_depth``) at the kept
     rows and columns. ``k``: (3, 3) or (T, 3, 3)."""
-    d = np.array(depth[:, rows][:, :, cols], dtype=np.float32)
+    d = np.asarray(depth)[:, rows[:, None], cols[None, :]].astype(np.float32)  # one gather, (T, h, w)
     d[:, 0, :] = d[:, -1, :] = d[:, :, 0] = d[:, :, -1] = border_depth
-    kk = np.broadcast_to(np.asarray(k, dtype=np.float64), (len(d), 3, 3))
+    k = np.asarray(k, dtype=np.float64)
+    kk = k[None] if k.ndim == 2 else k  # (1 or T, 3, 3)
     u = cols[None, None, :].astype(np.float64)
     v = rows[None, :, None].astype(np.float64)
-    rx = (u - kk[:, 0, 2, None, None]) / kk[:, 0, 0, None, None]
-    ry = (v - kk[:, 1, 2, None, None]) / kk[:, 1, 1, None, None]
-    rays = np.stack(np.broadcast_arrays(rx, ry, np.ones_like(rx)), -1)  # (T, h, w, 3)
-    verts = d[..., None] * rays
-    return torch.from_numpy(verts.reshape(len(d), -1, 3).astype(np.float32))
+    rx = ((u - kk[:, 0, 2, None, None]) / kk[:, 0, 0, None, None]).astype(np.float32)  # (1|T, 1, w)
+    ry = ((v - kk[:, 1, 2, None, None]) / kk[:, 1, 1, None, None]).astype(np.float32)  # (1|T, h, 1)
+    verts = np.empty(d.shape + (3,), np.float32)
+    np.multiply(d, rx, out=verts[..., 0])
+    np.multiply(d, ry, out=verts[..., 1])
+    verts[..., 2] = d
+    return torch.from_numpy(verts.reshape(len(d), -1, 3))
 
 
 def fade_threshold(step: int) -> float:
@@ -131,8 +134,9 @@ def vertex_alpha(verts: torch.Tensor, h: int, w: int, faces: torch.Tensor, mesh_
         bad = np.zeros((t, h, w), np.bool_)
         _angle_vertex_invalid(np.ascontiguousarray(verts.numpy().reshape(t, h, w, 3)), cos * cos, bad)
         bad = torch.from_numpy(bad.reshape(t, -1))
-        closing = face_invalid(verts, h, w, faces, mesh_filter)[:, -2:]  # the two corner faces (cheap)
-        corners = torch.tensor([[w - 1, 0, h * w - 1], [h * w - 1, 0, (h - 1) * w]])
+        corners = faces[-2:]  # the two closing faces across the image corners
+        tri = verts[:, corners]  # (T, 2, 3, 3)
+        closing = _min_angle_below(tri[..., 0, :], tri[..., 1, :], tri[..., 2, :], ANGLE_THRESHOLD_DEG)
         for i in range(2):
             bad[:, corners[i]] |= closing[:, i : i + 1]
     else:
