@@ -75,6 +75,7 @@ def test_world_fixed_camera_and_bundle_fit_through_the_service(env) -> None:
     }
     req, _ = sf.run(client, "render_guide", p)
     r = req.raise_for_error()
+    assert r["frame0_is_source"] is False and abs(r["depth_scale_fit"]["scale"] / SCALE - 1) < 0.01
     color, mask = _read(r["color_dir"]), _read(r["mask_dir"])[..., 0]
     _, col_gt, pts, pid = render(e_novel, offset=0.5)
     for t in range(T):
@@ -96,8 +97,13 @@ def test_lock_off_and_manual_scale_through_the_service(env) -> None:
     params, e_src, frames, _, client = env
     req, _ = sf.run(client, "render_guide", {**params, "camera": {"lock_off": 0}, "depth_scale": SCALE})
     r = req.raise_for_error()
+    assert r["frame0_is_source"] is True
     color, mask = _read(r["color_dir"]), _read(r["mask_dir"])[..., 0]
     np.testing.assert_array_equal(color[0], frames[0])
+    # build_dwmesh with the same source camera gives the mesh the guide was rendered from (one cache entry)
+    mreq, _ = sf.run(client, "build_dwmesh", {k: v for k, v in params.items() if k != "renderer"})
+    m = mreq.raise_for_error()
+    assert m["cached"]["mesh"] is True
     _, col_gt, pts, pid = render(e_src[0], offset=0.5)
     for t in range(1, T):
         seen = visible_from(pts.reshape(-1, 3), e_src[t]).reshape(H, W)

@@ -497,10 +497,14 @@ def exec_estimate_depth(ctx: Context, p: dict) -> dict:
 
 def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
     from ..cameras import CV_TO_BLENDER
+    from .source import source_setup
 
     clip = clip_stage(ctx, p)
     depth = depth_stage(ctx, p, clip)
-    mesh = mesh_stage(ctx, p, clip, depth, intrinsics(p, *clip.size))
+    k = intrinsics(p, *clip.size)
+    if p.get("source_camera"):  # the source camera's intrinsics, as render_guide's mesh
+        k = source_setup(ctx, {**p, "depth_scale": 1.0}, clip, depth, k).k
+    mesh = mesh_stage(ctx, p, clip, depth, k)
     d = mesh.dir
     return {
         "positions_npy": str(d / "positions.npy"),
@@ -558,6 +562,8 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
         "camera_npz": str(d / "camera.npz"),
         "camera_hash": meta["camera_hash"],
         "camera": meta["camera"],
+        "frame0_is_source": meta.get("frame0_is_source", True),
+        "depth_scale_fit": meta.get("depth_scale_fit", {}),
         **_clip_result(clip),
     }
 
