@@ -140,3 +140,49 @@ def read_exr_channels(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     with OpenEXR.File(str(path), separate_channels=True) as f:
         return {name: np.array(ch.pixels) for name, ch in f.channels().items()}
+
+
+def recon_passes(
+    frames: np.ndarray,
+    depth: np.ndarray,
+    camera: CameraPath,
+    k: np.ndarray,
+    *,
+    source: CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
+    renderer: str = "auto",
+    mesh_filter: str = "angle",
+    chunk: int = 8,
+) -> Passes:
+    """:func:`render_passes` over a whole shot, building the DW-meshes ``chunk`` frames at a time (as
+    ``recon.run_recon``). ``k``: the source intrinsics (3, 3) or (T, 3, 3)."""
+    from .dwmesh import build_dwmesh
+
+    backend = resolve_renderer(renderer)
+    device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+    t = len(frames)
+    k = np.asarray(k, dtype=np.float64)
+    k0 = k if k.ndim == 2 else k[0]
+    parts = []
+    for start in range(0, t, chunk):
+        sl = slice(start, min(t, start + chunk))
+        mesh = build_dwmesh(
+            torch.from_numpy(np.ascontiguousarray(depth[sl])).to(device),
+            k if k.ndim == 2 else k[sl],
+            torch.from_numpy(np.ascontiguousarray(frames[sl])).to(device),
+            mesh_filter=mesh_filter,
+        )
+        parts.append(
+            render_passes(
+                mesh,
+                camera,
+                frames,
+                depth,
+                source=source,
+                depth_scale=depth_scale,
+                source_k=k0,
+                renderer=backend,
+                first_frame=start,
+            )  # fmt: skip
+        )
+    return Passes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("color", "mask", "z")))

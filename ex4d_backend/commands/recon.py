@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=None, help="frame rate of image sequences / outputs")
     p.add_argument("--save-mesh", action="store_true", help="also write DW-Mesh.ply (frame 0)")
     p.add_argument("--png", action="store_true", help="also write PNG sequences color_<cam>/ and mask_<cam>/")
+    p.add_argument("--exr", action="store_true", help="also write exr_<cam>/: EXR frames with RGB, A = mask, Z")
     p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--mesh-filter", choices=("angle", "boundary"), default="angle", help="occlusion-face test")
     p.add_argument("--no-dwmesh", action="store_true", help="remove occlusion faces (non-watertight baseline)")
@@ -180,6 +181,13 @@ def run(args: argparse.Namespace) -> int:
     if not guide.frame0_is_source:
         log.warning("the novel camera does not start at the source camera: guide frame 0 is rendered (with holes)")
     paths = write_recon_outputs(guide, args.output_dir, cam_name, footage.fps, png=args.png, save_mesh=args.save_mesh)
+    if args.exr:  # compositing passes (issue 18): colour, mask as alpha, the DW-mesh's depth as Z
+        from ..passes import recon_passes, write_exr_sequence
+
+        k_src = k if source is None else source.intrinsics
+        ps = recon_passes(footage.frames, depth, guide.camera, k_src, source=source, depth_scale=scale,
+                          renderer=args.renderer, mesh_filter=args.mesh_filter)  # fmt: skip
+        paths["exr_frames"] = write_exr_sequence(Path(args.output_dir) / f"exr_{cam_name}", ps)
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
