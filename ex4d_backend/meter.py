@@ -11,8 +11,8 @@ masked pixels. What keeps it within about 2 percentage points of the full guide:
 2. Occlusion faces are found by the same test on the decimated mesh (``dwmesh.face_invalid``): a depth
    edge still gives a face spanning it, only one that is ``step`` pixels wide.
 3. The output is rasterised at ``1 / out_step`` of the full size with the same clip-space projection; an
-   odd ``out_step`` makes every meter pixel sample exactly the centre of one guide pixel (an even one
-   samples on the mesh's vertex rows and aliases the border ring).
+   odd ``out_step`` makes meter pixels sample (about, where the size is not a multiple of it) the centres of
+   guide pixels (an even one samples on the mesh's vertex rows and aliases the border ring).
 4. The decimated occlusion face along a depth edge also covers ``step - 1`` source pixels of surface, where
    the full mesh masks the gap plus about half a pixel of alpha fade on each side; the meter's alpha
    threshold (``fade_threshold``) narrows its fade to compensate (for step >= 2: no fade).
@@ -156,6 +156,7 @@ def masked_share(
     mesh_filter: str = "angle",
     border_depth: float = BORDER_DEPTH,
     first_frame_rule: bool = True,
+    renderer: str = "cpu",
 ) -> np.ndarray:
     """(T,) float: the share (0..1) of each guide frame that is masked (unseen by the source).
 
@@ -167,8 +168,10 @@ def masked_share(
         step, out_step: mesh and output decimation (default ``meter_step``; 1, 1 = the full guide's mesh and
             resolution; keep ``out_step`` odd).
         first_frame_rule: frame 0 reads 0 when the novel camera starts at the source (as the guide).
+        renderer: "cpu" (numba) or "cuda" (nvdiffrast, no antialiasing; "auto": cuda when available).
     """
     from .camera_paths import guide_starts_at_source
+    from .render import resolve_renderer
 
     depth = np.asarray(depth)
     t, h, w = depth.shape
@@ -183,8 +186,15 @@ def masked_share(
     ext = mesh_to_novel(camera.extrinsics[:t], src_ext, np.broadcast_to(np.asarray(depth_scale, float), (t,)))
     clip = clip_positions(verts, ext, camera.intrinsics[:t], w, h)  # same clip space as the full guide
     ho, wo = max(1, round(h / out_step)), max(1, round(w / out_step))
-    tri, bary = raster_cpu.rasterize(clip.numpy(), faces.numpy(), (ho, wo))
-    a = raster_cpu.interpolate(alpha.numpy(), faces.numpy(), tri, bary)[..., 0]
+    if resolve_renderer(renderer) == "cuda":
+        from . import raster_cuda
+
+        f32 = faces.to(device="cuda", dtype=torch.int32).contiguous()
+        a_t, _ = raster_cuda.rasterize_interpolate(clip.cuda(), f32, alpha.cuda(), (ho, wo), antialias=False)
+        a = a_t[..., 0].cpu().numpy()
+    else:
+        tri, bary = raster_cpu.rasterize(clip.numpy(), faces.numpy(), (ho, wo))
+        a = raster_cpu.interpolate(alpha.numpy(), faces.numpy(), tri, bary)[..., 0]
     share = (a <= fade_threshold(step)).reshape(t, -1).mean(1)
     if first_frame_rule:
         k0 = np.asarray(k)[0] if np.ndim(k) == 3 else np.asarray(k)
