@@ -100,8 +100,11 @@ def render(e: np.ndarray, k: np.ndarray = K, width: int = W, height: int = H, of
     dirs = rays @ c2w[:3, :3].T
     s, col, pid = cast(origin, dirs)  # s = camera z because the rays have z = 1
     pts = origin + s[:, None] * dirs
-    return s.reshape(height, width), col.reshape(height, width, 3), pts.reshape(height, width, 3), pid.reshape(
-        height, width
+    return (
+        s.reshape(height, width),
+        col.reshape(height, width, 3),
+        pts.reshape(height, width, 3),
+        pid.reshape(height, width),
     )
 
 
