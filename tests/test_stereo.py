@@ -94,3 +94,30 @@ def test_eye_positions_follow_blender() -> None:
     left, right = stereo.eye_cameras(centre, B, C, "OFFAXIS", "CENTER")
     assert left.intrinsics[0, 0, 2] == pytest.approx(W / 2 - FX * B / (2 * C))
     assert right.intrinsics[0, 0, 2] == pytest.approx(W / 2 + FX * B / (2 * C))
+
+
+def test_cli_stereo_writes_both_eyes(tmp_path) -> None:
+    """``ex4d recon --stereo IOD:CONV`` writes <cam>_left / <cam>_right guides and cameras whose centres are
+    the centre camera's -+ IOD/2 along its x axis; a bad spec is one clear error."""
+    from ex4d_backend import cli
+    from ex4d_backend.footage import write_png_sequence
+
+    frames = np.full((3, H, W, 3), 128, np.uint8)
+    write_png_sequence(tmp_path / "in", frames)
+    np.save(tmp_path / "d.npy", np.full((3, H, W), 4.0, np.float32))
+    out = tmp_path / "out"
+    args = ["recon", "--input", str(tmp_path / "in"), "--depth", str(tmp_path / "d.npy"), "--cam", "30",
+            "--output-dir", str(out), "--renderer", "cpu", "--fx", str(FX), "--fps", "24"]  # fmt: skip
+    assert cli.main(args + ["--stereo", f"{B}:{C}"]) == 0
+    with (
+        np.load(out / "camera_30.npz") as c,
+        np.load(out / "camera_30_left.npz") as lf,
+        np.load(out / "camera_30_right.npz") as rt,
+    ):
+        for eye, x in ((lf, -B / 2), (rt, B / 2)):
+            rel = eye["extrinsics"] @ invert_rigid(c["extrinsics"])  # centre camera -> eye camera
+            np.testing.assert_allclose(invert_rigid(rel)[:, :3, 3], np.broadcast_to([x, 0, 0], (3, 3)), atol=1e-9)
+    assert (out / "color_30_left.mp4").is_file() and (out / "mask_30_right.mp4").is_file()
+    for bad in ("wide", "0.1:2:SIDEWAYS", "-1"):
+        assert cli.main(args + ["--output-dir", str(tmp_path / "bad"), "--stereo", bad]) == 2
+    assert not (tmp_path / "bad").exists()

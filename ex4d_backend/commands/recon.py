@@ -47,6 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-mesh", action="store_true", help="also write DW-Mesh.ply (frame 0)")
     p.add_argument("--png", action="store_true", help="also write PNG sequences color_<cam>/ and mask_<cam>/")
     p.add_argument("--exr", action="store_true", help="also write exr_<cam>/: EXR frames with RGB, A = mask, Z")
+    p.add_argument(
+        "--stereo",
+        metavar="IOD[:CONV[:MODE]]",
+        help="also render the left/right eyes' guides (<cam>_left, <cam>_right): interocular distance and "
+        "convergence distance in world units, mode OFFAXIS (default), PARALLEL or TOE (Blender's conventions)",
+    )
     p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--mesh-filter", choices=("angle", "boundary"), default="angle", help="occlusion-face test")
     p.add_argument("--no-dwmesh", action="store_true", help="remove occlusion faces (non-watertight baseline)")
@@ -100,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from ..recon import run_recon, write_recon_outputs
 
     cam_name = check_camera_arg(args.cam)
+    if args.stereo:
+        parse_stereo(args.stereo)  # before any work
     if args.frames < 0:
         raise Ex4dError("--frames must be >= 0", where="--frames")
     footage = read_footage(args.input, max_frames=args.frames or None, max_side=args.max_side or None, fps=args.fps)
@@ -188,6 +196,13 @@ def run(args: argparse.Namespace) -> int:
         ps = recon_passes(footage.frames, depth, guide.camera, k_src, source=source, depth_scale=scale,
                           renderer=args.renderer, mesh_filter=args.mesh_filter)  # fmt: skip
         paths["exr_frames"] = write_exr_sequence(Path(args.output_dir) / f"exr_{cam_name}", ps)
+    for eye, eye_cam in stereo_cameras(args.stereo, guide.camera):  # issue 18: both eyes from one DW-mesh
+        g = run_recon(footage.frames, depth, eye_cam, k=k, renderer=args.renderer, mesh_filter=args.mesh_filter,
+                      use_dwmesh=not args.no_dwmesh, source_camera=source, depth_scale=scale, fps=footage.fps)  # fmt: skip
+        for key, path in write_recon_outputs(
+            g, args.output_dir, f"{cam_name}_{eye}", footage.fps, png=args.png
+        ).items():
+            paths[f"{eye}_{key}"] = path
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
@@ -206,3 +221,31 @@ def source_depth_scale(args: argparse.Namespace, source, depth, n_frames: int):
     for w in fit.warnings:
         log.warning("depth scale: %s", w)
     return fit.scales(n_frames)
+
+
+def parse_stereo(spec: str) -> tuple[float, float, str]:
+    """(interocular, convergence, mode) of ``--stereo IOD[:CONV[:MODE]]``, validated."""
+    from ..stereo import DEFAULT_CONVERGENCE, MODES
+
+    parts = spec.split(":")
+    try:
+        iod = float(parts[0])
+        conv = float(parts[1]) if len(parts) > 1 and parts[1] else DEFAULT_CONVERGENCE
+    except ValueError:
+        iod = conv = float("nan")
+    mode = parts[2].upper() if len(parts) > 2 else "OFFAXIS"
+    if not (iod > 0 and conv > 0 and mode in MODES and len(parts) <= 3):
+        raise Ex4dError(
+            f"bad --stereo '{spec}'", where="--stereo", hint="write IOD[:CONV[:MODE]], e.g. 0.065:1.95:OFFAXIS"
+        )
+    return iod, conv, mode
+
+
+def stereo_cameras(spec: str | None, centre):
+    """[(eye name, CameraPath)] for ``--stereo IOD[:CONV[:MODE]]`` (empty without it)."""
+    if not spec:
+        return []
+    from ..stereo import eye_cameras
+
+    left, right = eye_cameras(centre, *parse_stereo(spec))
+    return [("left", left), ("right", right)]
