@@ -1,7 +1,7 @@
 """Reconstruction: footage frames + depth + a camera -> the guide (colour, mask) EX-4D generates from.
 
 ``run_recon`` is the in-memory entry to the one guide path (``pipeline.guide``: chunked, pinned and
-double-buffered on CUDA); ``write_recon_outputs`` writes the reference's files atomically. ``ex4d recon``
+double-buffered on CUDA; a moving source camera and the depth scale through ``pipeline.source``); ``write_recon_outputs`` writes the reference's files atomically. ``ex4d recon``
 goes through the job store's stages (``pipeline.stages``), which call the same path.
 """
 
@@ -20,17 +20,28 @@ from .errors import Ex4dError
 from .pipeline import camera as pipeline_camera
 from .pipeline.guide import CHUNK_PIXELS, Guide, render_guide  # noqa: F401 (CHUNK_PIXELS: re-exported)
 from .pipeline.settings import MeshSettings, RenderSettings
+from .pipeline.source import source_setup
 
 Progress = Callable[[str, int, int, str], None]
 
 
 def resolve_camera(
-    camera: str | os.PathLike | CameraPath, n_frames: int, k: np.ndarray, depth0: np.ndarray, width: int, height: int
+    camera: str | os.PathLike | CameraPath,
+    n_frames: int,
+    k: np.ndarray,
+    depth0: np.ndarray,
+    width: int,
+    height: int,
+    source: CameraPath | None = None,
+    fps: float = 30.0,
+    depth_scale: float = 1.0,
 ) -> CameraPath:
-    """A checked CameraPath from a preset name, a camera file (.json/.npz) or a CameraPath (``pipeline.camera``)."""
+    """A checked CameraPath from a preset name (relative to ``source``), lock_off[:F], stabilize[:S], a camera
+    file (.json/.npz) or a CameraPath (``pipeline.camera``)."""
     return pipeline_camera.resolve_camera(
-        pipeline_camera.spec_from_arg(camera), n_frames, k, depth0, width, height, where="--cam"
-    )
+        pipeline_camera.spec_from_arg(camera), n_frames, k, depth0, width, height, where="--cam",
+        source=source, fps=fps, depth_scale=depth_scale,
+    )  # fmt: skip
 
 
 def run_recon(
@@ -45,19 +56,27 @@ def run_recon(
     border_depth: float = BORDER_DEPTH,
     keep_mesh0: bool = False,
     progress: Progress | None = None,
+    source_camera: str | os.PathLike | CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
+    fps: float = 30.0,
 ) -> Guide:
     """Render the guide for a novel camera, in memory (no store): ``pipeline.guide.render_guide``.
 
     Args:
         frames: (T, H, W, 3) uint8 source frames.
         depth: (T, H, W) float32 depth (z, scene units) at the frames' size.
-        camera: preset name ("90", "zoom_in", ...), camera file path, or a CameraPath (>= T frames).
+        camera: preset name ("90", "zoom_in", ...; relative to the source camera), lock_off[:F],
+            stabilize[:S], camera file path, or a CameraPath (>= T frames).
         k: (3, 3) source intrinsics in pixels (default: the reference's fx = fy = 500).
         renderer: "auto", "cuda" or "cpu".
         mesh_filter: "angle" (reference) or "boundary".
         use_dwmesh: keep occlusion faces (watertight, reference default) or remove them.
         keep_mesh0: keep frame 0's DW-mesh in the result (for PLY export).
         progress: ``progress(stage, step, total, message)``; may raise ``errors.Cancelled``.
+        source_camera: the source camera path (file or CameraPath, world-to-camera in the novel camera's
+            world; its intrinsics replace ``k``); None: static source at the origin (the reference).
+        depth_scale: depth units -> world units, a number or (T,) per frame (``depth_scale.py``).
+        fps: frame rate (for ``stabilize``'s strength in seconds).
     """
     frames = np.asarray(frames)
     depth = np.asarray(depth, dtype=np.float32)
@@ -67,11 +86,18 @@ def run_recon(
     if depth.shape != (t, h, w):
         raise Ex4dError(f"depth {depth.shape} does not match the frames {(t, h, w)}", where="depth")
     k = reference_intrinsics(w, h) if k is None else np.asarray(k, dtype=np.float64)
+    src_spec = {"file": str(source_camera)} if isinstance(source_camera, (str, os.PathLike)) else source_camera
+    src = source_setup(src_spec, depth_scale, depth, k, where=("--source-camera", "depth_scale"))
     mesh = MeshSettings(mesh_filter=mesh_filter, border_depth=border_depth)
     spec = pipeline_camera.spec_from_arg(camera)
-    cam = pipeline_camera.resolve_camera(spec, t, k, depth[0], w, h, mesh, where="--cam")
+    cam = pipeline_camera.resolve_camera(
+        spec, t, src.k, depth[0], w, h, mesh, where="--cam", source=src.path, fps=fps, depth_scale=float(src.scales[0])
+    )
     render = RenderSettings(renderer=renderer, use_dwmesh=use_dwmesh)
-    return render_guide(frames, depth, k, cam, mesh, render, keep_mesh0=keep_mesh0, progress=progress)
+    return render_guide(
+        frames, depth, src.k, cam, mesh, render, source=src.path, depth_scale=src.scales,
+        keep_mesh0=keep_mesh0, progress=progress,
+    )  # fmt: skip
 
 
 def write_recon_outputs(

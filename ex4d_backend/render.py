@@ -3,7 +3,8 @@
 As the reference: rasterise each frame's DW-mesh (OpenGL projection from K, near 1e-3, far 1e3, rows
 top-down), interpolate RGBA, antialias (cuda backend), mask = 255 where alpha > 125 else 0,
 colour = colour * mask / 255 and frame 0 by ``pipeline.guide.apply_frame0_rule``
-(the chunked pipeline everybody uses is ``pipeline.guide.render_guide``).
+(the chunked pipeline everybody uses is ``pipeline.guide.render_guide``). Frame t's mesh is placed by
+``camera_paths.mesh_to_novel`` (a moving source camera, the depth scale; :func:`rasterize_novel`).
 Two backends behind one function: ``cuda`` (nvdiffrast) and ``cpu`` (numba, no antialiasing).
 """
 
@@ -94,6 +95,44 @@ def rgba_to_guide(rgba: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return color.cpu().numpy(), mask.cpu().numpy()
 
 
+def novel_extrinsics(
+    n_frames: int,
+    camera: CameraPath,
+    first_frame: int = 0,
+    source: CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
+) -> np.ndarray:
+    """(n, 4, 4) ``camera_paths.mesh_to_novel`` for frames ``first_frame`` .. ``first_frame + n - 1``: frame t's
+    mesh (source camera t's frame, depth units) -> novel camera t's frame. ``source``: the source camera
+    path in the novel camera's world (None: static at the origin); ``depth_scale`` a number or per frame
+    (all frames) depth units -> world units."""
+    from .camera_paths import mesh_to_novel
+
+    sl = slice(first_frame, first_frame + n_frames)
+    if len(camera) < first_frame + n_frames:
+        raise Ex4dError(f"the camera path has {len(camera)} frames, {first_frame + n_frames} needed", where="camera")
+    scale = np.asarray(depth_scale, dtype=np.float64)
+    scale = np.broadcast_to(scale, (n_frames,)) if scale.ndim == 0 else scale[sl]
+    return mesh_to_novel(camera.extrinsics[sl], None if source is None else source.extrinsics[sl], scale)
+
+
+def rasterize_novel(
+    mesh: DWMesh,
+    camera: CameraPath,
+    first_frame: int = 0,
+    *,
+    source: CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
+    renderer: str = "cpu",
+    use_dwmesh: bool = True,
+) -> torch.Tensor:
+    """(T, H, W, 4) RGBA of ``mesh`` frame i (built in source camera ``first_frame + i``'s frame, depth
+    units) seen by ``camera`` frame ``first_frame + i``, placed by :func:`novel_extrinsics`."""
+    ext = novel_extrinsics(len(mesh), camera, first_frame, source, depth_scale)
+    sl = slice(first_frame, first_frame + len(mesh))
+    return rasterize_rgba(mesh, ext, camera.intrinsics[sl], renderer=renderer, use_dwmesh=use_dwmesh)
+
+
 def render_guide(
     mesh: DWMesh,
     camera: CameraPath,
@@ -102,21 +141,23 @@ def render_guide(
     renderer: str = "auto",
     use_dwmesh: bool = True,
     first_frame: int = 0,
+    source: CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
+    source_k: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Colour (T, H, W, 3) uint8 and mask (T, H, W) uint8 {0, 255} guide frames.
+    """Colour (T, H, W, 3) uint8 and mask (T, H, W) uint8 {0, 255} guide frames of one built mesh
+    (:func:`rasterize_novel`; a whole shot goes through ``pipeline.guide.render_guide``).
 
-    ``mesh`` frame i is seen by ``camera`` frame ``first_frame + i``; the guide's frame 0 is the source frame
-    with a full mask (only when ``first_frame`` is 0). ``use_dwmesh=False`` removes occlusion faces instead
-    of keeping them (the reference's non-watertight baseline)."""
+    The guide's frame 0 follows ``pipeline.guide.apply_frame0_rule`` (only when ``first_frame`` is 0;
+    intrinsics compared with ``source_k`` when given). ``use_dwmesh=False`` removes occlusion faces instead
+    of keeping them (the non-watertight baseline)."""
     backend = resolve_renderer(renderer)
-    n = len(mesh)
-    sl = slice(first_frame, first_frame + n)
-    if len(camera) < first_frame + n:
-        raise Ex4dError(f"the camera path has {len(camera)} frames, {first_frame + n} needed", where="camera")
-    rgba = rasterize_rgba(mesh, camera.extrinsics[sl], camera.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
+    rgba = rasterize_novel(
+        mesh, camera, first_frame, source=source, depth_scale=depth_scale, renderer=backend, use_dwmesh=use_dwmesh
+    )
     color, mask = rgba_to_guide(rgba)
     if first_frame == 0:
         from .pipeline.guide import apply_frame0_rule
 
-        apply_frame0_rule(color, mask, source_frames, camera)
+        apply_frame0_rule(color, mask, source_frames, camera, source, source_k)
     return color, mask

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from ..constants import BORDER_DEPTH, MAX_SIDE, NUM_FRAMES, SENSOR_WIDTH_MM
 from ..errors import Ex4dError
-from ..pipeline.settings import DepthSettings, FrameSettings, IntrinsicsSettings, MeshSettings, RenderSettings
+from ..pipeline.settings import (
+    DepthSettings,
+    FrameSettings,
+    IntrinsicsSettings,
+    MeshSettings,
+    RenderSettings,
+    SourceSettings,
+)
 
 log = logging.getLogger("ex4d")
 
@@ -26,7 +33,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-kind", choices=("depth", "disparity"), default="depth", help="what --depth holds")
     p.add_argument("--depth-scale", type=float, default=1.0, help="multiply file depth by this (e.g. 0.001 for mm)")
     p.add_argument("--repair-depth", action="store_true", help="fill NaN/inf/non-positive depth from neighbours")
-    p.add_argument("--cam", default="90", help="preset (30, 60, 90, 180, any angle, zoom_in, zoom_out) or .json/.npz")
+    p.add_argument(
+        "--cam",
+        default="90",
+        help="preset (30, 60, 90, 180, any angle, zoom_in, zoom_out; relative to the source camera), "
+        "lock_off[:FRAME], stabilize[:SECONDS], or a .json/.npz world-space camera file",
+    )
+    p.add_argument(
+        "--source-camera",
+        help="the source camera path (.json/.npz: extrinsics (N,4,4) OpenCV world-to-camera in --cam's world, "
+        "intrinsics (3,3) or (N,3,3)); default: a static source at the origin (the reference)",
+    )
+    p.add_argument("--bundles", help="the camera solve's 3D bundles (.json/.npz) to fit the depth's scale to")
+    p.add_argument("--per-frame-scale", action="store_true", help="fit the depth scale per frame (with --bundles)")
+    p.add_argument(
+        "--source-scale", type=float, default=1.0, help="depth units -> source camera world units (without --bundles)"
+    )
     p.add_argument("--output-dir", required=True, help="folder for the outputs (created)")
     p.add_argument(
         "--frames", type=int, default=NUM_FRAMES, help=f"use the first N frames (0 = all; default {NUM_FRAMES})"
@@ -35,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=float, default=None, help="frame rate of image sequences / outputs")
     p.add_argument("--save-mesh", action="store_true", help="also write DW-Mesh.ply (frame 0)")
     p.add_argument("--png", action="store_true", help="also write PNG sequences color_<cam>/ and mask_<cam>/")
+    p.add_argument("--exr", action="store_true", help="also write exr_<cam>/: EXR frames with RGB, A = mask, Z")
+    p.add_argument(
+        "--stereo",
+        metavar="IOD[:CONV[:MODE]]",
+        help="also render the left/right eyes' guides (<cam>_left, <cam>_right): interocular distance and "
+        "convergence distance in world units, mode OFFAXIS (default), PARALLEL or TOE (Blender's conventions)",
+    )
     p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--mesh-filter", choices=("angle", "boundary"), default="angle", help="occlusion-face test")
     p.add_argument("--no-dwmesh", action="store_true", help="remove occlusion faces (non-watertight baseline)")
@@ -73,14 +102,29 @@ def intrinsics_from_args(args: argparse.Namespace) -> IntrinsicsSettings:
 
 def check_camera_arg(cam: str) -> str:
     """Validate --cam before any work; returns the output name (<cam>)."""
-    from ..cameras import preset_eyes
+    from ..camera_paths import camera_spec_name
 
     if cam.lower().endswith((".json", ".npz")):
         if not Path(cam).is_file():
             raise Ex4dError("camera file not found", where=cam, code="not_found")
-        return Path(cam).stem
-    preset_eyes(cam, 2, 1.0)  # raises the clear error for an unknown preset
-    return cam.strip().lower()
+    return camera_spec_name(cam)  # raises the clear error for an unknown preset
+
+
+def source_from_args(args: argparse.Namespace) -> SourceSettings:
+    """The moving source's settings: --source-camera FILE and the depth scale (--bundles [--per-frame-scale]
+    fitted, else --source-scale); the flags are checked before any work."""
+    from ..depth_scale import ScaleFit
+
+    if args.bundles and not args.source_camera:
+        raise Ex4dError("--bundles needs --source-camera (the solve's camera path)", where="--bundles")
+    for flag, path in (("--source-camera", args.source_camera), ("--bundles", args.bundles)):
+        if path and not Path(path).is_file():
+            raise Ex4dError(f"{flag[2:].replace('-', ' ')} file not found", where=path, code="not_found")
+    if args.bundles:
+        scale = {"file": str(args.bundles), "per_frame": bool(args.per_frame_scale)}
+    else:
+        scale = ScaleFit.manual(args.source_scale).scale
+    return SourceSettings({"file": str(args.source_camera)} if args.source_camera else None, scale)
 
 
 class StageBars:
@@ -120,9 +164,12 @@ def run(args: argparse.Namespace) -> int:
     from ..recon import export_guide
 
     cam_name = check_camera_arg(args.cam)
+    if args.stereo:
+        parse_stereo(args.stereo)  # before any work
     if args.frames < 0:
         raise Ex4dError("--frames must be >= 0", where="--frames")
     intrinsics = intrinsics_from_args(args)  # flag conflicts are reported before any work
+    source = source_from_args(args)
     store = open_store(args.store)
     bars = StageBars()
     ctx = stages.Context(store, bars, args.models_dir, input_check=stages.local_input)
@@ -142,14 +189,66 @@ def run(args: argparse.Namespace) -> int:
             spec_from_arg(args.cam),
             MeshSettings(args.mesh_filter, BORDER_DEPTH),
             RenderSettings(args.renderer, not args.no_dwmesh),
+            source,
             where="--cam",
+            where_source=("--source-camera", "--bundles"),
         )
         if args.frames and shot.clip.n_frames < args.frames:
             log.warning("the footage has %d frames; using all of them (asked for %d)", shot.clip.n_frames, args.frames)
+        for fit_warning in shot.source.fit.get("warnings", []):
+            log.warning("depth scale: %s", fit_warning)
+        eyes = []
+        for eye, eye_cam in stereo_cameras(args.stereo, shot.camera.path):  # issue 18: both eyes, one DW-mesh
+            cam = stages.camera_stage(ctx, shot.clip, shot.depth, shot.k, eye_cam, shot.mesh, source=shot.source)
+            render = RenderSettings(args.renderer, not args.no_dwmesh)
+            eyes.append(
+                (eye, stages.guide_stage(ctx, shot.clip, shot.depth, shot.k, cam, shot.mesh, render, shot.source))
+            )
     finally:
         bars.close()
+    if not shot.guide.meta.get("frame0_is_source", True):
+        log.warning("the novel camera does not start at the source camera: guide frame 0 is rendered (with holes)")
     mesh_of = (shot.clip, shot.depth, shot.k, shot.mesh) if args.save_mesh else None
     paths = export_guide(shot.guide.dir, args.output_dir, cam_name, png=args.png, mesh_of=mesh_of)
+    if args.exr:  # compositing passes (issue 18): colour, mask as alpha, the DW-mesh's depth as Z
+        from ..passes import recon_passes, write_exr_sequence
+
+        src = shot.source
+        ps = recon_passes(shot.clip.frames, shot.depth.depth, shot.camera.path, src.k,
+                          source=src.path, depth_scale=src.scales, renderer=args.renderer,
+                          mesh_filter=args.mesh_filter)  # fmt: skip
+        paths["exr_frames"] = write_exr_sequence(Path(args.output_dir) / f"exr_{cam_name}", ps)
+    for eye, guide in eyes:
+        for key, path in export_guide(guide.dir, args.output_dir, f"{cam_name}_{eye}", png=args.png).items():
+            paths[f"{eye}_{key}"] = path
     for key, path in paths.items():
         print(f"{key}: {path}")
     return 0
+
+
+def parse_stereo(spec: str) -> tuple[float, float, str]:
+    """(interocular, convergence, mode) of ``--stereo IOD[:CONV[:MODE]]``, validated."""
+    from ..stereo import DEFAULT_CONVERGENCE, MODES
+
+    parts = spec.split(":")
+    try:
+        iod = float(parts[0])
+        conv = float(parts[1]) if len(parts) > 1 and parts[1] else DEFAULT_CONVERGENCE
+    except ValueError:
+        iod = conv = float("nan")
+    mode = parts[2].upper() if len(parts) > 2 else "OFFAXIS"
+    if not (iod > 0 and conv > 0 and mode in MODES and len(parts) <= 3):
+        raise Ex4dError(
+            f"bad --stereo '{spec}'", where="--stereo", hint="write IOD[:CONV[:MODE]], e.g. 0.065:1.95:OFFAXIS"
+        )
+    return iod, conv, mode
+
+
+def stereo_cameras(spec: str | None, centre):
+    """[(eye name, CameraPath)] for ``--stereo IOD[:CONV[:MODE]]`` (empty without it)."""
+    if not spec:
+        return []
+    from ..stereo import eye_cameras
+
+    left, right = eye_cameras(centre, *parse_stereo(spec))
+    return [("left", left), ("right", right)]

@@ -47,9 +47,10 @@ def _absolutise(params: dict, base: Path) -> dict:
     depth = params.get("depth")
     if isinstance(depth, dict) and isinstance(depth.get("path"), str):
         depth["path"] = fix(depth["path"])
-    cam = params.get("camera")
-    if isinstance(cam, dict) and isinstance(cam.get("file"), str):
-        cam["file"] = fix(cam["file"])
+    for key in ("camera", "source_camera", "depth_scale"):  # the last two: a moving source (issue 15)
+        cam = params.get(key)
+        if isinstance(cam, dict) and isinstance(cam.get("file"), str):
+            cam["file"] = fix(cam["file"])
     return params
 
 

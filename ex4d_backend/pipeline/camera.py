@@ -1,9 +1,10 @@
 """The camera stage: a novel-camera spec -> a checked ``cameras.CameraPath`` at the processing resolution.
 
 A spec is the protocol's ``camera`` object: ``{"preset": "90"}`` (any preset name ``cameras.preset_path``
-knows), ``{"blender": {...}}`` (raw Blender values), ``{"opencv": {...}}`` (matrices), ``{"file": PATH}``
-(.json/.npz), each with an optional ``"name"``, or a ``CameraPath``. ``ex4d recon --cam`` turns its
-argument into the same spec, so the CLI and the service share every check below.
+knows), ``{"lock_off": FRAME}``, ``{"stabilize": SECONDS}`` (these three relative to the source camera
+path: ``camera_paths.novel_camera_path``), ``{"blender": {...}}`` (raw Blender values), ``{"opencv": {...}}``
+(matrices), ``{"file": PATH}`` (.json/.npz), each with an optional ``"name"``, or a ``CameraPath``.
+``ex4d recon --cam`` turns its argument into the same spec, so the CLI and the service share every check below.
 """
 
 from __future__ import annotations
@@ -21,12 +22,33 @@ from .settings import MeshSettings
 
 
 def spec_from_arg(cam: str | os.PathLike | CameraPath | dict) -> dict | CameraPath:
-    """``--cam`` (a preset name or a .json/.npz path) as a camera spec."""
+    """``--cam`` (a preset name, lock_off[:F], stabilize[:S] or a .json/.npz path) as a camera spec."""
+    from .. import camera_paths
+
     if isinstance(cam, (dict, CameraPath)):
         return cam
-    if str(cam).lower().endswith((".json", ".npz")):
-        return {"file": str(cam)}
-    return {"preset": str(cam).strip().lower()}
+    kind, arg = camera_paths.parse_camera_spec(str(cam))  # raises the clear error for an unknown preset
+    if kind == "file":
+        return {"file": str(arg)}
+    if kind == camera_paths.LOCK_OFF:
+        return {"lock_off": int(arg or 0)}
+    if kind == camera_paths.STABILIZE:
+        return {"stabilize": camera_paths.STABILIZE_DEFAULT_S if arg is None else float(arg)}
+    return {"preset": str(arg)}
+
+
+def relative_spec(spec: dict | CameraPath) -> str | None:
+    """The ``camera_paths`` spec string of a camera spec relative to the source path (preset, lock_off,
+    stabilize), else None (world-space cameras: blender, opencv, file, a CameraPath)."""
+    if isinstance(spec, CameraPath):
+        return None
+    if "preset" in spec:
+        return str(spec["preset"]).strip().lower()
+    if "lock_off" in spec:
+        return f"lock_off:{int(spec['lock_off'])}"
+    if "stabilize" in spec:
+        return f"stabilize:{float(spec['stabilize'])}"
+    return None
 
 
 def camera_hash(cam: CameraPath) -> str:
@@ -100,12 +122,17 @@ def resolve_camera(
     *,
     where: str = "params.camera",
     check_input=None,
+    source: CameraPath | None = None,
+    fps: float = 30.0,
+    depth_scale: float = 1.0,
 ) -> CameraPath:
     """The novel camera for ``n_frames`` frames of a ``width`` x ``height`` shot with source intrinsics ``k``
-    and frame-0 depth ``depth0`` (presets' radius; border ring at ``mesh.border_depth``).
+    ((3, 3) or (T, 3, 3)) and frame-0 depth ``depth0`` in depth units (presets' radius, times
+    ``depth_scale``; border ring at ``mesh.border_depth``). Presets, lock_off and stabilize follow ``source``
+    (the source camera path; None: static at the origin; ``fps`` for stabilize's strength in seconds).
     ``check_input(path, what)`` vets a camera file path (the service's sandbox) and returns it."""
     try:
-        path = _resolve(spec, n_frames, k, depth0, width, height, mesh, where, check_input)
+        path = _resolve(spec, n_frames, k, depth0, width, height, mesh, where, check_input, source, fps, depth_scale)
         return check_path(path, n_frames, width, height, where)
     except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as exc:
         raise Ex4dError(
@@ -115,16 +142,21 @@ def resolve_camera(
         ) from None
 
 
-def _resolve(spec, n_frames, k, depth0, width, height, mesh, where, check_input) -> CameraPath:
-    from .. import cameras
+def _resolve(
+    spec, n_frames, k, depth0, width, height, mesh, where, check_input, source, fps, depth_scale
+) -> CameraPath:
+    from .. import camera_paths, cameras
 
     if isinstance(spec, CameraPath):
         return spec
     name = spec.get("name")
-    if "preset" in spec:
-        path = cameras.preset_path(
-            spec["preset"], n_frames, k, np.asarray(depth0), width, height, border_depth=mesh.border_depth
-        )
+    rel = relative_spec(spec)
+    if rel is not None:  # presets follow the source path; lock_off / stabilize hold / smooth it
+        k0 = k if np.ndim(k) == 2 else k[0]
+        path = camera_paths.novel_camera_path(
+            rel, n_frames, k0, np.asarray(depth0), width, height, source=source, fps=fps,
+            depth_scale=depth_scale, border_depth=mesh.border_depth,
+        )  # fmt: skip
         return CameraPath(path.extrinsics, path.intrinsics, width, height, name=name or path.name)
     if "blender" in spec:
         b = spec["blender"]

@@ -4,8 +4,10 @@ Used by ``ex4d recon`` (``recon.run_recon``), the service's ``render_guide``/``g
 and ``ex4d run`` alike. Steps, per chunk of frames (:func:`chunk_frames`):
 
 1. upload the chunk's depth and frames (CUDA: through pinned, double-buffered staging buffers);
-2. build its DW-meshes on the device (``dwmesh.build_dwmesh``, border ring at ``mesh.border_depth``);
-3. rasterise them from the novel camera and apply the reference's mask rule (``render.guide_tensors``);
+2. build its DW-meshes on the device (``dwmesh.build_dwmesh``, border ring at ``mesh.border_depth``; the
+   source intrinsics per frame for a zooming source camera);
+3. rasterise them from the novel camera (``render.rasterize_novel``: frame t's mesh placed by the moving
+   source camera and the depth scale) and apply the reference's mask rule (``render.guide_tensors``);
 4. read the chunk back (CUDA: asynchronously, overlapping the next chunk's work);
 then :func:`apply_frame0_rule`. The DW-mesh is never written for the guide: re-meshing is cheaper than
 reading it back.
@@ -22,7 +24,7 @@ import torch
 from .. import transfer
 from ..cameras import CameraPath
 from ..dwmesh import DWMesh, build_dwmesh
-from ..render import guide_tensors, rasterize_rgba, resolve_renderer, rgba_to_guide
+from ..render import guide_tensors, rasterize_novel, resolve_renderer, rgba_to_guide
 from .settings import MeshSettings, RenderSettings
 
 Progress = Callable[[str, int, int, str], None]
@@ -36,6 +38,8 @@ class Guide:
     mask: np.ndarray  # (T, H, W) uint8 {0, 255}
     camera: CameraPath  # the T cameras used
     mesh0: DWMesh | None = None  # DW-mesh of frame 0 (for the PLY export), when asked for
+    source: CameraPath | None = None  # the source camera path (None: static at the origin)
+    frame0_is_source: bool = True  # guide frame 0 is the source frame (the novel camera starts at the source)
 
 
 def chunk_frames(width: int, height: int, n_frames: int, backend: str) -> int:
@@ -44,13 +48,23 @@ def chunk_frames(width: int, height: int, n_frames: int, backend: str) -> int:
     return max(1, min(by_memory, -(-n_frames // MIN_CHUNKS)))
 
 
-def apply_frame0_rule(color: np.ndarray, mask: np.ndarray, frames: np.ndarray, camera: CameraPath) -> bool:
+def apply_frame0_rule(
+    color: np.ndarray,
+    mask: np.ndarray,
+    frames: np.ndarray,
+    camera: CameraPath,
+    source: CameraPath | None = None,
+    k_src: np.ndarray | None = None,
+) -> bool:
     """The guide's frame-0 rule, in place; True when frame 0 was replaced.
 
-    Today the reference's rule: frame 0 is the source frame with a full mask, whatever the camera.
-    (Issue 15 narrows this to "when the novel camera's frame-0 pose is the source pose"; ``camera`` is
-    passed for that.)"""
-    del camera
+    The reference's rule (frame 0 is the source frame with a full mask) applied only when the novel camera
+    starts at the source (``camera_paths.guide_starts_at_source``: frame-0 pose, and intrinsics against
+    ``source``'s or ``k_src`` (3, 3)); otherwise frame 0 stays rendered like every other frame."""
+    from ..camera_paths import guide_starts_at_source
+
+    if not guide_starts_at_source(camera, source, k_src):
+        return False
     color[0] = frames[0]
     mask[0] = 255
     return True
@@ -72,6 +86,8 @@ def render_guide(
     mesh: MeshSettings = MeshSettings(),
     render: RenderSettings = RenderSettings(),
     *,
+    source: CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
     keep_mesh0: bool = False,
     progress: Progress | None = None,
 ) -> Guide:
@@ -80,7 +96,10 @@ def render_guide(
     Args:
         frames: (T, H, W, 3) uint8 source frames (may be memory-mapped).
         depth: (T, H, W) float32 depth (z, scene units) at the frames' size (may be memory-mapped).
-        k: (3, 3) source intrinsics, pixels.
+        k: (3, 3) source intrinsics, pixels, or (T, 3, 3) per frame (a zooming source camera).
+        source: the source camera path (>= T frames, world-to-camera in ``camera``'s world); None: static
+            at the origin (the reference).
+        depth_scale: depth units -> world units, a number or (T,) per frame (``depth_scale.py``).
         keep_mesh0: keep frame 0's DW-mesh in the result (PLY export).
         progress: ``progress("render", chunk, n_chunks, message)``; may raise ``errors.Cancelled``.
     """
@@ -88,6 +107,8 @@ def render_guide(
     backend = resolve_renderer(render.renderer)
     device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
     chunk = chunk_frames(w, h, t, backend)
+    k = np.asarray(k, dtype=np.float64)
+    k0 = k if k.ndim == 2 else k[0]
     color = np.empty((t, h, w, 3), np.uint8)
     mask = np.empty((t, h, w), np.uint8)
     mesh0 = None
@@ -104,10 +125,11 @@ def render_guide(
         else:
             d = torch.from_numpy(np.array(depth[start:stop], dtype=np.float32))  # a copy: the store's are read-only
             c = torch.from_numpy(np.array(frames[start:stop]))
-        m = build_dwmesh(d, k, c, mesh_filter=mesh.mesh_filter, border_depth=mesh.border_depth)
         sl = slice(start, stop)
-        rgba = rasterize_rgba(
-            m, camera.extrinsics[sl], camera.intrinsics[sl], renderer=backend, use_dwmesh=render.use_dwmesh
+        k_sl = k if k.ndim == 2 else k[sl]
+        m = build_dwmesh(d, k_sl, c, mesh_filter=mesh.mesh_filter, border_depth=mesh.border_depth)
+        rgba = rasterize_novel(
+            m, camera, start, source=source, depth_scale=depth_scale, renderer=backend, use_dwmesh=render.use_dwmesh
         )
         if backend == "cuda":
             col_t, mask_t = guide_tensors(rgba)
@@ -124,7 +146,7 @@ def render_guide(
     if pending is not None:
         _finish(pending, color, mask)
     cam = CameraPath(camera.extrinsics[:t], camera.intrinsics[:t], w, h, camera.name)
-    apply_frame0_rule(color, mask, frames, cam)
+    frame0_is_source = apply_frame0_rule(color, mask, frames, cam, source, k0)
     if progress:
         progress("render", n_chunks, n_chunks, "done")
-    return Guide(color, mask, cam, mesh0)
+    return Guide(color, mask, cam, mesh0, source, frame0_is_source)

@@ -108,6 +108,16 @@ class MeshSettings(_FromParams):
 
 
 @dataclass(frozen=True)
+class SourceSettings(_FromParams):
+    """The moving source camera (``pipeline.source``): ``source_camera`` a camera spec (blender, opencv, file
+    or a CameraPath; None: the reference's static source at the origin) and ``depth_scale`` depth units ->
+    world units (a number, (T,) per frame, or the solve's bundles to fit it to)."""
+
+    source_camera: object = None
+    depth_scale: object = 1.0
+
+
+@dataclass(frozen=True)
 class RenderSettings(_FromParams):
     """DW-mesh + camera -> guide: renderer ("auto", "cuda", "cpu") and whether occlusion faces stay."""
 

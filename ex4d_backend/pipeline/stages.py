@@ -7,7 +7,8 @@ whose result lives in ``<store>/cache/<stage>-<key>/``, ``key`` a content hash o
     depth    frames + DepthSettings (the depth file's bytes, or the model and its options)
     mesh     depth + K + MeshSettings                       (the add-on's DW-mesh: positions.pc2, ...)
     camera   the camera path's matrices and intrinsics + size
-    guide    depth + K + MeshSettings + camera + renderer + use_dwmesh
+    guide    depth + K + MeshSettings + camera + renderer + use_dwmesh (+ the source path and depth
+             scales, only for a moving source: ``pipeline.source``)
     generate guide + GenerateSettings
 
 so a camera change reuses frames and depth, and ``ex4d recon`` reuses what the service computed (and the
@@ -21,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +34,7 @@ from ..service.jobstore import JobStore, make_key
 from ..service.resident import ResidentGenerator, free_memory
 from . import housekeeping
 from .camera import camera_hash, resolve_camera
+from .guide_files import GUIDE_FILES, read_png_folder, write_guide_files  # noqa: F401 (re-exported)
 from .settings import (
     DepthSettings,
     FrameSettings,
@@ -41,7 +42,9 @@ from .settings import (
     IntrinsicsSettings,
     MeshSettings,
     RenderSettings,
+    SourceSettings,
 )
+from .source import SourceSetup, depth_scales, resolve_source
 
 if TYPE_CHECKING:  # torch is imported by the stages that render, never at import (fast service start)
     from .guide import Guide
@@ -254,7 +257,8 @@ def _mesh_key(depth: Depth, k: np.ndarray, s: MeshSettings) -> list:
 
 
 def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSettings) -> MeshEntry:
-    """Depth -> the DW-mesh as files: ``positions.pc2`` (the only copy of the per-frame vertex positions,
+    """Depth + K ((3, 3), or (T, 3, 3) for a zooming source camera) -> the DW-mesh as files: ``positions.pc2``
+    (the only copy of the per-frame vertex positions,
     (T, H*W, 3) float32 OpenCV world, in the PC2 format of Blender's Mesh Cache modifier; read it with
     ``service.pointcache.read_pc2``), ``faces.npy`` (F, 3) int32 and ``occlusion.npy`` (T, F) uint8 {0, 1}.
     Vertex colours are the frames (``frames.npy``) with alpha 0 on occlusion faces' vertices."""
@@ -297,7 +301,7 @@ def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSet
                         ctx.progress("mesh", i, total, f"frames {start}-{stop - 1}")
                         m = build_dwmesh(
                             torch.from_numpy(np.array(depth.depth[start:stop])).to(device),
-                            k,
+                            k if np.ndim(k) == 2 else k[start:stop],
                             torch.from_numpy(np.array(clip.frames[start:stop])).to(device),
                             mesh_filter=s.mesh_filter,
                             border_depth=s.border_depth,
@@ -333,13 +337,19 @@ def camera_stage(
     mesh: MeshSettings,
     *,
     where: str = "params.camera",
+    source: SourceSetup | None = None,
 ) -> CameraEntry:
-    """A camera spec (see ``pipeline.camera``) -> the checked path for the clip, stored as ``camera.npz``."""
+    """A camera spec (see ``pipeline.camera``) -> the checked path for the clip, stored as ``camera.npz``;
+    presets, lock_off and stabilize follow ``source``'s path (None: the static source at the origin)."""
     from ..cameras import save_camera_npz
 
     ctx.progress("camera", 0, 1, "camera path")
     w, h = clip.size
-    path = resolve_camera(spec, clip.n_frames, k, depth.depth[0], w, h, mesh, where=where, check_input=ctx.check_input)
+    path = resolve_camera(
+        spec, clip.n_frames, k, depth.depth[0], w, h, mesh, where=where, check_input=ctx.check_input,
+        source=None if source is None else source.path, fps=clip.fps,
+        depth_scale=1.0 if source is None else float(source.scales[0]),
+    )  # fmt: skip
     key = make_key(STAGE_VERSION, "camera", camera_hash(path), w, h)
     with _locked(ctx, "camera", key):
         if _lookup(ctx, "camera", key) is None:
@@ -354,11 +364,6 @@ def camera_stage(
 # ----------------------------------------------------------------------------------------------
 # 5. guide
 # ----------------------------------------------------------------------------------------------
-GUIDE_FILES = ("color.mp4", "mask.mp4", "color", "mask", "camera.npz")  # PNG folders hold frame_00000.png ...
-PNG_PREFIX = "frame_"
-GUIDE_X264_PRESET = "veryfast"  # the videos are previews (the PNGs are the exact guide): 2x faster than medium
-
-
 @dataclass
 class GuideEntry:
     key: str
@@ -373,47 +378,6 @@ class GuideEntry:
         return read_png_folder(self.dir / "color", 3), read_png_folder(self.dir / "mask", 1)
 
 
-def read_png_folder(folder: Path, channels: int) -> np.ndarray:
-    """(T, H, W, 3) RGB or (T, H, W) grey uint8 from ``frame_*.png`` files."""
-    import cv2
-
-    files = sorted(folder.glob(f"{PNG_PREFIX}*.png"))
-    flag = cv2.IMREAD_COLOR if channels == 3 else cv2.IMREAD_GRAYSCALE
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        imgs = list(pool.map(lambda f: cv2.imread(str(f), flag), files))
-    if channels == 3:
-        imgs = [cv2.cvtColor(i, cv2.COLOR_BGR2RGB) for i in imgs]
-    return np.stack(imgs)
-
-
-def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, fps: float, camera: CameraPath) -> None:
-    """The guide's files into ``folder`` (a stage's temporary folder): H.264 previews, lossless PNG frames
-    (the exact guide) and the camera; encoded in parallel threads (OpenCV and PyAV release the GIL)."""
-    import cv2
-
-    from ..cameras import save_camera_npz
-    from ..footage import write_video
-
-    (folder / "color").mkdir()
-    (folder / "mask").mkdir()
-
-    def png(args) -> None:
-        sub, i, img = args
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-        if not cv2.imwrite(str(folder / sub / f"{PNG_PREFIX}{i:05d}.png"), img):
-            raise OSError(f"cannot write PNG frame {i} in {folder / sub}")
-
-    with ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 1))) as pool:
-        videos = [pool.submit(write_video, folder / "color.mp4", color, fps, preset=GUIDE_X264_PRESET)]
-        videos.append(pool.submit(write_video, folder / "mask.mp4", mask, fps, preset=GUIDE_X264_PRESET))
-        jobs = [("color", i, f) for i, f in enumerate(color)] + [("mask", i, f) for i, f in enumerate(mask)]
-        list(pool.map(png, jobs))
-        save_camera_npz(folder / "camera.npz", camera)
-        for v in videos:
-            v.result()
-
-
 def guide_stage(
     ctx: Context,
     clip: Clip,
@@ -422,14 +386,19 @@ def guide_stage(
     camera: CameraEntry,
     mesh: MeshSettings,
     render: RenderSettings,
+    source: SourceSetup | None = None,
 ) -> GuideEntry:
-    """Frames + depth + K + camera -> the guide (``pipeline.guide.render_guide``), stored as
-    ``color/``, ``mask/`` (PNG frames, exact), ``color.mp4``, ``mask.mp4`` and ``camera.npz``."""
+    """Frames + depth + K + camera (+ a moving source: its path and the depth scales) -> the guide
+    (``pipeline.guide.render_guide``), stored as ``color/``, ``mask/`` (PNG frames, exact), ``color.mp4``,
+    ``mask.mp4`` and ``camera.npz``; the meta says whether frame 0 is the source frame."""
     from ..render import resolve_renderer
     from .guide import render_guide
 
     backend = resolve_renderer(render.renderer)
-    key = make_key(STAGE_VERSION, "guide", *_mesh_key(depth, k, mesh), camera.key, backend, bool(render.use_dwmesh))
+    src_key = [] if source is None else source.key_parts()  # empty for a static source: the keys stay
+    key = make_key(
+        STAGE_VERSION, "guide", *_mesh_key(depth, k, mesh), camera.key, backend, bool(render.use_dwmesh), *src_key
+    )
     with _locked(ctx, "guide", key):
         meta = _lookup(ctx, "guide", key)
         if meta is not None:
@@ -443,6 +412,8 @@ def guide_stage(
             cam,
             mesh,
             RenderSettings(backend, render.use_dwmesh),
+            source=None if source is None else source.path,
+            depth_scale=1.0 if source is None else source.scales,
             progress=ctx.progress,
         )
         t, h, w = depth.depth.shape
@@ -452,6 +423,8 @@ def guide_stage(
             "camera_hash": camera_hash(cam),
             "renderer": backend,
             "use_dwmesh": bool(render.use_dwmesh),
+            "frame0_is_source": guide.frame0_is_source,
+            "depth_scale_fit": {} if source is None else source.fit,
             "n_frames": t,
             "width": w,
             "height": h,
@@ -553,10 +526,11 @@ def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSett
 class Shot:
     clip: Clip
     depth: Depth
-    k: np.ndarray  # (3, 3) source intrinsics, pixels
+    k: np.ndarray  # source intrinsics, pixels: (3, 3), or (T, 3, 3) from a zooming source camera
     mesh: MeshSettings
     camera: CameraEntry
     guide: GuideEntry
+    source: SourceSetup  # the source camera path (None: static) and the depth scales
 
 
 def guide_for_shot(
@@ -568,12 +542,45 @@ def guide_for_shot(
     camera: dict | CameraPath,
     mesh: MeshSettings,
     render: RenderSettings,
+    source: SourceSettings = SourceSettings(),
     *,
     where: str = "params.camera",
+    where_source: tuple[str, str] = ("params.source_camera", "params.depth_scale"),
 ) -> Shot:
-    """Stages 1, 2, 4 and 5 for one shot and one novel camera (``ex4d recon``, ``render_guide``, ``generate``)."""
+    """Stages 1, 2, 4 and 5 for one shot and one novel camera (``ex4d recon``, ``render_guide``, ``generate``);
+    the source camera is checked before the depth is computed."""
+    src = source_for_shot(ctx, footage, frames, depth, intrinsics, source, where=where_source)
+    clip, d, k = src.clip, src.depth, src.setup.k
+    cam = camera_stage(ctx, clip, d, k, camera, mesh, where=where, source=src.setup)
+    return Shot(clip, d, k, mesh, cam, guide_stage(ctx, clip, d, k, cam, mesh, render, src.setup), src.setup)
+
+
+@dataclass
+class SourceShot:
+    clip: Clip
+    depth: Depth
+    setup: SourceSetup
+
+
+def source_for_shot(
+    ctx: Context,
+    footage: str | os.PathLike,
+    frames: FrameSettings,
+    depth: DepthSettings,
+    intrinsics: IntrinsicsSettings,
+    source: SourceSettings = SourceSettings(),
+    *,
+    where: tuple[str, str] = ("params.source_camera", "params.depth_scale"),
+) -> SourceShot:
+    """Stages 1 and 2 with the source camera (``pipeline.source``: checked between them, before any depth
+    work) and the depth scales (fitted to the depth when bundles are given)."""
     clip = frames_stage(ctx, footage, frames)
+    w, h = clip.size
+    k = intrinsics.matrix(w, h)
+    path, k = resolve_source(source.source_camera, clip.n_frames, k, w, h, where=where[0], check_input=ctx.check_input)
     d = depth_stage(ctx, clip, depth)
-    k = intrinsics.matrix(*clip.size)
-    cam = camera_stage(ctx, clip, d, k, camera, mesh, where=where)
-    return Shot(clip, d, k, mesh, cam, guide_stage(ctx, clip, d, k, cam, mesh, render))
+    scales, fit = depth_scales(
+        source.depth_scale, path, d.depth, where=where[1], check_input=ctx.check_input,
+        warn=lambda m: ctx.progress("camera", 0, 1, m),
+    )  # fmt: skip
+    return SourceShot(clip, d, SourceSetup(path, scales, k, fit))

@@ -22,6 +22,7 @@ from ..pipeline.settings import (
     IntrinsicsSettings,
     MeshSettings,
     RenderSettings,
+    SourceSettings,
 )
 from ..pipeline.stages import STAGE_VERSION, Context
 from . import info, protocol
@@ -54,6 +55,7 @@ def _guide(ctx: Context, p: dict) -> tuple[stages.Clip, stages.GuideEntry]:
         p["camera"],
         MeshSettings.from_params(p),
         RenderSettings.from_params(p),
+        SourceSettings.from_params(p),  # a moving source camera and the depth scale (issue 15)
     )
     return shot.clip, shot.guide
 
@@ -79,8 +81,13 @@ def exec_estimate_depth(ctx: Context, p: dict) -> dict:
 def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
     from ..cameras import CV_TO_BLENDER
 
-    clip, depth = _clip_depth(ctx, p)
-    mesh = stages.mesh_stage(ctx, clip, depth, intrinsics(p, *clip.size), MeshSettings.from_params(p))
+    # the source camera's intrinsics (when given), as render_guide's mesh; the depth scale does not matter here
+    src = stages.source_for_shot(
+        ctx, p["footage"], FrameSettings.from_params(p), DepthSettings.from_params(p["depth"]),
+        IntrinsicsSettings.from_params(p), SourceSettings(p.get("source_camera")),
+    )  # fmt: skip
+    clip, depth = src.clip, src.depth
+    mesh = stages.mesh_stage(ctx, clip, depth, src.setup.k, MeshSettings.from_params(p))
     d = mesh.dir
     return {
         "positions_pc2": str(d / "positions.pc2"),
@@ -128,6 +135,8 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
         "camera_npz": str(d / "camera.npz"),
         "camera_hash": guide.meta["camera_hash"],
         "camera": guide.meta["camera"],
+        "frame0_is_source": guide.meta.get("frame0_is_source", True),
+        "depth_scale_fit": guide.meta.get("depth_scale_fit", {}),
         **_clip_result(clip),
     }
 
@@ -175,9 +184,10 @@ def job_key(store: JobStore, type_: str, params: dict) -> str:
     if depth.get("model") == "file" and "path" in depth:
         depth["path"] = store.input_hash(store.check_input(depth["path"], "depth file"))
     canon["depth"] = depth
-    cam = params.get("camera")
-    if isinstance(cam, dict) and "file" in cam:
-        canon["camera"] = {**cam, "file": store.input_hash(store.check_input(cam["file"], "camera file"))}
+    for name, what in (("camera", "camera file"), ("source_camera", "camera file"), ("depth_scale", "bundle file")):
+        value = params.get(name)
+        if isinstance(value, dict) and "file" in value:
+            canon[name] = {**value, "file": store.input_hash(store.check_input(value["file"], what))}
     return make_key(STAGE_VERSION, type_, canon)
 
 
