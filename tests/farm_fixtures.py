@@ -56,10 +56,12 @@ def run_job_inproc(capfd, job: Path, store: Path, *extra: str) -> dict:
     return json.loads(out)
 
 
-def make_project(root: Path, shot: str, *, n_frames: int = 5, preset: str = "60", generate: bool = True) -> Path:
+def make_project(
+    root: Path, shot: str, *, n_frames: int = 5, preset: str = "60", generate: bool = True, size=(64, 48)
+) -> Path:
     """A project folder holding a synthetic clip under ``shots/<shot>/`` and ``jobs/<shot>.json``, a
     portable job (paths relative to the project root). Returns the job file."""
-    clip = sf.make_clip(root / "shots" / shot, n_frames=n_frames)
+    clip = sf.make_clip(root / "shots" / shot, width=size[0], height=size[1], n_frames=n_frames)
     params = {
         "footage": f"shots/{shot}/clip",
         "depth": {"model": "file", "path": f"shots/{shot}/depth.npy"},
@@ -68,7 +70,7 @@ def make_project(root: Path, shot: str, *, n_frames: int = 5, preset: str = "60"
         "renderer": "cpu",
     }
     if generate:
-        params.update(generator="preview", width=64, height=48, num_frames=n_frames)
+        params.update(generator="preview", width=size[0], height=size[1], num_frames=n_frames)
     job = {"ex4d_job": 1, "project_root": "..", "type": "generate" if generate else "render_guide", "params": params}
     path = root / "jobs" / f"{shot}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

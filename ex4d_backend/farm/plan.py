@@ -6,7 +6,9 @@ A job of type ``generate`` becomes up to three steps, each an ordinary ``ex4d ru
     guide     render_guide     0 GPU   (frames, DW-mesh, camera, guide; 1 GPU only with renderer "cuda")
     generate  generate         1 GPU   (0 with the preview generator)
 
-Each step depends on the one before it. A later step re-enters the earlier stages, finds them in the shared
+Consecutive steps that ask for the same hardware are merged into the later one (a preview-generator job is
+one CPU step; an EX-4D job with file depth is guide on a CPU host, then generate on a GPU host). Each step
+depends on the one before it. A later step re-enters the earlier stages, finds them in the shared
 job store (content-keyed, locked per stage) and computes only its own, so the split changes no output: the
 last step is the job itself, byte for byte the result ``ex4d run JOB.json`` gives. Independent jobs share
 nothing but cache entries and run in parallel.
@@ -80,9 +82,21 @@ def plan_job(job: LoadedJob, shot: str) -> list[Step]:
     else:
         gpus = guide_gpus if job.type == "render_guide" else 0
         steps.append(Step(shot, STEP_NAMES[job.type], job.type, _subset(job.type, p), gpus, final=True))
+    steps = _merge_same_hardware(steps)
     for before, step in zip(steps, steps[1:], strict=False):
         step.after.append(before.id)
     return steps
+
+
+def _merge_same_hardware(steps: list[Step]) -> list[Step]:
+    """A step followed by one that asks for the same GPUs is left out: the later step computes its stages
+    anyway (one process start and one task fewer; the split only pays where the hardware changes)."""
+    out: list[Step] = []
+    for step in steps:
+        if out and out[-1].gpus == step.gpus:
+            out.pop()
+        out.append(step)
+    return out
 
 
 def plan_jobs(jobs: list[LoadedJob]) -> list[Step]:
