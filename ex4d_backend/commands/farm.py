@@ -83,6 +83,7 @@ def submit(args: argparse.Namespace) -> int:
     from ..farm import ray_engine
     from ..farm import submission as subm
 
+    ray_engine.require_ray()  # before anything is written
     store = _store(args)
     sub = subm.create(
         args.jobs, store=store, engine="ray", path_maps=args.path_map, project_root=args.project_root,

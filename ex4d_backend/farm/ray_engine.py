@@ -26,7 +26,7 @@ DEFAULT_MAX_RETRIES = 3
 POLL = 0.5  # s between progress checks of the driver
 
 
-def _import_ray():
+def require_ray():
     try:
         import ray
     except ImportError:
@@ -54,7 +54,7 @@ def _skip(spec: dict) -> dict:
 
 def connect(address: str | None, num_cpus: int | None, num_gpus: int | None = None) -> bool:
     """Connect to ``address`` or start a local cluster; True if this call started Ray (stop it after)."""
-    ray = _import_ray()
+    ray = require_ray()
     if ray.is_initialized():
         return False
     kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -79,7 +79,7 @@ def submit(
     on_progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run a submission on the connected Ray cluster; return its final status (see ``submission.status``)."""
-    ray = _import_ray()
+    ray = require_ray()
     remote = ray.remote(_task)
     refs: dict[str, object] = {}
     for step in sub.steps:  # plan order: every step after those it depends on
@@ -133,6 +133,6 @@ def submit(
 
 
 def disconnect() -> None:
-    ray = _import_ray()
+    ray = require_ray()
     if ray.is_initialized():
         ray.shutdown()

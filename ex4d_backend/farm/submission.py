@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ..errors import NOT_FOUND, Ex4dError
 from ..jobfile import LoadedJob, load_job
+from ..service.locks import pid_alive
 from .plan import Step, plan_jobs, write_step_files
 from .runner import read_json, write_json
 
@@ -103,6 +105,13 @@ def status(sub_dir: Path) -> dict:
     steps = []
     for s in record.get("steps", []):
         st = read_json(sub_dir / "status" / f"{s['id']}.json") or {"state": "queued"}
+        if (
+            st.get("state") == "running"
+            and st.get("pid")
+            and st.get("host") == socket.gethostname()
+            and not pid_alive(st["pid"])
+        ):
+            st = {**st, "state": "lost", "message": "its worker is gone (the engine may retry it)"}
         steps.append({**s, **{k: v for k, v in st.items() if k != "step"}})
     states = [s.get("state") for s in steps]
     if any(x == "failed" for x in states):
@@ -111,7 +120,7 @@ def status(sub_dir: Path) -> dict:
         overall = "done"
     elif any(x == "cancelled" for x in states) or (sub_dir / "cancel").exists():
         overall = "cancelled" if all(x in FINISHED for x in states) else "cancelling"
-    elif any(x == "running" for x in states):
+    elif any(x in ("running", "lost") for x in states):  # lost: the engine may still retry it
         overall = "running"
     else:
         overall = "queued"
