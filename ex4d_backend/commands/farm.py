@@ -3,7 +3,7 @@
     ex4d farm submit JOB.json... --engine ray [--address ADDR] [--store DIR] [--output DIR]
     ex4d farm status [ID] [--store DIR] [--json]
     ex4d farm cancel [ID] [--store DIR]
-    ex4d farm export --engine openjd JOB.json... DIR [--store DIR]
+    ex4d farm export --engine openjd|flamenco JOB.json... DIR [--store DIR]
     ex4d farm collect JOB.json PROJECT_DIR [--shot NAME]
 
 See docs/farm.md.
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     e = fs.add_parser("export", help="write an engine's job description (OpenJD template) for job files")
     e.add_argument("paths", nargs="+", metavar="JOB.json... DIR")
-    e.add_argument("--engine", choices=["openjd"], default="openjd")
+    e.add_argument("--engine", choices=["openjd", "flamenco"], default="openjd")
     e.add_argument("--ex4d", default="ex4d", help="the ex4d command on the workers (default: ex4d)")
     e.add_argument("--name", default="EX-4D", help="job name in the template")
     _common(e)
@@ -141,7 +141,7 @@ def cancel(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    from ..farm import openjd
+    from ..farm import flamenco, openjd
     from ..farm.plan import plan_jobs
     from ..jobfile import load_job
 
@@ -153,6 +153,10 @@ def export(args: argparse.Namespace) -> int:
     roots = {}
     for job, step in zip(jobs, [s for s in steps if s.final], strict=True):
         roots[step.shot] = job.root
+    if args.engine == "flamenco":
+        path = flamenco.export(steps, roots, out_dir, _store(args), name=args.name, ex4d=args.ex4d)
+        print(json.dumps({"submission": str(path), "steps": [s.id for s in steps]}, indent=1))
+        return 0
     path = openjd.export(steps, roots, out_dir, _store(args), name=args.name, ex4d=args.ex4d)
     print(json.dumps({"template": str(path), "steps": [openjd.step_name(s) for s in steps]}, indent=1))
     return 0
