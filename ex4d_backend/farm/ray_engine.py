@@ -108,8 +108,10 @@ def submit(
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL)
         if not cancelled and sub.cancel_flag.exists():
             cancelled = True
-            for ref in pending:
-                ray.cancel(ref, force=False)  # running tasks stop their ex4d run themselves
+            ids = {ref: step_id for step_id, ref in refs.items()}
+            for ref in pending:  # running tasks stop their ex4d run themselves (they see the flag)
+                if (read_json(sub.status_file(ids[ref])) or {}).get("state") != "running":
+                    ray.cancel(ref, force=False)
         if on_progress:
             for step in sub.steps:
                 st = read_json(sub.status_file(step.id)) or {}

@@ -132,6 +132,21 @@ def run_step(spec: dict) -> dict:
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
+    try:
+        return _wait(spec, child, status, status_path, cancel_flag, reader, tail, lock)
+    except (StepFailed, WorkerLost):
+        raise
+    except BaseException:  # the engine interrupted this task (ray.cancel, shutdown): never leave the child
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        with lock:
+            status.update(state="cancelled", message="interrupted by the engine", updated=time.time())
+            write_json(status_path, status)
+        raise
+
+
+def _wait(spec, child, status, status_path, cancel_flag, reader, tail, lock) -> dict:
     cancelled = False
     while child.poll() is None:
         if not cancelled and cancel_flag.exists():
