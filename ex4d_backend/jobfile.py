@@ -43,7 +43,8 @@ from .errors import NOT_FOUND, Ex4dError
 
 JOB_FILE_VERSION = 1
 FILE_FIELDS = ("ex4d_job", "project_root", "backend_version")  # job-file fields beside type/params
-INPUT_FIELDS = (("footage",), ("depth", "path"), ("camera", "file"))  # params holding input paths
+# Params holding input paths (source_camera, depth_scale: a moving source, issue 15).
+INPUT_FIELDS = (("footage",), ("depth", "path"), ("camera", "file"), ("source_camera", "file"), ("depth_scale", "file"))
 
 
 @dataclass(frozen=True)
@@ -288,7 +289,13 @@ def write_job(path: str | os.PathLike, type_: str, params: dict, root: str | os.
 # ----------------------------------------------------------------------------------------------
 # Collect
 # ----------------------------------------------------------------------------------------------
-COLLECT_FOLDERS = {("footage",): "footage", ("depth", "path"): "depth", ("camera", "file"): "camera"}
+COLLECT_FOLDERS = {
+    ("footage",): "footage",
+    ("depth", "path"): "depth",
+    ("camera", "file"): "camera",
+    ("source_camera", "file"): "source_camera",
+    ("depth_scale", "file"): "depth_scale",
+}
 
 
 def shot_name(text: str) -> str:
