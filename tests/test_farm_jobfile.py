@@ -90,6 +90,7 @@ def test_written_job_carries_every_setting_at_the_backend_defaults(tmp_path, cap
     assert doc["ex4d_job"] == jobfile.JOB_FILE_VERSION and doc["project_root"] == ".."
     expected = set(protocol.PARAMS["generate"]["properties"]) - {"force", "lens", "sensor_width"}
     expected -= {"sensor_height", "sensor_fit"}  # only with a lens
+    expected -= {"source_camera", "depth_scale"}  # optional inputs of a moving source: no default
     assert set(doc["params"]) == expected
     assert doc["params"]["footage"] == "shots/s1/clip"  # relative to the project root
     full = ff.run_job_inproc(capfd, full_path, tmp_path / "store")
