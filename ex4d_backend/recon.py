@@ -25,25 +25,6 @@ from .pipeline.source import source_setup
 Progress = Callable[[str, int, int, str], None]
 
 
-def resolve_camera(
-    camera: str | os.PathLike | CameraPath,
-    n_frames: int,
-    k: np.ndarray,
-    depth0: np.ndarray,
-    width: int,
-    height: int,
-    source: CameraPath | None = None,
-    fps: float = 30.0,
-    depth_scale: float = 1.0,
-) -> CameraPath:
-    """A checked CameraPath from a preset name (relative to ``source``), lock_off[:F], stabilize[:S], a camera
-    file (.json/.npz) or a CameraPath (``pipeline.camera``)."""
-    return pipeline_camera.resolve_camera(
-        pipeline_camera.spec_from_arg(camera), n_frames, k, depth0, width, height, where="--cam",
-        source=source, fps=fps, depth_scale=depth_scale,
-    )  # fmt: skip
-
-
 def run_recon(
     frames: np.ndarray,
     depth: np.ndarray,
