@@ -153,7 +153,7 @@ def export_guide(
         clip, depth, k, mesh = mesh_of
         mesh0 = build_dwmesh(
             np.array(depth.depth[:1]),
-            k,
+            k if np.ndim(k) == 2 else k[:1],  # per-frame K (a zooming source camera): frame 0's
             np.array(clip.frames[:1]),
             mesh_filter=mesh.mesh_filter,
             border_depth=mesh.border_depth,
