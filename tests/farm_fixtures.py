@@ -93,8 +93,7 @@ def result_files(result: dict) -> dict[str, bytes]:
         guide = Path(result["guide_dir"])
     else:
         guide = Path(result["color_dir"]).parent
-    for name in ("color", "mask"):
+    for name in ("color", "mask"):  # the PNG frames: the exact guide (the stage stores no .npy copies)
         out.update({f"{name}/{k}": v for k, v in tree_bytes(guide / name).items()})
-    for name in ("color.npy", "mask.npy", "camera.npz"):
-        out[name] = (guide / name).read_bytes()
+    out["camera.npz"] = (guide / "camera.npz").read_bytes()
     return out
