@@ -1,9 +1,8 @@
 """Thin data layer: numpy arrays in and out of Blender data (no operators, no UI, no backend).
 
 Conventions:
-- DW-mesh vertices are in the backend's **OpenCV world** (x right, y down, z forward, depth units);
-  the object gets ``matrix_world = CV_TO_BLENDER`` (X = x, Y = z, Z = -y), so the source camera
-  "EX4D Source" sits at the Blender origin looking along +Y with Z up.
+- DW-mesh vertices are the backend's coordinates as they come (the object gets the backend's
+  ``cv_to_blender`` as its ``matrix_world``; the add-on holds no camera convention of its own).
 - Vertex ``i = row * W + col`` of the pixel grid; its UV is the centre of that footage pixel:
   ``u = (col + 0.5) / W``, ``v = 1 - (row + 0.5) / H`` (Blender's UV origin is bottom-left).
 - Cameras are Blender ``matrix_world`` (camera looks down its local -Z, +Y up) and ``lens`` in mm.
@@ -14,7 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
 import bpy
@@ -23,9 +22,6 @@ from mathutils import Matrix
 
 from . import compat
 
-CV_TO_BLENDER = np.array(
-    [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=np.float64
-)
 OCCLUSION_ATTRIBUTE = "ex4d_occluded"  # BOOLEAN face attribute: True = occlusion ("invalid") face
 MASK_ATTRIBUTE = "ex4d_mask"  # FLOAT_COLOR point attribute: 1 = seen, 0 = vertex of an occlusion face
 MASK_THRESHOLD = 125.0 / 255.0  # the guide's mask: interpolated vertex alpha > 125 (of 255)
@@ -66,28 +62,48 @@ def grid_uvs(width: int, height: int) -> np.ndarray:
     return np.stack([u, v], axis=1).astype(np.float32)
 
 
+def run_to_end(gen: Generator):
+    """Run a slice generator (the job runner's ``prepare`` / ``finish`` steps) at once; its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
 def mesh_from_arrays(
     name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None
 ) -> bpy.types.Mesh:
     """A triangle mesh from (N, 3) vertices and (F, 3) vertex indices, optionally per-vertex UVs (N, 2)."""
+    return run_to_end(mesh_from_arrays_sliced(name, vertices, faces, uvs))
+
+
+def mesh_from_arrays_sliced(
+    name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None
+) -> Generator[None, None, bpy.types.Mesh]:
+    """:func:`mesh_from_arrays` with a ``yield`` between its expensive steps (the job runner's slices)."""
     vertices = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
     faces = np.ascontiguousarray(faces, dtype=np.int32).reshape(-1, 3)
     n_faces = len(faces)
     mesh = bpy.data.meshes.new(name)
     mesh.vertices.add(len(vertices))
     mesh.vertices.foreach_set("co", vertices.ravel())
+    yield
     mesh.loops.add(n_faces * 3)
     mesh.loops.foreach_set("vertex_index", faces.ravel())
+    yield
     mesh.polygons.add(n_faces)
     mesh.polygons.foreach_set("loop_start", np.arange(0, n_faces * 3, 3, dtype=np.int32))
     try:  # read-only (derived from loop_start) in newer Blenders
         mesh.polygons.foreach_set("loop_total", np.full(n_faces, 3, dtype=np.int32))
     except (AttributeError, TypeError, RuntimeError):
         pass
+    yield
     if uvs is not None:
         layer = mesh.uv_layers.new(name="UVMap")
         corner_uv = np.ascontiguousarray(uvs, dtype=np.float32)[faces.ravel()]
         layer.data.foreach_set("uv", corner_uv.ravel())
+        yield
     mesh.update()
     return mesh
 
@@ -284,81 +300,3 @@ def _fill_fcurve(fc, frames: np.ndarray, values: np.ndarray) -> None:
     points.foreach_set("handle_right", co)
     points.foreach_set("interpolation", np.full(len(frames), 1, dtype=np.int32))  # 1 = LINEAR
     fc.update()
-
-
-def sample_camera(scene: bpy.types.Scene, cam_obj: bpy.types.Object, frames: Sequence[int]) -> dict:
-    """Raw Blender camera data per frame, evaluated with constraints, parents and drivers.
-
-    Returns the protocol's ``{"blender": {...}}`` payload: ``matrix_world`` (N x 4x4), ``lens`` (N, mm),
-    sensor width/height (mm), sensor_fit, shift_x/shift_y (fraction of the larger side, as Blender),
-    resolution [W, H] (pixels, render size)."""
-    current = scene.frame_current
-    mats, lens = [], []
-    shift_x = shift_y = None
-    try:
-        for f in frames:
-            scene.frame_set(int(f))
-            dg = bpy.context.evaluated_depsgraph_get()
-            ob = cam_obj.evaluated_get(dg)
-            mats.append([list(row) for row in ob.matrix_world])
-            lens.append(float(ob.data.lens))
-            if shift_x is None:
-                shift_x, shift_y = float(ob.data.shift_x), float(ob.data.shift_y)
-    finally:
-        scene.frame_set(current)
-    cam = cam_obj.data
-    r = scene.render
-    return {
-        "matrix_world": mats,
-        "lens": lens,
-        "sensor_width": float(cam.sensor_width),
-        "sensor_height": float(cam.sensor_height),
-        "sensor_fit": cam.sensor_fit,
-        "shift_x": shift_x or 0.0,
-        "shift_y": shift_y or 0.0,
-        "resolution": [
-            int(r.resolution_x * r.resolution_percentage / 100),
-            int(r.resolution_y * r.resolution_percentage / 100),
-        ],
-    }
-
-
-# -- sequencer -----------------------------------------------------------------------------------
-def free_channel(scene: bpy.types.Scene, start: int, end: int) -> int:
-    """The lowest VSE channel with no strip overlapping frames [start, end)."""
-    used: set[int] = set()
-    for s in compat.vse_strips_all(scene):
-        if s.frame_final_start < end and s.frame_final_end > start:
-            used.add(s.channel)
-    ch = 1
-    while ch in used:
-        ch += 1
-    return ch
-
-
-def add_image_strip(
-    scene: bpy.types.Scene,
-    name: str,
-    files: Sequence[str | os.PathLike],
-    frame_start: int,
-    settings: dict | None = None,
-):
-    """An image-sequence strip of ``files`` (same folder) at ``frame_start`` on a free channel.
-
-    ``settings`` are stored on the strip as custom properties ``ex4d_<key>`` (strings or numbers)."""
-    files = [Path(f) for f in files]
-    if not files:
-        raise ValueError("no frames to add")
-    channel = free_channel(scene, frame_start, frame_start + len(files))
-    strips = compat.vse_strips(scene)
-    strip = strips.new_image(name=name, filepath=str(files[0]), channel=channel, frame_start=int(frame_start))
-    for f in files[1:]:
-        strip.elements.append(f.name)
-    for key, value in (settings or {}).items():
-        if isinstance(value, (str, int, float, bool)):
-            strip[f"ex4d_{key}"] = value
-        else:
-            import json
-
-            strip[f"ex4d_{key}"] = json.dumps(value)
-    return strip
