@@ -75,7 +75,11 @@ def _faces(obj: bpy.types.Object) -> np.ndarray | None:
         if len(mesh.polygons) == 0 or mesh.polygons[0].loop_total != 3:
             return None
         arr = np.empty(len(mesh.loops), dtype=np.int32)
-        mesh.loops.foreach_get("vertex_index", arr)
+        corner_vert = mesh.attributes.get(".corner_vert")
+        if corner_vert is not None:  # the attribute API: a memory copy
+            corner_vert.data.foreach_get("value", arr)
+        else:
+            mesh.loops.foreach_get("vertex_index", arr)
         arr = arr.reshape(-1, 3)
         if len(arr) != len(mesh.polygons):
             return None
@@ -228,6 +232,7 @@ def build_dwmesh_object(
     obj["ex4d_job"] = result.get("job", "")
     obj["ex4d_occlusion_frame"] = -1
     obj["ex4d_extent"] = float(np.abs(pos0).max()) if len(pos0) else 0.0  # the cameras' clip_end covers it
+    _CACHE[f"faces:{obj.name_full}:{len(faces)}"] = np.ascontiguousarray(faces, dtype=np.int32)
     yield
     apply_occlusion(obj, scene.frame_current)
     s.dwmesh = obj

@@ -36,37 +36,25 @@ PRESET_ITEMS = [
 
 
 # ---- footage ------------------------------------------------------------------------------------------
-def footage_info(path: Path) -> dict:
-    """Size, fps and frame count of a movie or image sequence, read by Blender itself (no torch).
-
-    An image sequence's size is read from its first file as a still image, before the sequence is made:
-    a sequence numbered from 1, 100 or 1001 has no frame 0 and would read as 0 x 0 (then 4 x 4) pixels."""
+def footage_source(path: Path) -> tuple[Path, str]:
+    """(the footage path to use, its kind "MOVIE" | "SEQUENCE"): one file of an image sequence stands for
+    its folder. Checks only that it exists (the backend reads it: size, rate, frame count)."""
     if path.is_file() and path.suffix.lower() not in MOVIE_EXTS:
-        path = path.parent  # one file of an image sequence: the sequence is its folder
+        path = path.parent
     if path.is_dir():
-        files = data.sorted_images(path)
-        if not files:
+        if not data.sorted_images(path):
             raise ValueError(f"no images (.png, .jpg, .exr, .tif) in {path}")
-        still = bpy.data.images.load(str(files[0]), check_existing=False)
-        try:
-            w, h = int(still.size[0]), int(still.size[1])
-        finally:
-            bpy.data.images.remove(still)
-        if w <= 0 or h <= 0:
-            raise ValueError(f"Blender cannot read {files[0]}")
-        image = data.load_footage_image(str(path))
-        return {"kind": "SEQUENCE", "path": path, "width": w, "height": h, "fps": SEQUENCE_FPS,
-                "frames": len(files), "image": image, "clip": None}  # fmt: skip
+        return path, "SEQUENCE"
     if not path.is_file():
         raise FileNotFoundError(f"footage not found: {path}")
-    clip = bpy.data.movieclips.load(str(path), check_existing=True)
-    w, h = int(clip.size[0]), int(clip.size[1])
-    if w <= 0 or h <= 0 or clip.frame_duration <= 0:
-        raise ValueError(f"Blender cannot read this movie: {path}")
-    fps = float(clip.fps) if clip.fps > 0 else SEQUENCE_FPS
-    image = data.load_footage_image(str(path))
-    return {"kind": "MOVIE", "path": path, "width": w, "height": h, "fps": fps,
-            "frames": int(clip.frame_duration), "image": image, "clip": clip}  # fmt: skip
+    return path, "MOVIE"
+
+
+def footage_background(path: Path, kind: str) -> dict:
+    """The footage as Blender data for the source camera's background (loaded lazily by Blender)."""
+    if kind == "SEQUENCE":
+        return {"image": data.load_footage_image(str(path)), "clip": None}
+    return {"image": None, "clip": bpy.data.movieclips.load(str(path), check_existing=True)}
 
 
 def _set_fps(scene: bpy.types.Scene, fps: float) -> None:
@@ -123,47 +111,49 @@ def _sensor_params(scene) -> dict:
 
 
 def import_job(context, raw: str, focal_px: float | None = None) -> runner.Job:
-    """The (not yet started) import of footage ``raw`` (a movie, a sequence folder or one of its files):
-    the scene is set at once; the source camera comes from the backend's ``probe_footage``. ``focal_px``
-    None keeps the scene's Focal (px)."""
+    """The (not yet started) import of footage ``raw`` (a movie, a sequence folder or one of its files).
+
+    The backend's ``probe_footage`` reads its size, rate and frame count (a sequence numbered from 1001
+    included) and gives the source camera; the scene is set when it answers. ``focal_px`` None keeps the
+    scene's Focal (px)."""
     scene = context.scene
     if not raw:
         raise BackendError("bad_input", "no footage given", hint="choose a video file or an image-sequence folder")
-    path = Path(bpy.path.abspath(raw))
     try:
-        info = footage_info(path)
-    except (OSError, ValueError, RuntimeError) as exc:
+        path, kind = footage_source(Path(bpy.path.abspath(raw)))
+    except (OSError, ValueError) as exc:
         raise BackendError("bad_input", f"cannot import the footage: {exc}") from None
     s = scene.ex4d
     if focal_px is not None:
         s.focal_px = focal_px  # else the artist's Focal in the panel stays
-    n = info["frames"] if not s.max_frames else min(info["frames"], s.max_frames)
-    r = scene.render
-    r.resolution_x, r.resolution_y, r.resolution_percentage = info["width"], info["height"], 100
-    r.pixel_aspect_x = r.pixel_aspect_y = 1.0
-    _set_fps(scene, info["fps"])
-    start = scene.frame_start
-    scene.frame_end = start + n - 1
-    scene.frame_current = start
-    s.footage_path = rel(info["path"])
-    s.n_frames = n
-    s.processing_width = s.processing_height = 0  # until the backend answers
-    params = {"footage": str(info["path"]), "max_side": int(s.max_side), "focal_px": float(s.focal_px)}
+    params = {"footage": str(path), "max_side": int(s.max_side), "focal_px": float(s.focal_px)}
     params.update(_sensor_params(scene))
 
     def finish(job: runner.Job, result: dict) -> str:
+        n = int(result["frame_count"]) if not s.max_frames else min(int(result["frame_count"]), s.max_frames)
+        fps = float(result.get("fps") or SEQUENCE_FPS)
+        r = scene.render
+        r.resolution_x, r.resolution_y, r.resolution_percentage = int(result["width"]), int(result["height"]), 100
+        r.pixel_aspect_x = r.pixel_aspect_y = 1.0
+        _set_fps(scene, fps)
+        start = scene.frame_start
+        scene.frame_end = start + n - 1
+        scene.frame_current = start
+        s.footage_path = rel(path)
+        s.n_frames = n
         s.processing_width, s.processing_height = int(result["processing_width"]), int(result["processing_height"])
         cam = apply_source_camera(scene, result)
         s.built_focal_px, s.mesh_stale = float(params["focal_px"]), False
-        _show_background(cam, info, start)
+        yield
+        _show_background(cam, {**footage_background(path, kind), "frames": n}, start)
         if scene.camera is None:
             scene.camera = cam
         return (
-            f"EX-4D: {info['width']}x{info['height']}, {n} frames at {info['fps']:g} fps "
+            f"EX-4D: {r.resolution_x}x{r.resolution_y}, {n} frames at {fps:g} fps "
             f"(processing {s.processing_width}x{s.processing_height})"
         )
 
-    return runner.Job(context, "probe_footage", params, [str(info["path"])], finish, label="Import")
+    return runner.Job(context, "probe_footage", params, [str(path)], finish, label="Import")
 
 
 class EX4D_OT_import_footage(runner.JobOperator, bpy.types.Operator):

@@ -218,8 +218,7 @@ class Job:
                 self.cancel()
             elif deadline is not None and now > deadline + grace:
                 self.cancel()  # the second cancel stops the backend
-            if self.state == "running":
-                time.sleep(0.01)
+            time.sleep(0.01 if self.state == "running" else 0.001)  # a worker thread may need the GIL
 
     # -- phases ------------------------------------------------------------------------------
     def _prepare_slice(self) -> None:

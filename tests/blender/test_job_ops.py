@@ -280,8 +280,12 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
         strips.new_effect(name="blocker", type="COLOR", channel=1, frame_start=5, frame_end=30)
     seen: list[tuple] = []
     labels: list[str] = []
-    addon_module("runner").event_hooks.append(lambda job, e: seen.append((dict(e), sc.ex4d.job_progress, sc.ex4d.job_running)))
-    addon_module("runner").event_hooks.append(lambda job, e: labels.append(sc.ex4d.job_stage) if e["event"] == "progress" else None)
+    addon_module("runner").event_hooks.append(
+        lambda job, e: seen.append((dict(e), sc.ex4d.job_progress, sc.ex4d.job_running))
+    )
+    addon_module("runner").event_hooks.append(
+        lambda job, e: labels.append(sc.ex4d.job_stage) if e["event"] == "progress" else None
+    )
     assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}
     events = [e for e, _, _ in seen]
     stages = _check_order(events)
@@ -540,7 +544,9 @@ def test_bench_render_guide_512(scene, ops, job_store, tmp_blend_dir):
     cam = setup_shot(sc, clip, parented=False)
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "bench.blend"))
     stamps: list[tuple[str, float]] = []
-    addon_module("runner").event_hooks.append(lambda job, e: stamps.append((e.get("stage", e["event"]), time.monotonic())))
+    addon_module("runner").event_hooks.append(
+        lambda job, e: stamps.append((e.get("stage", e["event"]), time.monotonic()))
+    )
 
     def run() -> str:
         stamps.clear()
