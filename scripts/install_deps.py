@@ -76,10 +76,11 @@ BPY_VENVS = (
 )
 BPY_PYTHON = "3.11"
 # Type-check environments for --dev (tests/test_addon_typecheck.py): mypy against the fake-bpy-module of
-# each supported Blender, one small venv each (the stub packages all provide `bpy`).
+# each supported Blender, one small venv each (the stub packages all provide `bpy`; their PEP 695 syntax
+# needs Python 3.12+ to parse; 5.2's Python is 3.13).
 TYPECHECK_VENVS = tuple(
-    (f".venv-fakebpy{v}", (f"fake-bpy-module-{v.replace('.', '-')}==20260730", "mypy==1.20.2", "numpy<2.3"))
-    for v in ("4.2", "4.5", "5.0", "5.2")
+    (f".venv-fakebpy{v}", py, (f"fake-bpy-module-{v.replace('.', '-')}==20260730", "mypy==1.20.2", "numpy<2.3"))
+    for v, py in (("4.2", "3.12"), ("4.5", "3.12"), ("5.0", "3.12"), ("5.2", "3.13"))
 )
 
 # pip lines worth showing live; everything goes to the log.
@@ -632,8 +633,14 @@ def setup_bpy_venvs(args: argparse.Namespace, runner: Runner) -> list[str]:
         _setup_venv(args, runner, name, python, reqs)
         runner.run([str(venv_python(Path(args.bpy_dir).expanduser().resolve() / name)), "-c", "import bpy"],
                    f"bpy does not import in {name}", "re-run with --recreate")  # fmt: skip
-    for name, reqs in TYPECHECK_VENVS:
-        _setup_venv(args, runner, name, sys.executable, reqs)
+    for name, version, reqs in TYPECHECK_VENVS:
+        python = find_python(version) or (find_python("3.13") if version == "3.12" else None)
+        if python is None:
+            msg = f"warning: Python {version} not found: skipping {name}; its type check will be skipped"
+            runner.say(msg)
+            warnings.append(msg)
+            continue
+        _setup_venv(args, runner, name, python, reqs)
     return warnings
 
 
@@ -712,10 +719,10 @@ def download_wheelhouse(args: argparse.Namespace, runner: Runner, build: str) ->
                 "downloading bpy failed",
                 "check the connection",
             )
-        for _, reqs in TYPECHECK_VENVS:
+        for _, version, reqs in TYPECHECK_VENVS:
             runner.pip(
                 Path(py),
-                ["download", "-d", str(house), *reqs],
+                ["download", "-d", str(house), "--python-version", version, "--only-binary=:all:", *reqs],
                 "downloading the type checker failed",
                 "check the connection",
             )

@@ -78,80 +78,116 @@ def mesh_from_arrays(
     return run_to_end(mesh_from_arrays_sliced(name, vertices, faces, uvs))
 
 
+TOPOLOGY_SCRIPT = """
+import sys, numpy as np
+faces = np.ascontiguousarray(np.load(sys.argv[1]), dtype=np.int32).reshape(-1, 3)
+w, h, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+pairs = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2).astype(np.int64)
+key = np.minimum(pairs[:, 0], pairs[:, 1]) * (1 << 32) + np.maximum(pairs[:, 0], pairs[:, 1])
+uniq, corner_edge = np.unique(key, return_inverse=True)
+edges = np.stack([uniq >> 32, uniq & 0xFFFFFFFF], 1).astype(np.int32)
+cols, rows = np.meshgrid(np.arange(w), np.arange(h))
+uv = np.stack([(cols.ravel() + 0.5) / w, 1.0 - (rows.ravel() + 0.5) / h], 1).astype(np.float32)
+np.save(out + ".edges.npy", edges)
+np.save(out + ".corner_edge.npy", corner_edge.astype(np.int32))
+np.save(out + ".corner_uv.npy", np.ascontiguousarray(uv[faces.ravel()]))
+np.save(out + ".faces.npy", faces)
+"""
+TOPOLOGY_PARTS = ("faces", "edges", "corner_edge", "corner_uv")
+
+
+def topology_arrays(
+    faces_npy: str, width: int, height: int, cache_dir: Path, python: str
+) -> Generator[None, None, dict]:
+    """The pixel-grid mesh's topology arrays (faces, unique edges, each corner's edge, corner UVs at pixel
+    centres), computed once per topology in a separate ``python`` process (numpy there: the main thread
+    only polls it) and cached in ``cache_dir`` (keyed by the faces file's content). Memory-mapped."""
+    import hashlib
+    import subprocess
+
+    digest = hashlib.sha1()
+    with open(faces_npy, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    stem = cache_dir / f"topology_{width}x{height}_{digest.hexdigest()[:16]}"
+    files = {k: Path(f"{stem}.{k}.npy") for k in TOPOLOGY_PARTS}
+    if not all(f.is_file() for f in files.values()):
+        tmp = Path(f"{stem}.{os.getpid()}.part")
+        proc = subprocess.Popen(
+            [python, "-c", TOPOLOGY_SCRIPT, str(faces_npy), str(width), str(height), str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        while proc.poll() is None:
+            yield
+        if proc.returncode != 0:
+            err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:] if proc.stderr else []
+            raise RuntimeError(f"computing the mesh topology failed: {' '.join(err)}")
+        for k, f in files.items():
+            os.replace(f"{tmp}.{k}.npy", f)
+    return {k: np.load(f, mmap_mode="r") for k, f in files.items()}
+
+
 def mesh_arrays(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None) -> dict:
-    """The arrays a triangle mesh is made of (numpy only, no bpy: safe in a worker thread): positions,
-    corner vertices, unique edges and each corner's edge, face starts, corner UVs."""
-    vertices = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+    """The arrays a triangle mesh is made of (numpy only, no bpy): positions, corner vertices, unique
+    edges and each corner's edge, corner UVs."""
     faces = np.ascontiguousarray(faces, dtype=np.int32).reshape(-1, 3)
     pairs = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2).astype(np.int64)
     key = np.minimum(pairs[:, 0], pairs[:, 1]) * (1 << 32) + np.maximum(pairs[:, 0], pairs[:, 1])
     uniq, corner_edge = np.unique(key, return_inverse=True)
-    edges = np.stack([uniq >> 32, uniq & 0xFFFFFFFF], 1).astype(np.int32)
-    out = {"vertices": vertices, "faces": faces, "edges": edges, "corner_edge": corner_edge.astype(np.int32),
-           "loop_start": np.arange(0, len(faces) * 3, 3, dtype=np.int32)}  # fmt: skip
+    out = {"faces": faces, "edges": np.stack([uniq >> 32, uniq & 0xFFFFFFFF], 1).astype(np.int32),
+           "corner_edge": corner_edge.astype(np.int32)}  # fmt: skip
     if uvs is not None:
         out["corner_uv"] = np.ascontiguousarray(np.asarray(uvs, dtype=np.float32)[faces.ravel()])
     return out
 
 
 def mesh_from_arrays_sliced(
-    name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None
+    name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None, topology: dict | None = None
 ) -> Generator[None, None, bpy.types.Mesh]:
-    """:func:`mesh_from_arrays` in slices for the job runner: the arrays are computed in a worker thread
-    (numpy releases the GIL; the main thread only yields meanwhile), then written through the attribute
-    API (``position``, ``.edge_verts``, ``.corner_vert``, ``.corner_edge``: a memory copy each, where the
-    classic ``vertices.foreach_set("co")`` and ``mesh.update(calc_edges=True)`` take seconds at 1024 x 576)."""
-    import threading
-
-    box: dict = {}
-
-    def work() -> None:
-        try:
-            box["arrays"] = mesh_arrays(vertices, faces, uvs)
-        except Exception as exc:  # noqa: BLE001 - re-raised on the main thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=work, daemon=True, name="ex4d-mesh-arrays")
-    worker.start()
-    while worker.is_alive():
-        yield
-    if "error" in box:
-        raise box["error"]
-    arr = box["arrays"]
+    """:func:`mesh_from_arrays` in slices for the job runner, written through the attribute API
+    (``position``, ``.edge_verts``, ``.corner_vert``, ``.corner_edge``, the UV map: a memory copy each, where
+    the classic ``vertices.foreach_set("co")`` and ``mesh.update(calc_edges=True)`` take seconds at
+    1024 x 576). ``topology``: precomputed arrays (:func:`topology_arrays`), else computed here."""
+    arr = dict(topology) if topology is not None else mesh_arrays(vertices, faces, uvs)
+    verts = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+    n_faces = len(arr["faces"])
     mesh = bpy.data.meshes.new(name)
-    mesh.vertices.add(len(arr["vertices"]))
+    mesh.vertices.add(len(verts))
     mesh.edges.add(len(arr["edges"]))
     attrs = mesh.attributes
     fast = all(n in attrs for n in ("position", ".edge_verts"))
     if fast:
-        attrs["position"].data.foreach_set("vector", arr["vertices"].ravel())
-        attrs[".edge_verts"].data.foreach_set("value", arr["edges"].ravel())
+        attrs["position"].data.foreach_set("vector", verts.ravel())
+        attrs[".edge_verts"].data.foreach_set("value", np.ascontiguousarray(arr["edges"]).ravel())
     else:
-        mesh.vertices.foreach_set("co", arr["vertices"].ravel())
-        mesh.edges.foreach_set("vertices", arr["edges"].ravel())
+        mesh.vertices.foreach_set("co", verts.ravel())
+        mesh.edges.foreach_set("vertices", np.ascontiguousarray(arr["edges"]).ravel())
     yield
-    mesh.loops.add(len(arr["faces"]) * 3)
+    mesh.loops.add(n_faces * 3)
+    corner_vert = np.ascontiguousarray(arr["faces"], dtype=np.int32).ravel()
+    corner_edge = np.ascontiguousarray(arr["corner_edge"], dtype=np.int32)
     if fast and ".corner_vert" in attrs and ".corner_edge" in attrs:
-        attrs[".corner_vert"].data.foreach_set("value", arr["faces"].ravel())
-        attrs[".corner_edge"].data.foreach_set("value", arr["corner_edge"])
+        attrs[".corner_vert"].data.foreach_set("value", corner_vert)
+        attrs[".corner_edge"].data.foreach_set("value", corner_edge)
     else:
-        mesh.loops.foreach_set("vertex_index", arr["faces"].ravel())
-        mesh.loops.foreach_set("edge_index", arr["corner_edge"])
+        mesh.loops.foreach_set("vertex_index", corner_vert)
+        mesh.loops.foreach_set("edge_index", corner_edge)
     yield
-    mesh.polygons.add(len(arr["faces"]))
-    mesh.polygons.foreach_set("loop_start", arr["loop_start"])
+    mesh.polygons.add(n_faces)
+    mesh.polygons.foreach_set("loop_start", np.arange(0, n_faces * 3, 3, dtype=np.int32))
     try:  # read-only (derived from loop_start) in newer Blenders
-        mesh.polygons.foreach_set("loop_total", np.full(len(arr["faces"]), 3, dtype=np.int32))
+        mesh.polygons.foreach_set("loop_total", np.full(n_faces, 3, dtype=np.int32))
     except (AttributeError, TypeError, RuntimeError):
         pass
     yield
     if "corner_uv" in arr:
         layer = mesh.uv_layers.new(name="UVMap")
+        uv = np.ascontiguousarray(arr["corner_uv"], dtype=np.float32).ravel()
         uv_attr = attrs.get(layer.name)
         if uv_attr is not None and uv_attr.data_type == "FLOAT2":
-            uv_attr.data.foreach_set("vector", arr["corner_uv"].ravel())
+            uv_attr.data.foreach_set("vector", uv)
         else:
-            layer.data.foreach_set("uv", arr["corner_uv"].ravel())
+            layer.data.foreach_set("uv", uv)
         yield
     mesh.update()  # the edges are given: nothing is recomputed
     return mesh

@@ -17,7 +17,7 @@ import numpy as np
 from bpy.app.handlers import persistent
 from mathutils import Matrix
 
-from . import data
+from . import data, props
 from .runner import add_handler, remove_handler
 
 DWMESH_NAME = "EX4D DW-Mesh"
@@ -189,7 +189,7 @@ def footage_material(image, frame_start: int, n_frames: int) -> bpy.types.Materi
 
 
 def build_dwmesh_object(
-    scene: bpy.types.Scene, result: dict, name: str = DWMESH_NAME
+    scene: bpy.types.Scene, result: dict, name: str = DWMESH_NAME, backend_python: str | None = None
 ) -> Generator[None, None, bpy.types.Object]:
     """The DW-mesh object from a ``build_dwmesh`` result (PROTOCOL.md), built in slices (one ``yield``
     between the expensive steps).
@@ -198,9 +198,15 @@ def build_dwmesh_object(
     backend's PC2; UVs at pixel centres; the ``ex4d_occluded`` face attribute (and material slot 1) follow
     the frame. The previous object of that name is replaced."""
     w, h = int(result["width"]), int(result["height"])
-    faces = np.load(result["faces_npy"], mmap_mode="r")
     pos0 = np.asarray(data.read_pc2(result["positions_pc2"])[0])
-    mesh = yield from data.mesh_from_arrays_sliced(name, pos0, faces, data.grid_uvs(w, h))
+    python = backend_python or ""
+    if python:  # the topology in the backend's Python (cached per size): nothing heavy on this thread
+        topo = yield from data.topology_arrays(result["faces_npy"], w, h, props.data_dir("topology"), python)
+        faces = topo["faces"]
+        mesh = yield from data.mesh_from_arrays_sliced(name, pos0, faces, topology=topo)
+    else:
+        faces = np.load(result["faces_npy"])
+        mesh = yield from data.mesh_from_arrays_sliced(name, pos0, faces, data.grid_uvs(w, h))
     old = bpy.data.objects.get(name)
     if old is not None:
         old_mesh = old.data

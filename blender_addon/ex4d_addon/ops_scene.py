@@ -198,7 +198,8 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
     scene = context.scene
 
     def finish(job: runner.Job, result: dict):
-        obj = yield from mesh_object.build_dwmesh_object(scene, result)
+        python = job.client.python if job.client is not None else None
+        obj = yield from mesh_object.build_dwmesh_object(scene, result, backend_python=python)
         s.processing_width, s.processing_height = int(result["width"]), int(result["height"])
         s.n_frames = int(result["n_frames"])
         if "source_camera" in result:

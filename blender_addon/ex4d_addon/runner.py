@@ -18,6 +18,7 @@ the status bar.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -93,6 +94,7 @@ class Job:
         self.started_at = self.finished_at = 0.0
         self.hello_seconds = 0.0
         self.max_call = 0.0  # the longest tick (seconds): the main-thread budget check
+        self.max_call_by_state: dict[str, float] = {}  # the same per phase (preparing, running, finishing)
         self.extra: dict[str, Any] = {}  # what operators keep on the job (camera name, output folder, ...)
         self._pending: list[dict] = []
         self._finishing: Generator | None = None
@@ -162,11 +164,15 @@ class Job:
 
     def tick(self) -> bool:
         """One slice of work (never blocks); True when the job has ended."""
-        t0 = time.perf_counter()
+        t0, state = time.perf_counter(), self.state
         try:
             self._tick()
         finally:
-            self.max_call = max(self.max_call, time.perf_counter() - t0)
+            dt = time.perf_counter() - t0
+            if dt > SLICE_BUDGET * 2 and os.environ.get("EX4D_SLICE_DEBUG"):
+                print(f"EX-4D slow tick {dt * 1000:.0f} ms in {state}: {_where(self)}")
+            self.max_call = max(self.max_call, dt)
+            self.max_call_by_state[state] = max(self.max_call_by_state.get(state, 0.0), dt)
         return self.done
 
     def _tick(self) -> None:
@@ -376,6 +382,16 @@ class Job:
         if self.hello_seconds:
             text += f" (backend start {self.hello_seconds:.1f} s)"
         return text
+
+
+def _where(job: Job) -> str:
+    """Where a job's slice generator stopped (the innermost ``yield from``), for EX4D_SLICE_DEBUG."""
+    gen = job._finishing if job.state == "finishing" else job.prepare
+    where = ""
+    while gen is not None and getattr(gen, "gi_frame", None) is not None:
+        where = f"{gen.gi_code.co_name}:{gen.gi_frame.f_lineno}"
+        gen = gen.gi_yieldfrom
+    return where or "-"
 
 
 def redraw() -> None:

@@ -45,6 +45,7 @@ def sample_camera(
                 lens.append(float(cam.lens))
                 shift_x.append(float(cam.shift_x))
                 shift_y.append(float(cam.shift_y))
+        yield  # restoring the frame updates the DW-mesh (a frame change): a slice of its own
     finally:
         scene.frame_set(current, subframe=sub)
     cam = cam_obj.data

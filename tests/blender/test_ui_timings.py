@@ -33,7 +33,8 @@ def _run(job, ctx, calls: dict, name: str) -> None:
         assert time.monotonic() < deadline, f"{name} did not finish"
         time.sleep(0.005)
     assert job.state == "done", job.report
-    calls[f"{name}: longest tick"] = job.max_call
+    for state, dt in job.max_call_by_state.items():
+        calls[f"{name}: longest {state} tick"] = dt
 
 
 @pytest.mark.slow
@@ -81,6 +82,8 @@ def test_every_main_thread_call_is_short(scene, ops, job_store, tmp_blend_dir, s
     print(f"\nmain-thread calls at {w}x{h}x{t} (ms): " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in calls.items()))
     slow = {k: round(v * 1000) for k, v in calls.items() if v > BUDGET}
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if slow and load > 1.5 * cores and all(v < 3 * BUDGET * 1000 for v in slow.values()):
+    share = max(1.0, load / cores)  # a CPU-bound call gets about 1/share of a core on a loaded machine
+    record_property(f"{size} load average per core", round(load / cores, 2))
+    if slow and load > 1.5 * cores and all(v < BUDGET * 1000 * share for v in slow.values()):
         pytest.skip(f"calls over {BUDGET * 1000:.0f} ms {slow} while the load average is {load:.1f} on {cores} cores")
-    assert not slow, f"main-thread calls over {BUDGET * 1000:.0f} ms: {slow}"
+    assert not slow, f"main-thread calls over {BUDGET * 1000:.0f} ms (load {load:.1f} on {cores} cores): {slow}"
