@@ -15,6 +15,7 @@ import os
 import struct
 from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 import bpy
 import numpy as np
@@ -62,7 +63,7 @@ def grid_uvs(width: int, height: int) -> np.ndarray:
     return np.stack([u, v], axis=1).astype(np.float32)
 
 
-def run_to_end(gen: Generator):
+def run_to_end(gen: Generator[Any, Any, Any]) -> Any:
     """Run a slice generator (the job runner's ``prepare`` / ``finish`` steps) at once; its return value."""
     while True:
         try:
@@ -154,7 +155,7 @@ def mesh_from_arrays_sliced(
     mesh = bpy.data.meshes.new(name)
     mesh.vertices.add(len(verts))
     mesh.edges.add(len(arr["edges"]))
-    attrs = mesh.attributes
+    attrs: Any = mesh.attributes  # the generic Attribute has .data in every version; the stubs narrow it
     fast = all(n in attrs for n in ("position", ".edge_verts"))
     if fast:
         attrs["position"].data.foreach_set("vector", verts.ravel())
@@ -195,7 +196,7 @@ def mesh_from_arrays_sliced(
 
 def set_face_bool(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
     """Create or overwrite a BOOLEAN face attribute from an (F,) array."""
-    attr = mesh.attributes.get(name)
+    attr: Any = mesh.attributes.get(name)
     if attr is None or attr.domain != "FACE" or attr.data_type != "BOOLEAN":
         if attr is not None:
             mesh.attributes.remove(attr)
@@ -207,7 +208,7 @@ def set_face_bool(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
 def set_point_gray(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
     """Create or overwrite a FLOAT_COLOR point attribute (v, v, v, 1) from an (N,) array; make it the
     active colour attribute (Workbench's "Attribute" colour shows it)."""
-    attr = mesh.attributes.get(name)
+    attr: Any = mesh.attributes.get(name)
     if attr is None or attr.domain != "POINT" or attr.data_type != "FLOAT_COLOR":
         if attr is not None:
             mesh.attributes.remove(attr)
@@ -221,7 +222,7 @@ def set_point_gray(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
 
 def get_face_bool(mesh: bpy.types.Mesh, name: str) -> np.ndarray:
     """A BOOLEAN face attribute as an (F,) bool array."""
-    attr = mesh.attributes[name]
+    attr: Any = mesh.attributes[name]
     out = np.zeros(len(attr.data), dtype=bool)
     attr.data.foreach_get("value", out)
     return out
@@ -241,7 +242,7 @@ def evaluated_positions(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -
 
 def add_mesh_cache(obj: bpy.types.Object, pc2_path: str, frame_start: int) -> bpy.types.Modifier:
     """A Mesh Cache modifier playing a PC2 cache so that cache sample 0 shows at ``frame_start``."""
-    mod = obj.modifiers.new("EX4D Mesh Cache", "MESH_CACHE")
+    mod: Any = obj.modifiers.new("EX4D Mesh Cache", "MESH_CACHE")
     mod.cache_format = "PC2"
     mod.filepath = str(pc2_path)
     mod.play_mode = "SCENE"

@@ -123,7 +123,7 @@ def dwmesh_objects() -> list:
 def missing_files(obj: bpy.types.Object) -> list[str]:
     """The DW-mesh's backend files that are gone (a cleaned job store)."""
     paths = [obj.get("ex4d_occlusion_npy", "")]
-    paths += [m.filepath for m in obj.modifiers if m.type == "MESH_CACHE"]
+    paths += [getattr(m, "filepath", "") for m in obj.modifiers if m.type == "MESH_CACHE"]
     return [p for p in paths if p and not os.path.exists(bpy.path.abspath(p))]
 
 
@@ -220,7 +220,7 @@ def build_dwmesh_object(
     start = scene.frame_start
     data.add_mesh_cache(obj, result["positions_pc2"], start)
     yield
-    s = scene.ex4d
+    s = props.settings(scene)
     image = None
     if s.footage_path:
         try:

@@ -287,10 +287,10 @@ class _CameraJobOperator(runner.JobOperator):
             return False
         s = context.scene.ex4d
         if not s.footage_path:
-            cls.poll_message_set("Import footage first")
+            runner.poll_message(cls, "Import footage first")
             return False
         if s.novel_camera is None:
-            cls.poll_message_set("Choose a Novel Camera (or add one with Add Camera Preset)")
+            runner.poll_message(cls, "Choose a Novel Camera (or add one with Add Camera Preset)")
             return False
         return True
 
@@ -367,7 +367,7 @@ class EX4D_OT_cancel_job(bpy.types.Operator):
     def poll(cls, context):
         job = runner.active_job()
         if job is None or job.done:
-            cls.poll_message_set("No EX-4D job is running")
+            runner.poll_message(cls, "No EX-4D job is running")
             return False
         return True
 

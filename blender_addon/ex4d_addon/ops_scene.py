@@ -16,7 +16,7 @@ from bpy.app.translations import pgettext_tip as tip_
 from bpy.props import EnumProperty, FloatProperty, StringProperty
 from mathutils import Matrix
 
-from . import backend, data, mesh_object, runner
+from . import backend, data, mesh_object, props, runner
 from .backend_client import BackendError
 from .outputs import rel
 
@@ -67,7 +67,8 @@ def _set_fps(scene: bpy.types.Scene, fps: float) -> None:
 def apply_source_camera(scene: bpy.types.Scene, cam_info: dict) -> bpy.types.Object:
     """The "EX4D Source" camera (created if missing, in the EX-4D collection) set to the backend's Blender
     camera data: ``matrix_world`` (4x4), ``lens``, ``sensor_width``/``sensor_height``/``sensor_fit``, shift."""
-    obj = scene.ex4d.source_camera or bpy.data.objects.get(SOURCE_CAMERA_NAME)
+    s = props.settings(scene)
+    obj = s.source_camera or bpy.data.objects.get(SOURCE_CAMERA_NAME)
     if obj is None or obj.type != "CAMERA":
         obj = bpy.data.objects.new(SOURCE_CAMERA_NAME, bpy.data.cameras.new(SOURCE_CAMERA_NAME))
     if not obj.users_collection:
@@ -80,7 +81,7 @@ def apply_source_camera(scene: bpy.types.Scene, cam_info: dict) -> bpy.types.Obj
         if key in cam_info:
             setattr(cam, key, cam_info[key])
     cam.clip_start = CLIP_START
-    scene.ex4d.source_camera = obj
+    s.source_camera = obj
     return obj
 
 
@@ -235,7 +236,7 @@ class EX4D_OT_build_dwmesh(runner.JobOperator, bpy.types.Operator):
         if not super().poll(context):
             return False
         if not context.scene.ex4d.footage_path:
-            cls.poll_message_set("Import footage first")
+            runner.poll_message(cls, "Import footage first")
             return False
         return True
 
@@ -253,13 +254,14 @@ def keyframe_preset_camera(scene: bpy.types.Scene, preset: str, result: dict) ->
     for key in ("sensor_fit", "sensor_width", "sensor_height", "shift_x", "shift_y"):
         if key in result:
             setattr(cam, key, result[key])
-    src = scene.ex4d.source_camera
+    s = props.settings(scene)
+    src = s.source_camera
     cam.clip_start = CLIP_START
     if src is not None and src.type == "CAMERA":
         cam.clip_end = src.data.clip_end
     data.keyframe_camera(obj, np.asarray(result["matrix_world"]), result["lens"], scene.frame_start)
     obj["ex4d_preset"] = preset
-    scene.ex4d.novel_camera = obj
+    s.novel_camera = obj
     return obj
 
 
@@ -272,7 +274,7 @@ def preset_job(context, preset: str) -> runner.Job:
 
     def finish(job: runner.Job, result: dict) -> str:
         keyframe_preset_camera(scene, preset, result)
-        return tip_("EX-4D: camera preset {}, {} frames").format(preset, result["n_frames"])
+        return str(tip_("EX-4D: camera preset {}, {} frames")).format(preset, result["n_frames"])
 
     return runner.Job(context, "camera_preset", params, paths, finish, label="Camera preset")
 
@@ -291,7 +293,7 @@ class EX4D_OT_add_camera_preset(runner.JobOperator, bpy.types.Operator):
         if not super().poll(context):
             return False
         if not context.scene.ex4d.footage_path:
-            cls.poll_message_set("Import footage first")
+            runner.poll_message(cls, "Import footage first")
             return False
         return True
 

@@ -44,7 +44,9 @@ class EX4D_PT_main(bpy.types.Panel):
         row.prop(s, "max_side")
         box.prop(s, "max_frames")
         if s.processing_width:
-            text = iface_("Processing {} x {}, {} frames").format(s.processing_width, s.processing_height, s.n_frames)
+            text = str(iface_("Processing {} x {}, {} frames")).format(
+                s.processing_width, s.processing_height, s.n_frames
+            )
             box.label(text=text, translate=False)
 
         box = layout.box()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
@@ -81,6 +82,11 @@ def data_dir(*parts: str, create: bool = True) -> Path:
         if create:
             base.mkdir(parents=True, exist_ok=True)
     return base
+
+
+def settings(scene) -> Any:
+    """``scene.ex4d`` (registered at run time, so the type stubs do not know it)."""
+    return scene.ex4d
 
 
 def prefs(context: bpy.types.Context | None = None) -> EX4D_AddonPreferences | None:
@@ -291,15 +297,17 @@ CLASSES = (EX4D_AddonPreferences, EX4D_SceneSettings, EX4D_JobSettings)
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
-    bpy.types.Scene.ex4d = PointerProperty(type=EX4D_SceneSettings)
-    bpy.types.Scene.ex4d_job = PointerProperty(type=EX4D_JobSettings)
+    scene_type: Any = bpy.types.Scene
+    scene_type.ex4d = PointerProperty(type=EX4D_SceneSettings)
+    scene_type.ex4d_job = PointerProperty(type=EX4D_JobSettings)
     pref = prefs()
     if pref is not None:  # what the preferences show (found once here, not in draw)
         _backend_python_changed(pref, None)
 
 
 def unregister() -> None:
-    del bpy.types.Scene.ex4d_job
-    del bpy.types.Scene.ex4d
+    scene_type: Any = bpy.types.Scene
+    del scene_type.ex4d_job
+    del scene_type.ex4d
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

@@ -386,7 +386,7 @@ class Job:
 
 def _where(job: Job) -> str:
     """Where a job's slice generator stopped (the innermost ``yield from``), for EX4D_SLICE_DEBUG."""
-    gen = job._finishing if job.state == "finishing" else job.prepare
+    gen: Any = job._finishing if job.state == "finishing" else job.prepare
     where = ""
     while gen is not None and getattr(gen, "gi_frame", None) is not None:
         where = f"{gen.gi_code.co_name}:{gen.gi_frame.f_lineno}"
@@ -409,6 +409,11 @@ def time_left(t0: float, budget: float = SLICE_BUDGET) -> bool:
     return time.perf_counter() - t0 < budget
 
 
+def poll_message(cls: Any, text: str) -> None:
+    """``Operator.poll_message_set`` (why the button is greyed out) from a mixin's ``poll``."""
+    cls.poll_message_set(text)
+
+
 class JobOperator:
     """Modal (UI) / blocking (background) machinery of every backend operator: subclasses implement
     ``make_job(context) -> Job``."""
@@ -420,7 +425,7 @@ class JobOperator:
     @classmethod
     def poll(cls, context):
         if cls.exclusive and _active_job is not None and not _active_job.done:
-            cls.poll_message_set("An EX-4D job is running: wait for it or cancel it (Esc)")
+            poll_message(cls, "An EX-4D job is running: wait for it or cancel it (Esc)")
             return False
         return context.scene is not None
 

@@ -40,7 +40,8 @@ def sample_camera(
                 scene.frame_set(int(f))
                 dg = bpy.context.evaluated_depsgraph_get()
                 ob = cam_obj.evaluated_get(dg)
-                mats.append([list(row) for row in ob.matrix_world])
+                mw = ob.matrix_world
+                mats.append([[float(mw[i][j]) for j in range(4)] for i in range(4)])
                 cam = ob.data
                 lens.append(float(cam.lens))
                 shift_x.append(float(cam.shift_x))

@@ -96,7 +96,7 @@ def test_3_animated_lens_shift_reaches_the_guide(scene, ops, card_clip, tmp_blen
     on_card = (src[ys, xs + d] == CARD_RGB).all(-1)
     assert on_card.sum() > 100 and (~on_card).sum() > 100
     bad = (last[ys, xs] != src[ys, xs + d]).any(-1)
-    assert not bad.any(), list(zip(ys[bad], xs[bad], last[ys[bad], xs[bad]].tolist()))
+    assert not bad.any(), list(zip(ys[bad], xs[bad], strict=True))
 
 
 # -- 4 -------------------------------------------------------------------------------------------------
