@@ -137,6 +137,7 @@ def test_4_results_never_overwrite_each_other(scene, ops, card_clip, job_store, 
 
 
 # -- 6 -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_6_a_saved_project_can_move(scene, ops, card_clip, tmp_path):
     """Defect 6: footage, depth, guide folders and strips are stored relative to the .blend: after the
     project folder is moved, render_guide works and writes into the moved folder. The old code stored

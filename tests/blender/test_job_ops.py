@@ -340,6 +340,7 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     assert len(strips_of(sc, "guide")) == 1 and not sc.ex4d.job_running
 
 
+@pytest.mark.slow
 def test_keep_model_loaded_preference(scene, ops, card_clip, tmp_blend_dir):
     """The backend keeps the generator loaded between generations for the preference's seconds; changing
     the preference restarts the backend with it, and 0 loads the generator for every generation."""
@@ -398,6 +399,7 @@ def test_cancel_mid_job(scene, ops, job_store, tmp_blend_dir):
     assert bpy.ops.ex4d.check_backend() == {"FINISHED"}
 
 
+@pytest.mark.slow
 def test_time_limit_and_second_cancel_stop_the_job(scene, ops, job_store, tmp_blend_dir):
     """Background mode's time limit cancels the job; a second cancel (Esc twice) stops a backend that does
     not answer: the job ends cancelled, nothing is added, the next request gets a new backend."""

@@ -84,6 +84,7 @@ def _metrics(rgb: np.ndarray, blender_mask: np.ndarray, color: np.ndarray, mask:
     return float(iou), float(psnr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("footage", ["frames_dir", "video"])
 def test_workbench_render_matches_backend_guide(scene, clip, tmp_path, record_property, footage):
     backend = addon_module("backend")
