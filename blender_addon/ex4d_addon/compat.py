@@ -16,6 +16,21 @@ import bpy
 BLENDER_VERSION: tuple[int, int, int] = tuple(bpy.app.version)  # type: ignore[assignment]
 
 
+def blend_relative_path_options() -> set[str]:
+    """The options a path property needs to keep a "//" path (relative to the .blend): 5.0 warns without
+    ``PATH_SUPPORTS_BLEND_RELATIVE``, 4.2 refuses the option. Found by registering a throwaway class."""
+    opts = {"PATH_SUPPORTS_BLEND_RELATIVE"}
+
+    prop = bpy.props.StringProperty(subtype="FILE_PATH", options=opts)
+    probe: Any = type("EX4D_PG_path_probe", (bpy.types.PropertyGroup,), {"__annotations__": {"path": prop}})
+    try:
+        bpy.utils.register_class(probe)
+    except (ValueError, TypeError, RuntimeError):
+        return set()
+    bpy.utils.unregister_class(probe)
+    return opts
+
+
 def first_attr(obj: Any, *names: str) -> Any:
     """The first of ``names`` that ``obj`` has (a renamed API: the new name first, then the old ones)."""
     for name in names:

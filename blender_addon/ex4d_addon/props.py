@@ -16,6 +16,8 @@ from typing import Any
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from . import compat
+
 ADDON_ID = __package__  # "bl_ext.<repository>.ex4d" when installed as an extension
 PATH_FILE_NAME = "backend_python"
 ENV_VAR = "EX4D_BACKEND_PYTHON"
@@ -28,7 +30,7 @@ DEFAULT_SIZE = 512
 DEFAULT_NUM_FRAMES = 49
 DEFAULT_FOCAL_PX = 500.0
 DEFAULT_MAX_SIDE = 1024
-REL = {"PATH_SUPPORTS_BLEND_RELATIVE"}  # path properties that keep a "//" (relative to the .blend) path
+REL = compat.blend_relative_path_options()  # path properties that keep a "//" (relative to the .blend) path
 DEFAULT_PROMPT = "4K ultra HD, surround motion, realistic tone, panoramic shot, wide-angle view, cinematic quality"
 
 
