@@ -385,7 +385,7 @@ def camera_path_from_blender(
     ks = np.stack(
         [
             blender_to_intrinsics(lens, width, height, sensor_width, sensor_height, sensor_fit, sx, sy)
-            for lens, sx, sy in zip(lenses, *shifts)
+            for lens, sx, sy in zip(lenses, *shifts, strict=True)
         ]
     )
     return CameraPath(blender_matrix_world_to_opencv(mw), ks, width, height, name=name)

@@ -725,7 +725,6 @@ def run_job(type_: str, params: dict, ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------------
 def probe_footage(store: JobStore, p: dict) -> dict:
     """Size, rate and frame count of footage (without decoding it all) and the matching source camera."""
-    from .. import cameras
     from ..footage import list_image_sequence, processing_size, read_footage
 
     path = store.check_input(p["footage"], "footage")
@@ -759,7 +758,10 @@ def blender_source_camera(k: np.ndarray, width: int, height: int, sensor_width: 
     from .. import cameras
 
     mw = cameras.opencv_to_blender_matrix_world(np.eye(4)[None])[0]
-    return {"matrix_world": mw.tolist(), **cameras.intrinsics_to_blender(k, width, height, float(sensor_width), "HORIZONTAL")}
+    return {
+        "matrix_world": mw.tolist(),
+        **cameras.intrinsics_to_blender(k, width, height, float(sensor_width), "HORIZONTAL"),
+    }
 
 
 def _count_video_frames(path: Path) -> int:
