@@ -383,10 +383,8 @@ CLASSES = (EX4D_OT_render_guide, EX4D_OT_generate, EX4D_OT_check_backend, EX4D_O
 
 
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    props.register_classes(CLASSES)
 
 
 def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    props.unregister_classes(CLASSES)

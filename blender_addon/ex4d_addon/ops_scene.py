@@ -25,14 +25,6 @@ CLIP_START = 0.01  # m; the DW-mesh starts close to the camera
 MOVIE_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mxf", ".mpg", ".mpeg", ".ogv"}
 IMAGE_GLOB = "*.png;*.jpg;*.jpeg;*.exr;*.tif;*.tiff"
 SEQUENCE_FPS = 24.0  # image sequences have no frame rate: the backend's default
-PRESET_ITEMS = [
-    ("30", "Orbit 30°", "Orbit 30 degrees around the nearest point"),
-    ("60", "Orbit 60°", "Orbit 60 degrees"),
-    ("90", "Orbit 90°", "Orbit 90 degrees"),
-    ("180", "Sweep 180", "Swing left and back (the reference's 180 path)"),
-    ("ZOOM_IN", "Zoom In", "Dolly in"),
-    ("ZOOM_OUT", "Zoom Out", "Dolly out"),
-]
 
 
 # ---- footage ------------------------------------------------------------------------------------------
@@ -188,6 +180,17 @@ class EX4D_OT_import_footage(runner.JobOperator, bpy.types.Operator):
         return import_job(context, self.filepath or self.directory, focal)
 
 
+class _NeedsFootage(runner.JobOperator):
+    @classmethod
+    def poll(cls, context):
+        if not super().poll(context):
+            return False
+        if not context.scene.ex4d.footage_path:
+            runner.poll_message(cls, "Import footage first")
+            return False
+        return True
+
+
 def build_job(context, depth_filepath: str = "") -> runner.Job:
     """The (not yet started) build of the DW-mesh object (``depth_filepath``: else the scene's)."""
     s = context.scene.ex4d
@@ -217,7 +220,7 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
     return runner.Job(context, "build_dwmesh", params, paths, finish, label="DW-mesh")
 
 
-class EX4D_OT_build_dwmesh(runner.JobOperator, bpy.types.Operator):
+class EX4D_OT_build_dwmesh(_NeedsFootage, bpy.types.Operator):
     """Build the DW-mesh (depth-watertight mesh) of the footage as an animated Blender object"""
 
     bl_idname = "ex4d.build_dwmesh"
@@ -230,15 +233,6 @@ class EX4D_OT_build_dwmesh(runner.JobOperator, bpy.types.Operator):
         subtype="FILE_PATH",
         default="",
     )
-
-    @classmethod
-    def poll(cls, context):
-        if not super().poll(context):
-            return False
-        if not context.scene.ex4d.footage_path:
-            runner.poll_message(cls, "Import footage first")
-            return False
-        return True
 
     def make_job(self, context) -> runner.Job:
         return build_job(context, self.depth_filepath)
@@ -279,23 +273,14 @@ def preset_job(context, preset: str) -> runner.Job:
     return runner.Job(context, "camera_preset", params, paths, finish, label="Camera preset")
 
 
-class EX4D_OT_add_camera_preset(runner.JobOperator, bpy.types.Operator):
+class EX4D_OT_add_camera_preset(_NeedsFootage, bpy.types.Operator):
     """Add a novel camera keyed on every frame to one of the reference's paths (a starting point to edit)"""
 
     bl_idname = "ex4d.add_camera_preset"
     bl_label = "Add Camera Preset"
     bl_options = {"REGISTER", "UNDO"}
 
-    preset: EnumProperty(name="Preset", items=PRESET_ITEMS, default="30")  # type: ignore[valid-type]
-
-    @classmethod
-    def poll(cls, context):
-        if not super().poll(context):
-            return False
-        if not context.scene.ex4d.footage_path:
-            runner.poll_message(cls, "Import footage first")
-            return False
-        return True
+    preset: EnumProperty(name="Preset", items=props.PRESET_ITEMS, default="30")  # type: ignore[valid-type]
 
     def make_job(self, context) -> runner.Job:
         return preset_job(context, self.preset)
@@ -305,10 +290,8 @@ CLASSES = (EX4D_OT_import_footage, EX4D_OT_build_dwmesh, EX4D_OT_add_camera_pres
 
 
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    props.register_classes(CLASSES)
 
 
 def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    props.unregister_classes(CLASSES)

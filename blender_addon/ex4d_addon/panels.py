@@ -10,7 +10,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.translations import pgettext_iface as iface_
 
-from . import runner
+from . import props, runner
 
 
 def _op(layout, idname: str, **kw):
@@ -128,10 +128,8 @@ CLASSES = (EX4D_PT_main, EX4D_PT_jobs)
 
 
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    props.register_classes(CLASSES)
 
 
 def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    props.unregister_classes(CLASSES)

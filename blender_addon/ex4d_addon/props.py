@@ -34,6 +34,26 @@ REL = compat.blend_relative_path_options()  # path properties that keep a "//" (
 DEFAULT_PROMPT = "4K ultra HD, surround motion, realistic tone, panoramic shot, wide-angle view, cinematic quality"
 
 
+PRESET_ITEMS = [  # the backend's preset names (camera_preset), upper case for Blender's enum
+    ("30", "Orbit 30°", "Orbit 30 degrees around the nearest point"),
+    ("60", "Orbit 60°", "Orbit 60 degrees"),
+    ("90", "Orbit 90°", "Orbit 90 degrees"),
+    ("180", "Sweep 180", "Swing left and back (the reference's 180 path)"),
+    ("ZOOM_IN", "Zoom In", "Dolly in"),
+    ("ZOOM_OUT", "Zoom Out", "Dolly out"),
+]
+
+
+def register_classes(classes) -> None:
+    for cls in classes:
+        bpy.utils.register_class(cls)
+
+
+def unregister_classes(classes) -> None:
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)
+
+
 def path_file() -> Path:
     """Where scripts/install_deps.py records the backend Python: ``~/.config/ex4d/backend_python``
     (``$XDG_CONFIG_HOME/ex4d/...`` when set; Windows: ``%APPDATA%/ex4d/backend_python``)."""
@@ -216,18 +236,7 @@ class EX4D_SceneSettings(bpy.types.PropertyGroup):
     guide_color_dir: StringProperty(name="Guide Colour", subtype="DIR_PATH", default="", options=REL)  # type: ignore[valid-type]
     guide_mask_dir: StringProperty(name="Guide Mask", subtype="DIR_PATH", default="", options=REL)  # type: ignore[valid-type]
     camera_hash: StringProperty(name="Camera Hash", default="")  # type: ignore[valid-type]
-    preset: EnumProperty(  # type: ignore[valid-type]
-        name="Preset",
-        items=[
-            ("30", "Orbit 30°", ""),
-            ("60", "Orbit 60°", ""),
-            ("90", "Orbit 90°", ""),
-            ("180", "Sweep (180)", ""),
-            ("ZOOM_IN", "Zoom In", ""),
-            ("ZOOM_OUT", "Zoom Out", ""),
-        ],
-        default="30",
-    )
+    preset: EnumProperty(name="Preset", items=PRESET_ITEMS, default="30")  # type: ignore[valid-type]
     generator: EnumProperty(  # type: ignore[valid-type]
         name="Generator",
         items=[
@@ -297,8 +306,7 @@ CLASSES = (EX4D_AddonPreferences, EX4D_SceneSettings, EX4D_JobSettings)
 
 
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    register_classes(CLASSES)
     scene_type: Any = bpy.types.Scene
     scene_type.ex4d = PointerProperty(type=EX4D_SceneSettings)
     scene_type.ex4d_job = PointerProperty(type=EX4D_JobSettings)
@@ -311,5 +319,4 @@ def unregister() -> None:
     scene_type: Any = bpy.types.Scene
     del scene_type.ex4d_job
     del scene_type.ex4d
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    unregister_classes(CLASSES)
