@@ -134,12 +134,15 @@ def _finish_guide(job: Job, result: dict):
     yield from outputs.copy_sequence(mask, dest / "mask", scene.frame_start)
     cam = bpy.data.objects.get(x["camera_name"])
     image = strips.load_sequence_image(files, f"EX4D Guide {x['camera_name']}")
+    yield
     if cam is not None:
         strips.show_on_camera(cam, image, scene.frame_start, n)
     strips.remove_strips(scene, strips.GUIDE_KIND, x["camera_name"])
+    yield
     settings = {"kind": strips.GUIDE_KIND, "camera": x["camera_name"], "camera_hash": result["camera_hash"],
                 "job": result.get("job", ""), "footage": s.footage_path}  # fmt: skip
     strips.add_image_strip(scene, f"EX4D Guide {x['camera_name']}", files, scene.frame_start, settings)
+    yield
     s.guide_color_dir = outputs.rel(dest / "color")
     s.guide_mask_dir = outputs.rel(dest / "mask")
     s.camera_hash = result["camera_hash"]
