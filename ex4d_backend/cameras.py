@@ -367,11 +367,12 @@ def camera_path_from_blender(
     sensor_width: float = 36.0,
     sensor_height: float = 24.0,
     sensor_fit: str = "AUTO",
-    shift_x: float = 0.0,
-    shift_y: float = 0.0,
+    shift_x: float | np.ndarray = 0.0,
+    shift_y: float | np.ndarray = 0.0,
     name: str = "blender",
 ) -> CameraPath:
-    """A :class:`CameraPath` from a Blender camera's per-frame evaluated ``matrix_world`` and lens (mm)."""
+    """A :class:`CameraPath` from a Blender camera's per-frame evaluated ``matrix_world``, lens (mm) and
+    shift (one value or one per matrix, like the lens)."""
     mw = np.asarray(matrices_world, dtype=np.float64)
     if mw.ndim != 3 or mw.shape[1:] != (4, 4):
         raise Ex4dError(f"matrix_world must have shape (N, 4, 4), got {mw.shape}", where="camera")
@@ -380,10 +381,11 @@ def camera_path_from_blender(
     lenses = np.broadcast_to(np.asarray(lenses, dtype=np.float64), (len(mw),))
     if not (np.isfinite(lenses).all() and (lenses > 0).all()):
         raise Ex4dError("the camera's lens must be a positive number of mm on every frame", where="camera")
+    shifts = [np.broadcast_to(np.asarray(v, dtype=np.float64), (len(mw),)) for v in (shift_x, shift_y)]
     ks = np.stack(
         [
-            blender_to_intrinsics(lens, width, height, sensor_width, sensor_height, sensor_fit, shift_x, shift_y)
-            for lens in lenses
+            blender_to_intrinsics(lens, width, height, sensor_width, sensor_height, sensor_fit, sx, sy)
+            for lens, sx, sy in zip(lenses, *shifts, strict=True)
         ]
     )
     return CameraPath(blender_matrix_world_to_opencv(mw), ks, width, height, name=name)

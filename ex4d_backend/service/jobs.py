@@ -337,12 +337,14 @@ def _camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray,
                 )
         mw = np.asarray(b["matrix_world"], dtype=np.float64)
         lens = np.asarray(b["lens"], dtype=np.float64)
-        if lens.ndim == 1 and len(lens) not in (1, len(mw)):
-            raise Ex4dError(
-                f"{len(lens)} lens values for {len(mw)} camera matrices",
-                where="params.camera.blender.lens",
-                hint="send one lens value, or one per matrix",
-            )
+        for field in ("lens", "shift_x", "shift_y"):
+            v = np.asarray(b.get(field, 0.0), dtype=np.float64)
+            if v.ndim == 1 and len(v) not in (1, len(mw)):
+                raise Ex4dError(
+                    f"{len(v)} {field} values for {len(mw)} camera matrices",
+                    where=f"params.camera.blender.{field}",
+                    hint="send one value, or one per matrix",
+                )
         _check_rigid(mw, "params.camera.blender.matrix_world", scale_ok=True)
         path = cameras.camera_path_from_blender(
             mw,
@@ -516,6 +518,7 @@ def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
         "n_vertices": mesh.meta["n_vertices"],
         "n_faces": mesh.meta["n_faces"],
         "cv_to_blender": np.asarray(CV_TO_BLENDER).tolist(),
+        "source_camera": blender_source_camera(np.asarray(mesh.meta["K"]), *clip.size, p.get("sensor_width", 36.0)),
         "depth_npy": str(depth.dir / "depth.npy"),
         **_clip_result(clip),
     }
@@ -741,7 +744,6 @@ def run_job(type_: str, params: dict, ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------------
 def probe_footage(store: JobStore, p: dict) -> dict:
     """Size, rate and frame count of footage (without decoding it all) and the matching source camera."""
-    from .. import cameras
     from ..footage import list_image_sequence, processing_size, read_footage
 
     path = store.check_input(p["footage"], "footage")
@@ -754,7 +756,7 @@ def probe_footage(store: JobStore, p: dict) -> dict:
     w, h = f.source_size
     pw, ph = processing_size(w, h, p.get("max_side", 1024))
     k = intrinsics(p, pw, ph)
-    blender = cameras.intrinsics_to_blender(k, pw, ph, float(p.get("sensor_width", 36.0)), "HORIZONTAL")
+    blender = blender_source_camera(k, pw, ph, p.get("sensor_width", 36.0))
     return {
         "footage": str(path),
         "width": w,
@@ -766,6 +768,18 @@ def probe_footage(store: JobStore, p: dict) -> dict:
         "focal_px": float(k[0, 0]),
         "K": k.tolist(),
         **blender,
+    }
+
+
+def blender_source_camera(k: np.ndarray, width: int, height: int, sensor_width: float = 36.0) -> dict:
+    """The source camera as Blender camera data, for the add-on (which holds no camera convention):
+    ``matrix_world`` (4x4, the pose of source frame 0 = the world origin) and lens/sensor/shift for ``k``."""
+    from .. import cameras
+
+    mw = cameras.opencv_to_blender_matrix_world(np.eye(4)[None])[0]
+    return {
+        "matrix_world": mw.tolist(),
+        **cameras.intrinsics_to_blender(k, width, height, float(sensor_width), "HORIZONTAL"),
     }
 
 

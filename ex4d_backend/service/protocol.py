@@ -104,6 +104,8 @@ MESH = {
     "mesh_filter": {"enum": list(MESH_FILTERS)},
     "border_depth": _POS,
 }
+_SHIFT_1 = {"type": "number", "minimum": -100, "maximum": 100}
+_SHIFT = {"anyOf": [_SHIFT_1, {"type": "array", "items": _SHIFT_1, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES}]}
 BLENDER_CAMERA = {
     "type": "object",
     "properties": {
@@ -112,8 +114,8 @@ BLENDER_CAMERA = {
         "sensor_width": _SENSOR,
         "sensor_height": _SENSOR,
         "sensor_fit": {"enum": ["AUTO", "HORIZONTAL", "VERTICAL"]},
-        "shift_x": {"type": "number", "minimum": -100, "maximum": 100},
-        "shift_y": {"type": "number", "minimum": -100, "maximum": 100},
+        "shift_x": _SHIFT,  # one value, or one per matrix (an animated lens shift)
+        "shift_y": _SHIFT,
         "resolution": {
             "type": "array",
             "items": {"type": "integer", "minimum": 1, "maximum": 16384},
