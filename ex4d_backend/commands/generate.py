@@ -40,7 +40,19 @@ def register(subparsers) -> None:
         default="crop",
         help="crop keeps the guide's aspect (centred crop); stretch squashes like the reference",
     )
-    p.add_argument("--vram-profile", choices=("full", "24gb", "12gb"), default="full")
+    p.add_argument(
+        "--vram-profile",
+        choices=("full", "24gb", "12gb", "fast"),
+        default="full",
+        help="fast: FP8 linear layers + 8-bit attention + compile (GPU of compute capability >= 8.9; not exact)",
+    )
+    p.add_argument(
+        "--step-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="skip DiT evaluations whose output would barely change (off by default; e.g. 0.1; quality unverified)",
+    )
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the colour video's)")
     p.add_argument(
@@ -78,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
         log.info("[%s %d/%d] %s", stage, step, total, message)
 
     options = {}
+    vram_profile = args.vram_profile
+    if args.generator == "ex4d" and args.step_cache is not None:
+        from ..generation.vram import resolve_profile
+
+        vram_profile = resolve_profile(args.vram_profile, step_cache=args.step_cache)
     if args.generator == "ex4d":
         options = dict(
             compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora, rope=args.rope
@@ -86,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         args.generator,
         models_dir=args.models_dir,
         device=args.device,
-        vram_profile=args.vram_profile,
+        vram_profile=vram_profile,
         progress=progress,
         **options,
     )
