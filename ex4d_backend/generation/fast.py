@@ -169,6 +169,32 @@ class Fp8Linear(nn.Module):
         )
 
 
+def probe_scaled_mm(device: torch.device) -> str:
+    """The activation scaling ``torch._scaled_mm`` supports on ``device``: ``row`` (per-token x
+    per-channel, Hopper), else ``tensor``; each checked against the emulation on a small product.
+    On the CPU: ``row`` (emulated). Raises RuntimeError when FP8 products do not run at all."""
+    if device.type != "cuda":
+        return "row"
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(64, 128, device=device, generator=g, dtype=torch.bfloat16)
+    w = torch.randn(96, 128, device=device, generator=g, dtype=torch.bfloat16)
+    b = torch.randn(96, device=device, generator=g, dtype=torch.bfloat16)
+    wq, ws = quantize_rows(w)
+    errors = []
+    for mode, quant in (("row", quantize_rows), ("tensor", quantize_tensor)):
+        xq, xs = quant(x)
+        try:
+            out = fp8_matmul(xq, xs, wq, ws, b, torch.bfloat16).float()
+        except Exception as exc:  # noqa: BLE001 - an unsupported scaling on this GPU / torch build
+            errors.append(f"{mode}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        ref = dequantize(xq, xs) @ dequantize(wq, ws).t() + b.float()
+        if float((out - ref).norm() / ref.norm()) < 1e-2:
+            return mode
+        errors.append(f"{mode}: result differs from the dequantised product")
+    raise RuntimeError("FP8 matrix products do not run on this GPU: " + "; ".join(errors))
+
+
 @dataclass
 class Conversion:
     """What :func:`convert_dit` did: module names (as in ``dit.named_modules()``)."""
@@ -178,6 +204,7 @@ class Conversion:
     lora_merged: int = 0  # peft LoRA layers folded into their base weights first
     bytes_before: int = 0  # weight bytes of the converted layers before / after
     bytes_after: int = 0
+    activation_scaling: str = "row"  # what the GPU supports (probe_scaled_mm)
 
 
 @torch.no_grad()
@@ -189,6 +216,9 @@ def convert_dit(dit: nn.Module, *, activation_scaling: str = "row", fast_accum: 
     from .loading import merge_lora
 
     report = Conversion(lora_merged=merge_lora(dit))
+    if activation_scaling == "row":
+        activation_scaling = probe_scaled_mm(dit.patch_embedding.weight.device)
+    report.activation_scaling = activation_scaling
     targets = {f"blocks.{i}.{name}" for i in range(len(dit.blocks)) for name in FP8_LAYERS}
     for name, module in list(dit.named_modules()):
         if name in targets and isinstance(module, nn.Linear):

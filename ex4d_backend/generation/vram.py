@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import BAD_INPUT, Ex4dError
+from ..errors import BAD_INPUT, DEVICE, Ex4dError
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,23 @@ class Placement:
         from . import fast
 
         if self.profile.fp8:
-            conv = fast.convert_dit(pipe.dit)
+            if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < fast.FP8_MIN_CAPABILITY:
+                cap = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
+                raise Ex4dError(
+                    f"the fast profile needs FP8 tensor cores (compute capability >= 8.9); this GPU has {cap}",
+                    where="--vram-profile",
+                    hint="use --vram-profile full, 24gb or 12gb (see ex4d doctor)",
+                    code=DEVICE,
+                )
+            try:
+                conv = fast.convert_dit(pipe.dit)
+            except RuntimeError as exc:
+                raise Ex4dError(
+                    str(exc)[:300], where="--vram-profile", hint="use --vram-profile full", code=DEVICE
+                ) from exc
             pipe.lora_merged = max(getattr(pipe, "lora_merged", 0), conv.lora_merged)
             self.fast_info.update(
+                activation_scaling=conv.activation_scaling,
                 fp8_layers=len(conv.converted),
                 kept_layers=len(conv.kept),
                 fp8_weight_gib_saved=round((conv.bytes_before - conv.bytes_after) / 2**30, 2),
