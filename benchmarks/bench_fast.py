@@ -344,6 +344,12 @@ def main(argv=None) -> int:
     p.add_argument("--step-cache", type=float, default=0.1, help="step cache threshold (0: no step-cache run)")
     p.add_argument("--fast-attention", choices=("measure", "sage", "sdpa"), default="measure")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--fast-accum",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="FP8 fast accumulation (default: the profile's)",
+    )
     p.add_argument("--kernel-profile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cuda")
@@ -415,6 +421,11 @@ def main(argv=None) -> int:
     log(f"profile fast (attention {fast_attention})")
     t0 = time.perf_counter()
     profile = dataclasses.replace(PROFILES["fast"], attention=fast_attention, compile=args.compile)
+    if args.fast_accum is not None:
+        fast.FP8_FAST_ACCUM = args.fast_accum
+        convert = fast.convert_dit
+        fast.convert_dit = lambda dit, **kw: convert(dit, fast_accum=args.fast_accum, **kw)
+    meta["fp8_fast_accum"] = fast.FP8_FAST_ACCUM if args.fast_accum is None else args.fast_accum
     run = Run(make_pipe(models, profile, args, best_sdpa), dev)
     conversion_s = round(time.perf_counter() - t0, 1)
     if dev.type == "cuda":
