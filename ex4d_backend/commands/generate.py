@@ -53,6 +53,12 @@ def register(subparsers) -> None:
         metavar="THRESHOLD",
         help="skip DiT evaluations whose output would barely change (off by default; e.g. 0.1; quality unverified)",
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs for one clip: 2 = one CFG branch each; 4, 8, 10 (or 5) add sequence parallel within a branch",
+    )
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the colour video's)")
     p.add_argument(
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         vram_profile=vram_profile,
         progress=progress,
+        **({"gpus": args.gpus} if args.gpus != 1 else {}),
         **options,
     )
     try:
