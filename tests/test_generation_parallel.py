@@ -32,6 +32,8 @@ def test_plan_layouts_for_40_heads():
     assert (p(10, 40).cfg, p(10, 40).sp) == (2, 5)
     assert (p(5, 40).cfg, p(5, 40).sp) == (1, 5)
     assert (p(2, 40, cfg_active=False).cfg, p(2, 40, cfg_active=False).sp) == (1, 2)
+    no_cfg = p(16, 40, cfg_active=False)  # 16 shards would not divide 40 heads: 8 shards, 2 replicas
+    assert (no_cfg.cfg, no_cfg.sp, no_cfg.replicas) == (1, 8, 2)
     assert parallel.valid_world_sizes(40) == [1, 2, 4, 5, 8, 10, 16]
     for bad in (3, 6, 0):
         with pytest.raises(Ex4dError, match="--gpus"):
@@ -52,7 +54,7 @@ def _attention_rank(rank: int, world: int, init_file: str, q, k, v, heads: int, 
         sp.sp, sp.sp_rank, sp.full_len = world, rank, q.shape[1]
         att = parallel.UlyssesAttention(Int8Attention(heads, "sdpa"), world, None, sp)
         out = att(sp._chunk(q, 1), sp._chunk(k, 1), sp._chunk(v, 1))
-        results.put((rank, out))
+        results.put((rank, out.numpy()))  # numpy: a tensor would need this process alive to be read
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +71,7 @@ def test_ulysses_attention_equals_full_attention_with_padding(tmp_path):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 11, 4 * 8, generator=g) for _ in range(3))
     ref = Int8Attention(4, "sdpa")(q, k, v)
-    ctx = mp.get_context("spawn")
+    ctx = parallel._mp_context(mp)  # as the generator starts its ranks
     results = ctx.Queue()
     procs = [
         ctx.Process(target=_attention_rank, args=(r, 4, str(tmp_path / "init"), q, k, v, 4, results)) for r in range(4)
@@ -79,7 +81,7 @@ def test_ulysses_attention_equals_full_attention_with_padding(tmp_path):
     got = dict(results.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(timeout=60)
-    full = torch.cat([got[r] for r in range(4)], dim=1)[:, :11]
+    full = torch.cat([torch.from_numpy(got[r]) for r in range(4)], dim=1)[:, :11]
     torch.testing.assert_close(full, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -149,7 +151,7 @@ def test_two_processes_cfg_parallel_and_sequence_parallel_equal_one_process(mode
 @pytest.mark.slow
 def test_four_processes_cfg_times_ulysses_equal_one_process(models, guide, one_process):
     """4 gloo ranks = 2 CFG branches x 2 sequence shards (the composed layout): same final latents as
-    one process to float32 rounding."""
+    one process to float32 rounding. Without CFG the tiny DiT's 2 heads allow 2 shards: 2 replicas."""
     from ex4d_backend.generation import load_generator
 
     gen = load_generator("ex4d", models_dir=models, device="cpu", gpus=4)  # the entry point the CLI uses
@@ -158,6 +160,8 @@ def test_four_processes_cfg_times_ulysses_equal_one_process(models, guide, one_p
         frames = gen(*guide, cfg=5.0, **SIZE)
         assert _rel(gen.last_latents, one_process[5.0][1]) < 1e-5
         assert np.abs(frames.astype(int) - one_process[5.0][0].astype(int)).max() <= 1
+        gen(*guide, cfg=1.0, **SIZE)
+        assert _rel(gen.last_latents, one_process[1.0][1]) < 1e-5
     finally:
         gen.close()
 

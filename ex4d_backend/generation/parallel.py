@@ -53,10 +53,12 @@ CANCEL_GRACE_S = 60.0  # after a cancel, how long the ranks get to reach the nex
 @dataclass(frozen=True)
 class Layout:
     world: int
-    cfg: int  # ranks groups, one per CFG branch (1 or 2)
-    sp: int  # ranks per branch (sequence shards)
+    cfg: int  # rank groups that each run one CFG branch (1 or 2)
+    sp: int  # ranks per group (sequence shards)
+    replicas: int = 1  # groups that compute the same thing (a clip without CFG on more ranks than fit)
 
     def cfg_index(self, rank: int) -> int:
+        """The CFG branch (or replica) of ``rank``'s group."""
         return rank // self.sp
 
     def sp_rank(self, rank: int) -> int:
@@ -76,7 +78,10 @@ def plan(world: int, num_heads: int, *, cfg_active: bool = True) -> Layout:
     not fit the model (``num_heads`` not divisible by the ranks per branch)."""
     if world < 1:
         raise Ex4dError(f"--gpus {world}: needs at least 1", where="--gpus", code=BAD_INPUT)
-    cfg = 2 if cfg_active and world % 2 == 0 else 1
+    if not cfg_active:  # one branch: the most shards that divide both; the other ranks replicate
+        sp = max(d for d in range(1, world + 1) if world % d == 0 and num_heads % d == 0)
+        return Layout(world, 1, sp, world // sp)
+    cfg = 2 if world % 2 == 0 else 1
     sp = world // cfg
     if num_heads % sp:
         ok = valid_world_sizes(num_heads)
@@ -113,7 +118,7 @@ def make_groups(layout: Layout, rank: int) -> Groups:
     """Create every SP and CFG group (all ranks must call this, in the same order) and return this
     rank's. Groups of one rank are None (no communication)."""
     sp_group = cfg_group = None
-    for c in range(layout.cfg):
+    for c in range(layout.cfg * layout.replicas):
         ranks = list(range(c * layout.sp, (c + 1) * layout.sp))
         g = dist.new_group(ranks) if layout.sp > 1 else None
         if rank in ranks:
