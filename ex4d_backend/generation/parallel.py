@@ -289,6 +289,7 @@ class WorkerSpec:
     device: str  # "cuda" or "cpu"
     vram_profile: object = "full"
     options: dict | None = None
+    factory: str | None = None  # "module:function" called as function(device) -> pipeline (benchmarks)
 
 
 def _agree_cancel(cancel_event, device: torch.device) -> bool:
@@ -311,11 +312,17 @@ def _worker(rank: int, world: int, init_file: str, spec: WorkerSpec, jobs, resul
         **({"device_id": device} if cuda else {}),
     )  # fmt: skip
     try:
-        from . import load_generator
+        if spec.factory:
+            import importlib
 
-        pipe = load_generator(
-            "ex4d", models_dir=spec.models_dir, device=str(device), vram_profile=spec.vram_profile, **(spec.options or {})
-        )  # fmt: skip
+            module, _, function = spec.factory.partition(":")
+            pipe = getattr(importlib.import_module(module), function)(device)
+        else:
+            from . import load_generator
+
+            pipe = load_generator(
+                "ex4d", models_dir=spec.models_dir, device=str(device), vram_profile=spec.vram_profile, **(spec.options or {})
+            )  # fmt: skip
         par = ParallelPipeline(pipe, world, rank)
         latents: list[torch.Tensor] = []  # rank 0 returns the final latents too (small; tests, benchmarks)
         decode = pipe.vae_decode
