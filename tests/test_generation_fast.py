@@ -328,7 +328,11 @@ def test_profile_entry_points():
     args = build_parser().parse_args(
         ["generate", "--color-video", "c", "--mask-video", "m", "--output-video", "o.mp4", "--vram-profile", "fast"]
     )
-    assert args.vram_profile == "fast" and args.step_cache is None
+    assert args.vram_profile == "fast" and args.step_cache is None and args.gpus == 1
+    args = build_parser().parse_args(
+        ["generate", "--color-video", "c", "--mask-video", "m", "--output-video", "o.mp4", "--step-cache", "0.1", "--gpus", "2"]
+    )  # fmt: skip
+    assert args.step_cache == 0.1 and args.gpus == 2
     protocol.validate_params("generate", {"footage": "f", "depth": {"model": "file", "path": "d"}, "camera": {"preset": "30"}, "vram_profile": "fast"})  # fmt: skip
     with pytest.raises(Ex4dError, match="unknown VRAM profile 'fastest'"):
         resolve_profile("fastest")
