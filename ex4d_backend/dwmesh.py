@@ -59,14 +59,24 @@ def grid_faces(height: int, width: int, device: torch.device | str | None = None
 
 
 def pixel_rays(height: int, width: int, k: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) rays ((u - cx)/fx, (v - cy)/fy, 1) for integer pixel coordinates u = column, v = row."""
+    """(H, W, 3) rays ((u - cx)/fx, (v - cy)/fy, 1) for integer pixel coordinates u = column, v = row;
+    (T, H, W, 3) for per-frame intrinsics k (T, 3, 3)."""
     k = k.to(torch.float64)
     v, u = torch.meshgrid(
         torch.arange(height, dtype=torch.float64, device=k.device),
         torch.arange(width, dtype=torch.float64, device=k.device),
         indexing="ij",
     )
-    return torch.stack([(u - k[0, 2]) / k[0, 0], (v - k[1, 2]) / k[1, 1], torch.ones_like(u)], -1)
+    kk = k.reshape(-1, 3, 3)[:, :, :, None, None]  # (T, 3, 3, 1, 1)
+    rays = torch.stack(
+        [
+            (u - kk[:, 0, 2]) / kk[:, 0, 0],
+            (v - kk[:, 1, 2]) / kk[:, 1, 1],
+            torch.ones_like(u).expand_as(kk[:, 0, 0] * u),
+        ],
+        -1,
+    )
+    return rays[0] if k.ndim == 2 else rays
 
 
 def set_border(depth: torch.Tensor, border_depth: float = BORDER_DEPTH) -> torch.Tensor:
@@ -194,7 +204,7 @@ def build_dwmesh(
 
     Args:
         depth: (T, H, W) depth along the optical axis (z), scene units.
-        k: (3, 3) intrinsics in pixels.
+        k: (3, 3) intrinsics in pixels, or (T, 3, 3) per frame (a zooming source camera).
         colors: (T, H, W, 3) uint8 RGB source frames.
         mesh_filter: "angle" (reference default) or "boundary".
         border_depth: depth given to the outer pixel ring (reference: 100).
@@ -212,7 +222,9 @@ def build_dwmesh(
     if tuple(colors.shape) != (t, h, w, 3):
         raise Ex4dError(f"colours {tuple(colors.shape)} do not match depth {tuple(depth.shape)}")
     d = set_border(depth.to(torch.float32), border_depth)
-    rays = pixel_rays(h, w, k).to(torch.float32).view(1, h * w, 3)
+    if tuple(k.shape) not in ((3, 3), (t, 3, 3)):
+        raise Ex4dError(f"intrinsics must be (3, 3) or ({t}, 3, 3), got {tuple(k.shape)}")
+    rays = pixel_rays(h, w, k).to(torch.float32).view(-1, h * w, 3)
     vertices = d.view(t, h * w, 1) * rays
     faces = grid_faces(h, w, dev)
     invalid = face_invalid(vertices, h, w, faces, mesh_filter)

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from . import transfer
-from .cameras import CameraPath, load_camera_file, preset_path, reference_intrinsics, save_camera_npz
+from .camera_paths import (
+    default_intrinsics,
+    guide_starts_at_source,
+    load_source_camera,
+    mesh_to_novel,
+    novel_camera_path,
+)
+from .cameras import CameraPath, reference_intrinsics, save_camera_npz
 from .dwmesh import DWMesh, build_dwmesh, write_ply
 from .errors import Ex4dError
 from .render import guide_tensors, rasterize_rgba, resolve_renderer, rgba_to_guide
@@ -38,18 +45,29 @@ class Guide:
     mask: np.ndarray  # (T, H, W) uint8 {0, 255}
     camera: CameraPath
     mesh0: DWMesh | None  # DW-mesh of frame 0 (for the PLY export)
+    source: CameraPath | None = None  # the source camera path (None: static at the origin)
+    frame0_is_source: bool = True  # guide frame 0 is the source frame (the novel camera starts at the source)
 
 
 def resolve_camera(
-    camera: str | os.PathLike | CameraPath, n_frames: int, k: np.ndarray, depth0: np.ndarray, width: int, height: int
+    camera: str | os.PathLike | CameraPath,
+    n_frames: int,
+    k: np.ndarray,
+    depth0: np.ndarray,
+    width: int,
+    height: int,
+    source: CameraPath | None = None,
+    fps: float = 30.0,
+    depth_scale: float = 1.0,
 ) -> CameraPath:
-    """A CameraPath from a preset name, a camera file (.json/.npz) or a CameraPath."""
+    """A CameraPath from a preset name (relative to ``source``), lock_off[:F], stabilize[:S], a camera file
+    (.json/.npz) or a CameraPath (see ``camera_paths.novel_camera_path``)."""
     if isinstance(camera, CameraPath):
         cam = camera
-    elif str(camera).lower().endswith((".json", ".npz")):
-        cam = load_camera_file(camera, n_frames, width, height, default_k=k)
     else:
-        cam = preset_path(str(camera), n_frames, k, depth0, width, height)
+        cam = novel_camera_path(
+            camera, n_frames, k, depth0, width, height, source=source, fps=fps, depth_scale=depth_scale
+        )
     if len(cam) < n_frames:
         raise Ex4dError(f"the camera path has {len(cam)} frames but {n_frames} are needed", where="camera")
     if (cam.width, cam.height) != (width, height):
@@ -71,6 +89,9 @@ def run_recon(
     use_dwmesh: bool = True,
     keep_mesh0: bool = False,
     progress: Progress | None = None,
+    source_camera: str | os.PathLike | CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
+    fps: float = 30.0,
 ) -> Guide:
     """Render the guide for a novel camera.
 
@@ -84,6 +105,10 @@ def run_recon(
         use_dwmesh: keep occlusion faces (watertight, reference default) or remove them.
         keep_mesh0: keep frame 0's DW-mesh in the result (for PLY export).
         progress: ``progress(stage, step, total, message)``; may raise ``errors.Cancelled``.
+        source_camera: the source camera path (file or CameraPath, world-to-camera in the novel camera's
+            world; its intrinsics replace ``k``); None: static source at the origin (the reference).
+        depth_scale: depth units -> world units, a number or (T,) per frame (``depth_scale.py``).
+        fps: frame rate (for ``stabilize``'s strength in seconds).
     """
     frames = np.asarray(frames)
     depth = np.asarray(depth, dtype=np.float32)
@@ -93,7 +118,15 @@ def run_recon(
     if depth.shape != (t, h, w):
         raise Ex4dError(f"depth {depth.shape} does not match the frames {(t, h, w)}", where="depth")
     k = reference_intrinsics(w, h) if k is None else np.asarray(k, dtype=np.float64)
-    cam = resolve_camera(camera, t, k, depth[0], w, h)
+    src = source_camera
+    if src is not None and not isinstance(src, CameraPath):
+        src = load_source_camera(src, t, w, h, default_k=k)
+    if src is not None and len(src) < t:
+        raise Ex4dError(f"the source camera has {len(src)} frames but {t} are needed", where="--source-camera")
+    k_mesh = default_intrinsics(src, k, w, h)  # (3, 3) or (T, 3, 3)
+    k = k_mesh if k_mesh.ndim == 2 else k_mesh[0]
+    scale = np.broadcast_to(np.asarray(depth_scale, dtype=np.float64), (t,))
+    cam = resolve_camera(camera, t, k, depth[0], w, h, source=src, fps=fps, depth_scale=float(scale[0]))
     backend = resolve_renderer(renderer)
     device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
     chunk = max(1, CHUNK_PIXELS[backend] // (h * w))
@@ -112,9 +145,10 @@ def run_recon(
             c = transfer.upload(frames[start:stop], "frames", slot, device)
         else:
             d, c = torch.from_numpy(depth[start:stop]), torch.from_numpy(frames[start:stop])
-        mesh = build_dwmesh(d, k, c, mesh_filter=mesh_filter)
         sl = slice(start, stop)
-        rgba = rasterize_rgba(mesh, cam.extrinsics[sl], cam.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
+        mesh = build_dwmesh(d, k_mesh if k_mesh.ndim == 2 else k_mesh[sl], c, mesh_filter=mesh_filter)
+        ext = mesh_to_novel(cam.extrinsics[sl], None if src is None else src.extrinsics[sl], scale[sl])
+        rgba = rasterize_rgba(mesh, ext, cam.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
         if backend == "cuda":
             col_t, mask_t = guide_tensors(rgba)
             col_h, ev_c = transfer.download_async(col_t, "color", slot)
@@ -131,11 +165,14 @@ def run_recon(
         del mesh, rgba
     if pending is not None:
         _finish(pending, color, mask)
-    color[0] = frames[0]  # reference: the guide's frame 0 is the source frame with a full mask
-    mask[0] = 255
+    frame0_is_source = guide_starts_at_source(cam, src, k)
+    if frame0_is_source:  # reference: frame 0 is the source frame with a full mask (when the camera starts there)
+        color[0] = frames[0]
+        mask[0] = 255
     if progress:
         progress("render", n_chunks, n_chunks, "done")
-    return Guide(color, mask, CameraPath(cam.extrinsics[:t], cam.intrinsics[:t], w, h, cam.name), mesh0)
+    path = CameraPath(cam.extrinsics[:t], cam.intrinsics[:t], w, h, cam.name)
+    return Guide(color, mask, path, mesh0, src, frame0_is_source)
 
 
 def write_recon_outputs(

@@ -101,20 +101,30 @@ def render_guide(
     renderer: str = "auto",
     use_dwmesh: bool = True,
     first_frame: int = 0,
+    source: CameraPath | None = None,
+    depth_scale: float | np.ndarray = 1.0,
+    source_k: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Colour (T, H, W, 3) uint8 and mask (T, H, W) uint8 {0, 255} guide frames.
 
-    ``mesh`` frame i is seen by ``camera`` frame ``first_frame + i``; the guide's frame 0 is the source frame
-    with a full mask (only when ``first_frame`` is 0). ``use_dwmesh=False`` removes occlusion faces instead
-    of keeping them (the reference's non-watertight baseline)."""
+    ``mesh`` frame i (built in source camera ``first_frame + i``'s frame) is seen by ``camera`` frame
+    ``first_frame + i``; ``source`` is the source camera path in the novel camera's world (None: static at
+    the origin), ``depth_scale`` a number or per-frame (all frames) depth units -> world units. The guide's
+    frame 0 is the source frame with a full mask only when ``first_frame`` is 0 and the novel camera starts
+    at the source (``camera_paths.starts_at_source``; intrinsics compared with ``source_k`` when given).
+    ``use_dwmesh=False`` removes occlusion faces instead of keeping them (the non-watertight baseline)."""
+    from .camera_paths import guide_starts_at_source, mesh_to_novel
+
     backend = resolve_renderer(renderer)
     n = len(mesh)
     sl = slice(first_frame, first_frame + n)
     if len(camera) < first_frame + n:
         raise Ex4dError(f"the camera path has {len(camera)} frames, {first_frame + n} needed", where="camera")
-    rgba = rasterize_rgba(mesh, camera.extrinsics[sl], camera.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
+    scale = np.broadcast_to(np.asarray(depth_scale, dtype=np.float64), (len(camera),))[sl]
+    ext = mesh_to_novel(camera.extrinsics[sl], None if source is None else source.extrinsics[sl], scale)
+    rgba = rasterize_rgba(mesh, ext, camera.intrinsics[sl], renderer=backend, use_dwmesh=use_dwmesh)
     color, mask = rgba_to_guide(rgba)
-    if first_frame == 0:
+    if first_frame == 0 and guide_starts_at_source(camera, source, source_k):
         color[0] = source_frames[0]
         mask[0] = 255
     return color, mask

@@ -337,14 +337,15 @@ def offline_plan(build: str, args: argparse.Namespace, py: Path) -> TorchPlan:
 
 
 def extras_for(build: str, args: argparse.Namespace, generation: bool = True) -> list[str]:
-    """pyproject extras: 'cuda' (nvdiffrast) only for a CUDA build asked for or chosen for a GPU."""
+    """pyproject extras: 'cuda' (nvdiffrast) only for a CUDA build asked for or chosen for a GPU; the farm
+    engines (Ray, OpenJD) with the test tools."""
     extras = ["models"]
     if generation:
         extras.append("generation")
     if build.startswith("cu") and (args.torch.startswith("cu") or detect_gpu() is not None):
         extras.append("cuda")
     if args.dev:
-        extras.append("dev")
+        extras += ["dev", "farm"]  # farm: Ray + openjd-cli, for the farm tests (docs/farm.md)
     return extras
 
 

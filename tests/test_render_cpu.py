@@ -213,8 +213,9 @@ def test_mask_threshold_and_colour_times_mask() -> None:
 def test_frame0_is_the_source_with_full_mask() -> None:
     depth, frames, k = card_scene()
     mesh = dwmesh.build_dwmesh(depth[None].repeat(2, 0), k, frames[None].repeat(2, 0))
-    # even with a camera that is NOT the source camera at frame 0
-    cam = CameraPath(np.stack([extrinsics(rotation(10, 0, 0), (0.5, 0, 0))] * 2), k, W, H)
+    # a camera that starts at the source (frame 0) and moves away (frame 1); one that does NOT start at the
+    # source gets a rendered frame 0 (issue 15; tests/test_source_camera.py)
+    cam = CameraPath(np.stack([np.eye(4), extrinsics(rotation(10, 0, 0), (0.5, 0, 0))]), k, W, H)
     color, mask = render.render_guide(mesh, cam, frames[None].repeat(2, 0), renderer="cpu")
     assert color.shape == (2, H, W, 3) and mask.shape == (2, H, W)
     np.testing.assert_array_equal(color[0], frames)

@@ -4,4 +4,4 @@ Modules import heavy libraries (torch, diffusers, ...) inside their run function
 ``ex4d --help`` and the service's start stay fast.
 """
 
-COMMANDS = ("recon", "demo", "depth", "models", "generate", "serve", "run", "doctor")
+COMMANDS = ("recon", "demo", "depth", "models", "generate", "serve", "run", "doctor", "farm")

@@ -25,9 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--output-frames", default=None, help="also write the frames as PNGs into this folder")
     p.add_argument("--generator", choices=("ex4d", "preview"), default="ex4d")
     p.add_argument("--models-dir", default=None, help="models directory (default: $EX4D_MODELS_DIR or the cache)")
-    p.add_argument("--height", type=int, default=512, help="output height, multiple of 16")
-    p.add_argument("--width", type=int, default=512, help="output width, multiple of 16")
-    p.add_argument("--frames", type=int, default=49, help="output frames (4k+1), sampled evenly from the guide")
+    p.add_argument("--height", type=int, default=512, help="output height, multiple of 16 (overrides --size)")
+    p.add_argument("--width", type=int, default=512, help="output width, multiple of 16 (overrides --size)")
+    p.add_argument("--frames", type=int, default=49, help="old name of --window (frames per generator call, 4k+1)")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     p.add_argument("--shift", type=float, default=5.0, help="flow-matching sigma shift")
@@ -78,62 +78,15 @@ def register(subparsers) -> None:
         action="store_true",
         help="run the EX-4D LoRA as separate peft layers (the reference's arithmetic) instead of merged weights",
     )
+    from ..generation import windows_cli
+
+    windows_cli.add_arguments(p)  # --window/--overlap/--chain-variant/--frame-sampling/--size/--composite-*
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..footage import read_footage
-    from ..generation import REFERENCE_NEGATIVE, REFERENCE_PROMPT, load_generator, write_outputs
-    from ..generation.conditioning import validate_guide, validate_size
+    """Every frame of the guide at its fps as chained windows (or ``--frame-sampling reference``):
+    see :mod:`ex4d_backend.generation.windows`."""
+    from ..generation import windows_cli
 
-    validate_size(args.height, args.width, args.frames)
-    color = read_footage(args.color_video, max_side=None)
-    mask = read_footage(args.mask_video, max_side=None)
-    mask_frames = mask.frames[..., 0]
-    validate_guide(color.frames, mask_frames)
-
-    def progress(stage: str, step: int, total: int, message: str) -> None:
-        log.info("[%s %d/%d] %s", stage, step, total, message)
-
-    options = {}
-    vram_profile = args.vram_profile
-    if args.generator == "ex4d" and args.step_cache is not None:
-        from ..generation.vram import resolve_profile
-
-        vram_profile = resolve_profile(args.vram_profile, step_cache=args.step_cache)
-    if args.generator == "ex4d":
-        options = dict(
-            compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora, rope=args.rope
-        )
-    gen = load_generator(
-        args.generator,
-        models_dir=args.models_dir,
-        device=args.device,
-        vram_profile=vram_profile,
-        progress=progress,
-        **({"gpus": args.gpus} if args.gpus != 1 else {}),
-        **options,
-    )
-    try:
-        frames = gen(
-            color.frames,
-            mask_frames,
-            height=args.height,
-            width=args.width,
-            num_frames=args.frames,
-            steps=args.steps,
-            cfg=args.cfg,
-            shift=args.shift,
-            seed=args.seed,
-            prompt=args.prompt if args.prompt is not None else REFERENCE_PROMPT,
-            negative_prompt=args.negative_prompt if args.negative_prompt is not None else REFERENCE_NEGATIVE,
-            resize=args.resize,
-            callback=progress,
-        )
-    finally:
-        gen.close()
-    fps = args.fps or color.fps
-    out = write_outputs(frames, args.output_video, fps, args.output_frames)
-    for kind, path in out.items():
-        print(f"{kind}: {path}")
-    return 0
+    return windows_cli.run(args)

@@ -10,8 +10,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..errors import NOT_FOUND, Ex4dError
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,44 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models-dir", metavar="DIR", help="models folder")
     p.add_argument("--force", action="store_true", help="recompute the job's own result even if it is stored")
     p.add_argument("--output", metavar="DIR", help="also copy the result files into DIR")
+    p.add_argument("--project-root", metavar="DIR", help="base of the job's relative inputs (see docs/farm.md)")
+    p.add_argument("--path-map", metavar="SRC=DST", action="append", help="read inputs under SRC from DST (repeatable)")
     p.set_defaults(func=run)
 
 
-def _absolutise(params: dict, base: Path) -> dict:
-    def fix(path: str) -> str:
-        p = Path(path).expanduser()
-        return str(p if p.is_absolute() else base / p)
-
-    params = json.loads(json.dumps(params))
-    if isinstance(params.get("footage"), str):
-        params["footage"] = fix(params["footage"])
-    depth = params.get("depth")
-    if isinstance(depth, dict) and isinstance(depth.get("path"), str):
-        depth["path"] = fix(depth["path"])
-    cam = params.get("camera")
-    if isinstance(cam, dict) and isinstance(cam.get("file"), str):
-        cam["file"] = fix(cam["file"])
-    return params
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..service import jobs, protocol
+    from ..jobfile import load_job
     from ..service.jobstore import JobStore
 
-    job_path = Path(args.job).expanduser().resolve()
-    if not job_path.is_file():
-        raise Ex4dError("job file not found", where=str(job_path), code=NOT_FOUND)
-    try:
-        job = protocol.loads_strict(job_path.read_text(encoding="utf-8"))
-        type_, params = jobs.check_job_file(job)
-    except ValueError as exc:
-        raise Ex4dError(f"the job file is not valid JSON: {exc}", where=str(job_path)) from None
-    except protocol.ProtocolError as exc:
-        raise Ex4dError(exc.message, where=str(job_path), hint=exc.hint or "see PROTOCOL.md", code=exc.code) from None
-    params = _absolutise(params, job_path.parent)
+    loaded = load_job(args.job, path_maps=args.path_map or (), project_root=args.project_root)
+    job_path, type_, params = loaded.path, loaded.type, loaded.params
     if args.force:
         params["force"] = True
-    allowed = args.allow if args.allow is not None else [Path.home(), Path.cwd(), job_path.parent]
+    allowed = args.allow if args.allow is not None else [Path.home(), Path.cwd(), job_path.parent, loaded.root]
     store = JobStore(args.store, allowed)
     handler = store.log_handler()
     logging.getLogger().addHandler(handler)

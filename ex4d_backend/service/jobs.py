@@ -259,7 +259,7 @@ def mesh_stage(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray) -
                 stop = min(t, start + step)
                 m = build_dwmesh(
                     torch.from_numpy(np.array(depth.depth[start:stop])),
-                    k,
+                    k if np.ndim(k) == 2 else k[start:stop],  # per-frame K: a zooming source camera
                     torch.from_numpy(np.array(clip.frames[start:stop])),
                     mesh_filter=mesh_filter,
                     border_depth=border,
@@ -298,10 +298,11 @@ def _check_rigid(m: np.ndarray, where: str, *, scale_ok: bool) -> None:
         )
 
 
-def camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
-    """The novel camera as a ``cameras.CameraPath`` at the processing resolution (>= T frames)."""
+def camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray, source=None, depth_scale=1.0):
+    """The novel camera as a ``cameras.CameraPath`` at the processing resolution (>= T frames); presets,
+    lock_off and stabilize relative to ``source`` (``camera_paths``; None: static at the origin)."""
     try:
-        return _camera_path(ctx, p, clip, depth, k)
+        return _camera_path(ctx, p, clip, depth, k, source, depth_scale)
     except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as exc:
         raise Ex4dError(
             f"unusable camera: {str(exc)[:300]}",
@@ -310,17 +311,20 @@ def camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
         ) from None
 
 
-def _camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray):
-    from .. import cameras
+def _camera_path(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray, source=None, depth_scale=1.0):
+    from .. import camera_paths, cameras
+    from .source import camera_spec
 
     cam = p["camera"]
     w, h = clip.size
     t = clip.frames.shape[0]
     name = cam.get("name")
-    if "preset" in cam:
-        path = cameras.preset_path(
-            cam["preset"], t, k, np.asarray(depth.depth[0]), w, h, border_depth=float(p.get("border_depth", 100.0))
-        )
+    if camera_spec(cam) is not None:  # presets follow the source path; lock_off / stabilize hold / smooth it
+        k0 = k if np.ndim(k) == 2 else k[0]
+        path = camera_paths.novel_camera_path(
+            camera_spec(cam), t, k0, np.asarray(depth.depth[0]), w, h, source=source, fps=clip.fps,
+            depth_scale=depth_scale, border_depth=float(p.get("border_depth", 100.0)),
+        )  # fmt: skip
     elif "blender" in cam:
         b = cam["blender"]
         if "resolution" in b:
@@ -393,17 +397,21 @@ def guide_stage(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray) 
     import torch
 
     from .. import cameras
+    from ..camera_paths import guide_starts_at_source
     from ..dwmesh import DWMesh
     from ..render import render_guide, resolve_renderer
+    from .source import source_setup
 
+    src = source_setup(ctx, p, clip, depth, k)  # the moving source camera and depth scale (issue 15)
+    k = src.k
     mesh = mesh_stage(ctx, p, clip, depth, k)
     ctx.progress("camera", 0, 1, "camera path")
-    cam = camera_path(ctx, p, clip, depth, k)
+    cam = camera_path(ctx, p, clip, depth, k, source=src.path, depth_scale=float(src.scales[0]))
     cam_hash = _array_hash(cam.extrinsics, cam.intrinsics)
     ctx.progress("camera", 1, 1, cam.name)
     renderer = resolve_renderer(p.get("renderer", "auto"))
     use_dwmesh = bool(p.get("use_dwmesh", True))
-    key = make_key(STAGE_VERSION, "guide", mesh.key, cam_hash, renderer, use_dwmesh)
+    key = make_key(STAGE_VERSION, "guide", mesh.key, cam_hash, renderer, use_dwmesh, *src.key_parts())
     if ctx.store.stage_meta("guide", key) is not None and ctx.force_stage != "guide":
         _stage_done(ctx, "guide", True)
         return ctx.store.stage_dir("guide", key), ctx.store.stage_meta("guide", key), key
@@ -430,8 +438,9 @@ def guide_stage(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray) 
             w,
         )
         color[start:stop], mask[start:stop] = render_guide(
-            m, cam, frames, renderer=renderer, use_dwmesh=use_dwmesh, first_frame=start
-        )
+            m, cam, frames, renderer=renderer, use_dwmesh=use_dwmesh, first_frame=start,
+            source=src.path, depth_scale=src.scales, source_k=k if np.ndim(k) == 2 else k[0],
+        )  # fmt: skip
         del m
     ctx.progress("render", total, total, "done")
     meta = {
@@ -439,6 +448,8 @@ def guide_stage(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray) 
         "camera_hash": cam_hash,
         "renderer": renderer,
         "use_dwmesh": use_dwmesh,
+        "frame0_is_source": guide_starts_at_source(cam, src.path, k if np.ndim(k) == 2 else k[0]),
+        "depth_scale_fit": src.fit,
         "n_frames": t,
         "width": w,
         "height": h,
@@ -486,10 +497,14 @@ def exec_estimate_depth(ctx: Context, p: dict) -> dict:
 
 def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
     from ..cameras import CV_TO_BLENDER
+    from .source import source_setup
 
     clip = clip_stage(ctx, p)
     depth = depth_stage(ctx, p, clip)
-    mesh = mesh_stage(ctx, p, clip, depth, intrinsics(p, *clip.size))
+    k = intrinsics(p, *clip.size)
+    if p.get("source_camera"):  # the source camera's intrinsics, as render_guide's mesh
+        k = source_setup(ctx, {**p, "depth_scale": 1.0}, clip, depth, k).k
+    mesh = mesh_stage(ctx, p, clip, depth, k)
     d = mesh.dir
     return {
         "positions_npy": str(d / "positions.npy"),
@@ -547,6 +562,8 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
         "camera_npz": str(d / "camera.npz"),
         "camera_hash": meta["camera_hash"],
         "camera": meta["camera"],
+        "frame0_is_source": meta.get("frame0_is_source", True),
+        "depth_scale_fit": meta.get("depth_scale_fit", {}),
         **_clip_result(clip),
     }
 
@@ -669,7 +686,9 @@ FORCED_STAGE = {
 def job_key(store: JobStore, type_: str, params: dict) -> str:
     """The job's key: its type and params with every input path replaced by the input's content hash
     (so a moved file still hits; an edited one never does). Checks the input paths."""
-    canon = {k: v for k, v in params.items() if k != "force"}
+    from .source import canonical
+
+    canon = canonical(store, {k: v for k, v in params.items() if k != "force"})
     canon["footage"] = store.input_hash(store.check_input(params["footage"], "footage"))
     depth = dict(params["depth"])
     if depth.get("model") == "file" and "path" in depth:

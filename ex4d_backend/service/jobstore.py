@@ -9,6 +9,13 @@ Layout (``<store>`` defaults to ``<user cache>/ex4d/store``)::
                                    state.json (queued / running / done / failed / cancelled / interrupted),
                                    result.json (the result event's payload, when done)
     <store>/logs/service.log       rotating log (1 MiB, plus 3 older files service.log.1 .. .3)
+    <store>/locks/<stage>-<key>.lock   per-stage locks (``stage_lock``; see ``locks.py``)
+
+Every stage folder's ``meta.json`` records a content manifest (sizes and hashes of its files,
+``integrity.py``); ``stage_meta`` checks it on every reuse and discards a damaged result, so it is
+computed again. Several processes (two ``ex4d serve``, farm workers) may share one store: stage locks
+keep one result from being computed twice, commits of one stage never race, and start-up clean-up
+removes only the temporary folders of processes that are dead.
 
 Footage-level stages (frames, depth, DW-mesh) are keyed only by the footage and their own settings, so
 a camera change reuses them. Jobs left ``queued``/``running`` by a process that died are marked
@@ -26,12 +33,14 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from ..atomic import atomic_path, write_bytes
+from ..atomic import HOST_TAG, partial_owner, replace, temp_sibling, write_bytes
 from ..errors import NOT_FOUND, Ex4dError
+from . import integrity, locks
 from .protocol import FORBIDDEN_PATH
 
 log = logging.getLogger("ex4d_backend.service")
@@ -41,6 +50,10 @@ LOG_MAX_BYTES = 1 << 20
 LOG_BACKUPS = 3
 FINISHED_STATES = ("done", "failed", "cancelled", "interrupted")
 META = "meta.json"  # written last into every stage folder
+WRITER = ".writer.json"  # the writing process, inside a stage folder being written (removed at commit)
+COMMIT = "commit"  # lock name of a stage folder's rename into place
+FOREIGN_PARTIAL_AGE = 24 * 3600.0  # a temporary of another host is removed only when this old (s)
+OLD_PARTIAL_AGE = 600.0  # a temporary without a writer tag (older versions) is removed when this old (s)
 
 
 def default_store() -> Path:
@@ -71,7 +84,7 @@ class JobStore:
 
     def __init__(self, root: str | os.PathLike | None = None, allowed: Iterable[str | os.PathLike] | None = None):
         self.root = Path(root or default_store()).expanduser().resolve()
-        for sub in ("cache", "jobs", "logs"):
+        for sub in ("cache", "jobs", "logs", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if allowed is None:
             allowed = [Path.home(), Path.cwd()]
@@ -128,19 +141,101 @@ class JobStore:
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / "cache" / f"{stage}-{key}"
 
-    def stage_meta(self, stage: str, key: str) -> dict | None:
-        """The stage's meta.json if the stage result is complete, else None."""
-        return read_json(self.stage_dir(stage, key) / META)
+    def stage_lock(
+        self,
+        stage: str,
+        key: str,
+        *,
+        stale_after: float = 30.0,
+        poll: float = 0.1,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> contextlib.AbstractContextManager[None]:
+        """Exclusive lock for computing one stage result, across processes and machines sharing the store.
+
+        Lock file ``<root>/locks/<stage>-<key>.lock`` made with O_CREAT|O_EXCL, holding JSON {pid, host,
+        token, started}; a heartbeat thread touches its mtime every stale_after/4 s while held. A lock whose
+        mtime is older than stale_after, or whose owner is on this host and dead, is stale and is broken
+        (renamed to a unique name, then removed). Waiting polls every ``poll`` s and raises
+        ``errors.Cancelled`` when ``cancelled()`` is true. Re-entrant within one thread."""
+        lock = locks.StageLock(locks.lock_path(self.root, stage, key), stale_after=stale_after, poll=poll)
+        return lock.hold(cancelled)
+
+    def is_held(self, stage: str, key: str, *, stale_after: float = 30.0) -> bool:
+        """A live (non-stale) lock exists for this stage result (held by any process, this one included)."""
+        return locks.StageLock(locks.lock_path(self.root, stage, key), stale_after=stale_after).live()
+
+    def stage_meta(self, stage: str, key: str, *, full: bool = False) -> dict | None:
+        """The stage's meta.json if the stage result is complete and intact, else None.
+
+        Intact: every file of the content manifest recorded at write time is present with its size and
+        hash (``full``: hash again even what this process already checked). A damaged result is moved out
+        of the way (logged), so the caller computes it again."""
+        d = self.stage_dir(stage, key)
+        meta = read_json(d / META)
+        if meta is None:
+            if d.exists():
+                self._discard(d, "its meta.json is missing or unreadable")
+            return None
+        problem = integrity.verify(d, meta.get("files"), full=full)
+        if problem is not None:
+            self._discard(d, problem)
+            return None
+        return meta
+
+    def verify_stage_dir(self, d: Path, *, full: bool = False) -> bool:
+        """Whether a stage folder (by path) is complete and intact."""
+        meta = read_json(d / META)
+        return meta is not None and integrity.verify(d, meta.get("files"), full=full) is None
+
+    def _discard(self, d: Path, problem: str) -> None:
+        with self.stage_lock(COMMIT, d.name):
+            if not d.exists():
+                return
+            aside = d.with_name(f".{d.name}.corrupt-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(d, aside)
+            except OSError:
+                return
+        log.warning("the stored %s is damaged (%s): it will be computed again", d.name, problem)
+        shutil.rmtree(aside, ignore_errors=True)
 
     @contextlib.contextmanager
     def write_stage(self, stage: str, key: str, meta: dict) -> Iterator[Path]:
-        """Yield a temporary folder to fill; on success ``meta.json`` is added and the folder renamed
-        into place (replacing an older result only once the new one is complete)."""
-        with atomic_path(self.stage_dir(stage, key)) as tmp:
-            tmp.mkdir(parents=True)
+        """Yield a temporary folder to fill; on success ``meta.json`` (with the content manifest of every
+        file written) is added and the folder renamed into place, under the stage's commit lock (replacing
+        an older result only once the new one is complete). A temporary folder that disappeared while it was
+        written (removed by another process) is never committed."""
+        final = self.stage_dir(stage, key)
+        tmp = temp_sibling(final)
+        tmp.mkdir()
+        ino = tmp.stat().st_ino
+        writer = {**locks.owner_record(), "token": uuid.uuid4().hex}
+        _write_new(tmp / WRITER, json.dumps(writer).encode())
+        try:
             yield tmp
             _test_write_delay()
-            write_json(tmp / META, meta)
+            if not _same_dir(tmp, ino) or read_json(tmp / WRITER) != writer:
+                raise Ex4dError(
+                    f"the temporary folder of the {stage} result was removed while it was being written",
+                    where=str(tmp),
+                    hint="another program deleted files in the job store; run the job again",
+                    code="io_error",
+                )
+            (tmp / WRITER).unlink()
+            full_meta = {**meta, "files": integrity.manifest(tmp, skip={META})}
+            body = (json.dumps(full_meta, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+            _write_new(tmp / META, body)  # never creates the folder again
+            with self.stage_lock(COMMIT, final.name):
+                if not _same_dir(tmp, ino):
+                    raise Ex4dError(
+                        f"the temporary folder of the {stage} result was removed before it was committed",
+                        where=str(tmp),
+                        code="io_error",
+                    )
+                replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
     # -- jobs ---------------------------------------------------------------------------------
     def job_dir(self, type_: str, key: str) -> Path:
@@ -162,14 +257,26 @@ class JobStore:
         return job_dir
 
     def cached_result(self, job_dir: Path) -> dict | None:
-        """A previous result whose files all still exist, else None."""
+        """A previous result whose files all still exist, and whose stage folders in this store are intact
+        (see :meth:`stage_meta`), else None."""
         result = read_json(job_dir / "result.json")
         if result is None:
             return None
+        cache = self.root / "cache"
+        checked: set[Path] = set()
         for name, value in result.items():
             if name.endswith(("_npy", "_pc2", "_mp4", "_npz", "_dir")) and isinstance(value, str):
-                if not Path(value).exists():
+                p = Path(value)
+                if not p.exists():
                     return None
+                if p.parent == cache or cache not in p.parents:
+                    continue
+                stage_dir = cache / p.relative_to(cache).parts[0]
+                if stage_dir not in checked:
+                    checked.add(stage_dir)
+                    stage, _, key = stage_dir.name.partition("-")
+                    if self.stage_meta(stage, key) is None:
+                        return None
         return result
 
     def finish_job(self, job_dir: Path, state: str, *, result: dict | None = None, error: dict | None = None) -> None:
@@ -211,23 +318,48 @@ class JobStore:
         return jobs[:limit]
 
     def clean_partials(self) -> int:
-        """Remove temporary siblings that a killed process left behind (never complete results), and
-        put back a previous result that a process killed in the middle of a replace had moved aside
+        """Remove temporary siblings that a dead process left behind (never complete results, never the
+        work in progress of a live process, e.g. a second ``ex4d serve`` on this store), and put back a
+        previous result that a process killed in the middle of a replace had moved aside
         (``atomic.replace`` renames the old folder to ``.<name>.old-<id>`` just before the new one)."""
         n = 0
+        now = time.time()
         for pattern in ("cache/.*.partial-*", "jobs/.*.partial-*", "jobs/*/.*.partial-*"):
             for p in self.root.glob(pattern):
+                if self._partial_alive(p, now):
+                    continue
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 n += 1
+        for pattern in ("cache/.*.corrupt-*", "locks/.*.broken-*"):
+            for p in self.root.glob(pattern):
+                if now - _mtime(p, now) > OLD_PARTIAL_AGE:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         for p in self.root.glob("cache/.*.old-*"):
             final = p.with_name(p.name[1:].rsplit(".old-", 1)[0])
-            if final.exists():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.replace(p, final)
-                log.warning("restored %s, which an interrupted replace had moved aside", final.name)
+            if self.is_held(COMMIT, final.name):
+                continue  # a live process is between the two renames of a replace
+            with self.stage_lock(COMMIT, final.name):
+                if not p.exists():
+                    continue
+                if final.exists():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.replace(p, final)
+                    log.warning("restored %s, which an interrupted replace had moved aside", final.name)
             n += 1
         return n
+
+    def _partial_alive(self, p: Path, now: float) -> bool:
+        """Whether a temporary may still be written by a live process."""
+        owner = partial_owner(p.name)
+        if owner is None:
+            return now - _mtime(p, now) < OLD_PARTIAL_AGE
+        host_tag, pid = owner
+        if host_tag != HOST_TAG:
+            return now - _mtime(p, now) < FOREIGN_PARTIAL_AGE
+        writer = read_json(p / WRITER) if p.is_dir() else None
+        start = writer.get("pid_start") if writer and writer.get("pid") == pid else None
+        return locks.pid_alive(pid, start)
 
     # -- log ----------------------------------------------------------------------------------
     def log_handler(self) -> logging.Handler:
@@ -261,16 +393,33 @@ class TailHandler(logging.Handler):
         return list(self.lines)[-n:]
 
 
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
+_pid_alive = locks.pid_alive
+
+
+def _mtime(p: Path, default: float) -> float:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return p.lstat().st_mtime
+    except OSError:
+        return default
+
+
+def _same_dir(p: Path, ino: int) -> bool:
+    try:
+        st = p.lstat()
+    except OSError:
         return False
-    except (PermissionError, OSError):
-        return True
-    return True
+    return st.st_ino == ino and p.is_dir()
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a file that must not exist yet, in a folder that must exist (never created here)."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _test_write_delay() -> None:

@@ -142,6 +142,8 @@ CAMERA = {
         "blender": BLENDER_CAMERA,
         "opencv": OPENCV_CAMERA,
         "file": _PATH,
+        "lock_off": {"type": "integer", "minimum": 0, "maximum": _MAX_CAMERA_FRAMES},  # hold source frame N
+        "stabilize": {"type": "number", "minimum": 0, "maximum": 60},  # the source path smoothed, seconds
         "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
     },
     "minProperties": 1,
@@ -152,8 +154,44 @@ CAMERA = {
         {"required": ["blender"]},
         {"required": ["opencv"]},
         {"required": ["file"]},
+        {"required": ["lock_off"]},
+        {"required": ["stabilize"]},
     ],
 }
+SOURCE_CAMERA = {  # the camera that filmed the footage, per frame, in the novel camera's world (issue 15)
+    "type": "object",
+    "properties": {"blender": BLENDER_CAMERA, "opencv": OPENCV_CAMERA, "file": _PATH},
+    "minProperties": 1,
+    "maxProperties": 1,
+    "additionalProperties": False,
+}
+_BUNDLE = {
+    "type": "object",
+    "properties": {
+        "co": {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3},
+        "frames": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": _MAX_CAMERA_FRAMES},
+        "uv": {"type": "array", "items": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2}},
+    },
+    "required": ["co", "frames"],
+    "additionalProperties": False,
+}
+DEPTH_SCALE = {  # depth units -> world units: a number, or the camera solve's bundles to fit it to
+    "anyOf": [
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 1e9},
+        {
+            "type": "object",
+            "properties": {
+                "bundles": {"type": "array", "items": _BUNDLE, "minItems": 1, "maxItems": 100000},
+                "file": _PATH,
+                "convention": {"enum": ["opencv", "blender"]},
+                "per_frame": {"type": "boolean"},
+            },
+            "oneOf": [{"required": ["bundles"]}, {"required": ["file"]}],
+            "additionalProperties": False,
+        },
+    ]
+}
+SOURCE = {"source_camera": SOURCE_CAMERA, "depth_scale": DEPTH_SCALE}
 RENDER = {
     "renderer": {"enum": list(RENDERERS)},
     "use_dwmesh": {"type": "boolean"},
@@ -186,17 +224,19 @@ PARAMS: dict[str, dict] = {
     "jobs": _params({}, []),
     "probe_footage": _params({"footage": _PATH, "max_side": CLIP["max_side"], **INTRINSICS}, ["footage"]),
     "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
-    "build_dwmesh": _params({**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **COMMON}, ["footage", "depth"]),
+    "build_dwmesh": _params(
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "source_camera": SOURCE_CAMERA, **COMMON}, ["footage", "depth"]
+    ),
     "camera_preset": _params(
         {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "preset": {"enum": list(PRESETS)}, "sensor_width": _SENSOR},
         ["footage", "depth", "preset"],
     ),
     "render_guide": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **COMMON},
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **SOURCE, **COMMON},
         ["footage", "depth", "camera"],
     ),
     "generate": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **GENERATE, **COMMON},
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **SOURCE, **GENERATE, **COMMON},
         ["footage", "depth", "camera"],
     ),
 }
