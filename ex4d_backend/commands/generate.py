@@ -40,7 +40,25 @@ def register(subparsers) -> None:
         default="crop",
         help="crop keeps the guide's aspect (centred crop); stretch squashes like the reference",
     )
-    p.add_argument("--vram-profile", choices=("full", "24gb", "12gb"), default="full")
+    p.add_argument(
+        "--vram-profile",
+        choices=("full", "24gb", "12gb", "fast"),
+        default="full",
+        help="fast: FP8 linear layers + 8-bit attention + compile (GPU of compute capability >= 8.9; not exact)",
+    )
+    p.add_argument(
+        "--step-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="skip DiT evaluations whose output would barely change (off by default; e.g. 0.1; quality unverified)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs for one clip: 2 = one CFG branch each; 4, 8, 10 (or 5) add sequence parallel within a branch",
+    )
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:1 or cpu")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the colour video's)")
     p.add_argument(

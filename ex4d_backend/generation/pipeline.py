@@ -189,7 +189,7 @@ class Ex4dPipeline:
         profile = PROFILES[vram_profile] if isinstance(vram_profile, str) else vram_profile
         self.placement = Placement(self, profile, device)
         self.compiled = False
-        if compile:
+        if compile or (profile.compile and torch.device(device).type == "cuda"):  # the fast profile compiles on the GPU
             self.compile_blocks()
 
     def compile_blocks(self) -> None:
