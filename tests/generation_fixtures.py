@@ -77,28 +77,43 @@ def write_image_encoder(folder: Path, seed: int = 3) -> None:
     torch.save(state, folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
 
 
-def write_tokenizer(folder: Path) -> None:
+PREPEND_SCHEMES = ("always", "first", "never")
+
+
+def write_tokenizer(folder: Path, prepend_scheme: str = "always") -> None:
+    """A umT5-like tokenizer folder: ``tokenizer.json`` with a Unigram model (pad 0, eos 1, unk 2, as
+    umT5), a Metaspace pre-tokenizer with the given ``prepend_scheme`` and a post-processor appending
+    ``</s>``; ``tokenizer_config.json`` naming ``T5Tokenizer`` (as google/umt5-xxl), the special tokens
+    map and a SentencePiece ``spiece.model`` (the published file list). Ids stay below the tiny
+    text encoder's vocabulary (64)."""
     import io
 
     import sentencepiece as spm
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     from ex4d_backend.generation.conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-"]
+    seen = {p for p, _ in pieces}
     for word in (REFERENCE_PROMPT + " " + REFERENCE_NEGATIVE).lower().replace(",", " ").split():
-        if len(vocab) < T5_CFG["vocab"]:
-            vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(str(folder))
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+        for piece in ("\u2581" + word, word):
+            if len(pieces) < T5_CFG["vocab"] and piece not in seen:
+                pieces.append((piece, -1.0 - 0.01 * len(pieces)))
+                seen.add(piece)
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme, split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme, split=True)
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {**special, "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([REFERENCE_PROMPT, REFERENCE_NEGATIVE] * 8),
