@@ -60,6 +60,18 @@ def register(subparsers) -> None:
         action="store_true",
         help="run the EX-4D LoRA as separate peft layers (the reference's arithmetic) instead of merged weights",
     )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "reference"),
+        default="bf16",
+        help="GPU arithmetic: bf16 (faster) or reference (bf16 autocast with the reference's float32 islands)",
+    )
+    p.add_argument(
+        "--conditioning",
+        choices=("reference", "float"),
+        default="reference",
+        help="reference: the bf16-rounded guide and 8-bit first frame of generate.py; float: no rounding",
+    )
     p.set_defaults(func=run)
 
 
@@ -80,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
     options = {}
     if args.generator == "ex4d":
         options = dict(
-            compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora, rope=args.rope
-        )
+            compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora, rope=args.rope,
+            precision=args.precision, conditioning=args.conditioning,
+        )  # fmt: skip
     gen = load_generator(
         args.generator,
         models_dir=args.models_dir,

@@ -275,6 +275,17 @@ def inject_lora(dit: nn.Module) -> nn.Module:
     return inject_adapter_in_model(config, dit)
 
 
+def lora_to_float32(dit: nn.Module) -> int:
+    """Store every LoRA tensor in float32, as the reference's ``add_lora_to_model`` does (its trainable
+    parameters are cast to float32 before ``ex4d.ckpt`` is loaded). Returns the number of tensors cast."""
+    n = 0
+    for name, p in dit.named_parameters():
+        if ".lora_" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
 def build_camera_encoder(dit: nn.Module, hidden: int = 1024) -> CamVidEncoder:
     return CamVidEncoder(latent_channels=16, hidden=hidden, dim=dit.dim, patch=tuple(dit.patch_size))
 
@@ -318,7 +329,8 @@ def load_ex4d_checkpoint(
             prefix = next(u for u in unexpected if u.endswith(missing[0]))[: -len(missing[0])]
             hint = f"the keys carry an extra prefix '{prefix}': save the checkpoint without it"
         raise _invalid(what, path, hint)
-    lora_state = {k: state[k].to(device, dtype) for k in lora_expected}
+    # into each LoRA parameter's own dtype (float32 when reference precision made them so: no bf16 detour)
+    lora_state = {k: state[k].to(device) for k in lora_expected}
     result = dit.load_state_dict(lora_state, strict=False)
     if result.unexpected_keys:  # cannot happen after the check above; never load silently
         raise _invalid(f"LoRA keys not in the DiT: {result.unexpected_keys[:3]}", path)

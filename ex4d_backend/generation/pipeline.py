@@ -200,16 +200,32 @@ def float32_island(module: torch.nn.Module) -> None:
     module.forward = forward
 
 
+def float32_island_modules(dit) -> tuple[torch.nn.Module, ...]:
+    """The DiT modules the reference computes in float32 under its bf16 autocast."""
+    return (dit.time_embedding, dit.time_projection, dit.head.head)
+
+
+def disable_reference_precision(dit: torch.nn.Module, camera_hook) -> None:
+    """Undo :func:`enable_reference_precision` (LoRA back to the base weights' dtype; benchmarks)."""
+    dtype = dit.patch_embedding.weight.dtype
+    for name, p in dit.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.to(dtype)
+    for m in float32_island_modules(dit):
+        m.__dict__.pop("forward", None)
+    camera_hook.cast_timestep = True
+
+
 def enable_reference_precision(dit: torch.nn.Module, camera_hook) -> None:
     """The reference's float32 islands in a bf16 DiT run under bf16 autocast (diffsynth 1.1.2 + EX-4D):
     the LoRA weights stored in float32 (its ``add_lora_to_model`` casts them), the timestep embedding,
     time projection and output head computed in float32 (its ``amp.autocast(float32)`` blocks), the
     float32 timestep fed as is. With a float32 modulation the residual stream stays float32 from the
     first block on, as in the reference."""
-    for name, p in dit.named_parameters():
-        if ".lora_" in name:
-            p.data = p.data.float()
-    for m in (dit.time_embedding, dit.time_projection, dit.head.head):
+    from .loading import lora_to_float32
+
+    lora_to_float32(dit)
+    for m in float32_island_modules(dit):
         float32_island(m)
     camera_hook.cast_timestep = False
 
@@ -244,8 +260,8 @@ class Ex4dPipeline:
         picks the SDPA kernel: ``auto`` (torch's choice), ``cudnn`` or ``flash``. ``rope``:
         ``float32`` (default, faster) or ``float64`` (diffsynth's / the reference's exact code).
         ``precision`` (GPU, bf16): ``bf16`` (default: every tensor in bf16, LoRA merged) or ``reference``
-        (every model under bf16 autocast with the reference's float32 islands, LoRA unmerged in float32:
-        :func:`enable_reference_precision`). ``conditioning``: ``reference`` (default: the bf16-rounded
+        (every model under bf16 autocast with the reference's float32 islands, LoRA unmerged in float32,
+        float64 rope: :func:`enable_reference_precision`). ``conditioning``: ``reference`` (default: the bf16-rounded
         guide and the 8-bit truncating first-frame round trip of ``generate.py``) or ``float`` (no
         rounding); see :mod:`.conditioning`."""
         from . import loading
@@ -268,6 +284,8 @@ class Ex4dPipeline:
         self.device, self.dtype, self.attention, self.rope = device, dtype, attention, rope
         self.precision, self.conditioning = precision, conditioning
         reference = precision == "reference"
+        if reference:
+            self.rope = "float64"  # the reference's complex float64 rotary embedding
         self.lora_merged = loading.merge_lora(dit) if merge_lora and not reference else 0
         self.camera_hook = CameraTokenHook(dit)
         if reference:
@@ -324,6 +342,8 @@ class Ex4dPipeline:
         step(0, "loading the DiT")
         dit = loading.load_dit(wan, load_dev, dtype)
         loading.inject_lora(dit)
+        if options.get("precision") == "reference":
+            loading.lora_to_float32(dit)  # before loading: ex4d.ckpt's values without a bf16 detour
         step(1, "loading ex4d.ckpt")
         camera_encoder, _ = loading.load_ex4d_checkpoint(ex4d / specs.EX4D_FILE, dit, load_dev, dtype)
         step(2, "loading the text encoder")
@@ -470,7 +490,8 @@ class Ex4dPipeline:
         negative_prompt: str = REFERENCE_NEGATIVE,
         resize: str = "crop",
         callback: Progress | None = None,
-    ) -> np.ndarray:
+        return_latents: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, torch.Tensor]:
         """Generate the new-view video from a guide.
 
         Args:
@@ -486,9 +507,10 @@ class Ex4dPipeline:
             callback: ``callback(stage, step, total, message)``; called after every denoising step
                 with stage ``"denoise"``; raising :class:`~ex4d_backend.errors.Cancelled` stops the run
                 between steps and frees GPU memory.
+            return_latents: also return the final latents (float32 (1, 16, f, h/8, w/8), on the CPU).
 
         Returns:
-            uint8 (num_frames, height, width, 3) RGB frames.
+            uint8 (num_frames, height, width, 3) RGB frames (and the latents with ``return_latents``).
         """
 
         def report(stage: str, i: int, n: int, msg: str) -> None:
@@ -522,6 +544,8 @@ class Ex4dPipeline:
             video = self.vae_decode(latents)
             frames = ((video[0].float().permute(1, 2, 3, 0) + 1) * 127.5).clamp(0, 255).cpu().numpy()
             report("decode", 1, 1, "done")
+            if return_latents:
+                return frames.astype(np.uint8), latents.float().cpu()
             return frames.astype(np.uint8)
         finally:
             del cond, latents, video, pred, pos, neg, timestep
