@@ -37,10 +37,21 @@ def _dtypes_seen(pipe):
         "clip_layernorm": clip_norm,
     }
     seen = {}
-    handles = [
-        mod.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, out.dtype))
-        for name, mod in watched.items()
-    ]
+
+    def watch(name):
+        def hook(module, inputs, out):
+            seen.setdefault(name, out.dtype)  # the first call (block_0: its first use)
+            if name == "clip_layernorm" and "clip_exact" not in seen:
+                x = inputs[0]
+                f32 = torch.nn.functional.layer_norm(
+                    x.float(), module.normalized_shape, module.weight.float(), module.bias.float(), module.eps
+                )
+                seen["clip_exact"] = torch.equal(out, f32.to(out.dtype))
+                seen["clip_in"] = x.dtype
+
+        return hook
+
+    handles = [mod.register_forward_hook(watch(name)) for name, mod in watched.items()]
     try:
         cond = pipe.condition(c, m, ["a prompt", "a negative prompt"])
         lat = torch.randn(1, 16, 2, 4, 4)
@@ -66,8 +77,9 @@ def test_reference_precision_keeps_the_float32_islands(models):
         torch.testing.assert_close(v, ckpt[k], rtol=0, atol=0)  # the file's values, not bf16-rounded
     assert pipe.dit.blocks[0].self_attn.q.base_layer.weight.dtype == torch.bfloat16  # base weights stay bf16
     seen, pred = _dtypes_seen(pipe)
-    for name in ("time_embedding", "time_projection", "head", "block_0", "block_last", "clip_layernorm"):
+    for name in ("time_embedding", "time_projection", "head", "block_0", "block_last"):
         assert seen[name] == torch.float32, (name, seen[name])
+    assert seen["clip_in"] == torch.bfloat16 and seen["clip_exact"]  # bf16 in, computed in float32
     assert seen["patch_embedding"] == torch.bfloat16  # as the reference: its patchify conv runs in bf16
     assert torch.isfinite(pred).all()
 
@@ -81,6 +93,7 @@ def test_default_bf16_precision_is_bf16_throughout(models):
     seen, _ = _dtypes_seen(pipe)
     for name in ("time_embedding", "time_projection", "head", "block_0", "block_last", "patch_embedding"):
         assert seen[name] == torch.bfloat16, (name, seen[name])
+    assert not seen["clip_exact"]  # CLIP's LayerNorm computed in bf16
 
 
 def test_unknown_precision_is_one_clear_error(models):

@@ -200,9 +200,30 @@ def float32_island(module: torch.nn.Module) -> None:
     module.forward = forward
 
 
+def layer_norm_island(module: torch.nn.LayerNorm) -> None:
+    """What CUDA autocast does to a LayerNorm (layer_norm is on its float32 list), on any device: computed
+    in float32 from float32 copies of input and weights; a plain ``nn.LayerNorm`` returns float32, a
+    subclass whose forward ends in ``.type_as(x)`` (diffsynth's CLIP ``LayerNorm``) the input's dtype."""
+    keep_dtype = type(module) is not torch.nn.LayerNorm
+
+    def forward(x):
+        w = None if module.weight is None else module.weight.float()
+        b = None if module.bias is None else module.bias.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = torch.nn.functional.layer_norm(x.float(), module.normalized_shape, w, b, module.eps)
+        return out.to(x.dtype) if keep_dtype else out
+
+    module.forward = forward
+
+
 def float32_island_modules(dit) -> tuple[torch.nn.Module, ...]:
-    """The DiT modules the reference computes in float32 under its bf16 autocast."""
+    """The DiT modules the reference computes in float32 under its bf16 autocast (its
+    ``amp.autocast(float32)`` blocks)."""
     return (dit.time_embedding, dit.time_projection, dit.head.head)
+
+
+def layer_norms(module: torch.nn.Module) -> list[torch.nn.LayerNorm]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
 
 
 def disable_reference_precision(dit: torch.nn.Module, camera_hook) -> None:
@@ -211,7 +232,7 @@ def disable_reference_precision(dit: torch.nn.Module, camera_hook) -> None:
     for name, p in dit.named_parameters():
         if ".lora_" in name:
             p.data = p.data.to(dtype)
-    for m in float32_island_modules(dit):
+    for m in (*float32_island_modules(dit), *layer_norms(dit)):
         m.__dict__.pop("forward", None)
     camera_hook.cast_timestep = True
 
@@ -220,13 +241,16 @@ def enable_reference_precision(dit: torch.nn.Module, camera_hook) -> None:
     """The reference's float32 islands in a bf16 DiT run under bf16 autocast (diffsynth 1.1.2 + EX-4D):
     the LoRA weights stored in float32 (its ``add_lora_to_model`` casts them), the timestep embedding,
     time projection and output head computed in float32 (its ``amp.autocast(float32)`` blocks), the
-    float32 timestep fed as is. With a float32 modulation the residual stream stays float32 from the
+    float32 timestep fed as is, the LayerNorms as CUDA autocast runs them (:func:`layer_norm_island`, so
+    the CPU computes what the GPU does). With a float32 modulation the residual stream stays float32 from the
     first block on, as in the reference."""
     from .loading import lora_to_float32
 
     lora_to_float32(dit)
     for m in float32_island_modules(dit):
         float32_island(m)
+    for m in layer_norms(dit):
+        layer_norm_island(m)
     camera_hook.cast_timestep = False
 
 
@@ -290,6 +314,8 @@ class Ex4dPipeline:
         self.camera_hook = CameraTokenHook(dit)
         if reference:
             enable_reference_precision(dit, self.camera_hook)
+            for m in layer_norms(image_encoder):  # CLIP's LayerNorms in float32, as under CUDA autocast
+                layer_norm_island(m)
         profile = PROFILES[vram_profile] if isinstance(vram_profile, str) else vram_profile
         self.placement = Placement(self, profile, device)
         self.compiled = False
