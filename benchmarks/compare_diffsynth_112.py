@@ -31,6 +31,7 @@ CPU smoke: ``python3 benchmarks/compare_diffsynth_112.py --config tiny --device 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -107,6 +108,41 @@ def _cpu_flash_attention(q, k, v, q_lens=None, k_lens=None, **_):
     q, k = q.to(v.dtype), k.to(v.dtype)
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).contiguous().to(out_dtype)
+
+
+class _LayerNormFloat32(torch.overrides.TorchFunctionMode):
+    """CUDA autocast's float32 policy for ``layer_norm`` on the CPU (CPU autocast leaves it mixed)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            with torch.autocast(device_type="cpu", enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _Float32Linear(torch.overrides.TorchFunctionMode):
+    """CUDA's ``autocast(dtype=float32)`` for the linear layers inside it, on the CPU (which has no float32
+    autocast): ``F.linear`` on float32 copies of its arguments, autocast off."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            with torch.autocast(device_type="cpu", enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _cpu_autocast(dtype=None, device_type="cuda", **kwargs):
+    """1.1.2's ``amp.autocast`` calls on the CPU: its ``(dtype=float32, device_type="cuda")`` islands as
+    :class:`_Float32Linear` (what they do on the GPU), anything else as a CPU autocast."""
+    if dtype == torch.float32:
+        return _Float32Linear()
+    return torch.autocast(device_type="cpu", dtype=dtype, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ the models
@@ -192,6 +228,7 @@ def build_reference(d112, ours: nn.Module, cfg: dict, device: torch.device):
     ref.patch_embedding = _AddCameraTokens(ref.patch_embedding)
     if device.type != "cuda":
         d112.dit.flash_attention = _cpu_flash_attention
+        d112.dit.amp = types.SimpleNamespace(autocast=_cpu_autocast)
     return ref.eval().requires_grad_(False)
 
 
@@ -200,7 +237,11 @@ def run_reference(ref, d112_dtype, latents, timestep, context, ctx_len, clip_fea
     ref.patch_embedding.tokens = camera_tokens
     f, h, w = latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2
     dev = latents.device
-    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=d112_dtype == torch.bfloat16):
+    cpu_bf16 = dev.type == "cpu" and d112_dtype == torch.bfloat16
+    with (
+        torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=d112_dtype == torch.bfloat16),
+        _LayerNormFloat32() if cpu_bf16 else contextlib.nullcontext(),
+    ):
         out = ref(
             latents.float(),
             timestep=timestep.float(),
