@@ -203,3 +203,74 @@ def variant(base: Path, dest: Path, *, drop: tuple[str, ...] = (), write: dict |
 
 CKPT = f"{EX4D_REPO}/ex4d.ckpt"
 SHARD = f"{WAN_REPO}/diffusion_pytorch_model-{{:05d}}-of-00007.safetensors"
+
+
+# ------------------------------------------------------------------------- the reference pipeline
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_HELPER = REPO / "tests" / "reference_ex4d_112.py"
+
+
+def reference_python() -> Path:
+    """The dev install's reference side environment's Python (``$EX4D_REF112_PYTHON`` or
+    ``<repo>/.venv-ref112``); a test failure (not a skip) when it is missing."""
+    import os
+
+    import pytest
+
+    py = Path(os.environ.get("EX4D_REF112_PYTHON") or REPO / ".venv-ref112" / "bin" / "python")
+    if not py.exists():
+        pytest.fail(
+            f"{py} is missing: run `python3 scripts/install_deps.py --dev` (it makes the reference environment)"
+        )
+    return py
+
+
+def run_in_reference_env(args: list[str], timeout: int = 900) -> str:
+    """Run ``args`` with the side environment's Python (no PYTHONPATH: nothing of ours shadows 1.1.2)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(reference_python()), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def reference_generate(models: Path, folder: Path, cases: dict[str, tuple]) -> tuple[dict, dict]:
+    """The reference pipeline (tests/reference_ex4d_112.py: diffsynth 1.1.2 + EX-4D's edits) on each case
+    ``name: (color uint8 (T, H, W, 3), mask uint8 (T, H, W), opts)`` in one side-environment process.
+    Returns ({name: {"latents", "frames", ...}}, the helper's info: loaded counts, versions)."""
+    import numpy as np
+
+    from ex4d_backend.generation.conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for name, (color, mask, opts) in cases.items():
+        np.savez(folder / f"{name}_guide.npz", color=color, mask=mask)
+        opts = {"prompt": REFERENCE_PROMPT, "negative_prompt": REFERENCE_NEGATIVE, **opts}
+        todo.append({"guide": str(folder / f"{name}_guide.npz"), "out": str(folder / f"{name}_ref.npz"), "opts": opts})
+    (folder / "cases.json").write_text(json.dumps(todo))
+    out = run_in_reference_env([str(REFERENCE_HELPER), str(models), str(folder / "cases.json")])
+    info = json.loads(out.strip().splitlines()[-1])
+    return {name: dict(np.load(folder / f"{name}_ref.npz")) for name in cases}, info
+
+
+def assert_matches_reference(frames, latents, ref: dict, *, latents_rel_l2: float = 1e-4) -> dict:
+    """Issue 13's bar: final latents within relative L2 ``latents_rel_l2``; frames at most 1 level apart on
+    at most 0.1% of the values. Returns the figures."""
+    import numpy as np
+
+    figures = {}
+    if latents is not None:
+        rel = float(np.linalg.norm(np.asarray(latents) - ref["latents"]) / np.linalg.norm(ref["latents"]))
+        figures["latents_rel_l2"] = rel
+        assert rel <= latents_rel_l2, f"final latents relative L2 {rel:.2e}"
+    diff = np.abs(np.asarray(frames).astype(int) - ref["frames"].astype(int))
+    figures.update(frames_max=int(diff.max()), frames_off=float((diff > 0).mean()))
+    assert np.asarray(frames).shape == ref["frames"].shape
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, figures
+    return figures
