@@ -254,9 +254,37 @@ def reference_generate(models: Path, folder: Path, cases: dict[str, tuple]) -> t
         opts = {"prompt": REFERENCE_PROMPT, "negative_prompt": REFERENCE_NEGATIVE, **opts}
         todo.append({"guide": str(folder / f"{name}_guide.npz"), "out": str(folder / f"{name}_ref.npz"), "opts": opts})
     (folder / "cases.json").write_text(json.dumps(todo))
+    cache = _reference_cache(models, todo)
+    if cache is not None and (cache / "info.json").is_file():  # the reference's outputs do not depend on our code
+        info = json.loads((cache / "info.json").read_text())
+        return {name: dict(np.load(cache / f"{name}_ref.npz")) for name in cases}, info
     out = run_in_reference_env([str(REFERENCE_HELPER), str(models), str(folder / "cases.json")])
     info = json.loads(out.strip().splitlines()[-1])
+    if cache is not None:
+        import shutil
+
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in cases:
+            shutil.copy(folder / f"{name}_ref.npz", cache / f"{name}_ref.npz")
+        (cache / "info.json").write_text(json.dumps(info))
     return {name: dict(np.load(folder / f"{name}_ref.npz")) for name in cases}, info
+
+
+def _reference_cache(models: Path, todo: list[dict]) -> Path | None:
+    """``$EX4D_REF112_CACHE/<hash of the model files, guides, options and the helper>`` (developer use, e.g.
+    mutation testing: the reference runs once), or None when the variable is unset."""
+    import hashlib
+    import os
+
+    root = os.environ.get("EX4D_REF112_CACHE")
+    if not root:
+        return None
+    h = hashlib.sha256(REFERENCE_HELPER.read_bytes())
+    for f in sorted(p for p in models.rglob("*") if p.is_file()):
+        h.update(f.relative_to(models).as_posix().encode() + f.read_bytes())
+    for case in todo:
+        h.update(Path(case["guide"]).read_bytes() + json.dumps(case["opts"], sort_keys=True).encode())
+    return Path(root) / h.hexdigest()[:16]
 
 
 def assert_matches_reference(frames, latents, ref: dict, *, latents_rel_l2: float = 1e-4) -> dict:
