@@ -49,6 +49,7 @@ def _guide(name: str):
     t, h, w = CASES[name][:3]
     color, mask = gf.guide(t=t, h=h, w=w, seed=3)
     mask[:, h // 4 : h // 2, w // 5 : w // 3] = 0  # a hole with edges in every frame (erosion matters)
+    mask[:, h // 2 :, : w // 2 : 6] = 0  # thin 1-px holes every 6 px: the kernel size (2..8) decides a lot
     return color, mask
 
 
