@@ -83,6 +83,18 @@ TYPECHECK_VENVS = tuple(
     for v, py in (("4.2", "3.12"), ("4.5", "3.12"), ("5.0", "3.12"), ("5.2", "3.13"))
 )
 
+# Reference side environment for --dev (the generation parity tests): the EX-4D reference's diffsynth 1.1.2
+# and transformers 4.51.3 (+ the tokenizers / huggingface-hub they need). It reuses every other package
+# (torch, peft, cv2, ...) of the main environment through a .pth file, so only these ~15 MB are fetched.
+REF112_VENV = ".venv-ref112"
+REF112_REQS = ("diffsynth==1.1.2", "transformers==4.51.3", "tokenizers==0.21.4", "huggingface-hub==0.36.2")
+REF112_PTH = "ex4d-main-venv.pth"
+REF112_CHECK = """
+import importlib.metadata as md, importlib.util, json, torch, transformers  # not diffsynth: its __init__ needs controlnet_aux
+print(json.dumps({"diffsynth": md.version("diffsynth"), "transformers": transformers.__version__,
+                  "diffsynth_at": importlib.util.find_spec("diffsynth").origin, "torch_at": torch.__file__}))
+"""
+
 # pip lines worth showing live; everything goes to the log.
 PROGRESS = re.compile(
     r"^(Collecting|Downloading|Installing|Successfully|Building|Obtaining|Processing|Saved|ERROR|error)"
@@ -645,6 +657,65 @@ def setup_bpy_venvs(args: argparse.Namespace, runner: Runner) -> list[str]:
     return warnings
 
 
+def setup_reference_venv(args: argparse.Namespace, runner: Runner, main_py: Path, venv: Path | None = None) -> Path:
+    """The reference side environment (--dev): ``.venv-ref112`` beside the repository's files, made with the
+    main environment's Python, holding only REF112_REQS (``pip install --no-deps --target``) and a .pth
+    file that appends the main environment's site-packages (its own site-packages come first on sys.path,
+    so they shadow only diffsynth / transformers / tokenizers / huggingface-hub). Up to date (a marker with
+    the requirements and the main environment's path): nothing done. Returns the side Python."""
+    venv = venv or REPO / REF112_VENV
+    site_of = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    main_site = runner.run(
+        [str(main_py), "-c", site_of], "cannot query the backend environment", "re-run with --recreate"
+    )
+    main_site = main_site.strip().splitlines()[-1]
+    key = {"installer": INSTALLER_VERSION, "requirements": list(REF112_REQS), "main_site": main_site}
+    marker = venv / MARKER
+    py = venv_python(venv)
+    if not (args.force or args.recreate) and read_marker(marker).get("key") == key and py.exists():
+        runner.say(f"{venv.name}: up to date")
+        return py
+    marker.unlink(missing_ok=True)
+    started = time.monotonic()
+    if venv.exists() and not (venv / "pyvenv.cfg").is_file() and any(venv.iterdir()):
+        raise InstallError(f"{venv} exists and is not a virtual environment", "move it away and re-run")
+    if not (venv / "pyvenv.cfg").is_file() or args.recreate:
+        shutil.rmtree(venv, ignore_errors=True)
+        runner.say(f"{venv.name}: creating the reference side environment (diffsynth 1.1.2, transformers 4.51.3)")
+        runner.run(
+            [str(main_py), "-m", "venv", "--without-pip", str(venv)],
+            f"could not create {venv}",
+            "install the venv module (Debian/Ubuntu: apt install python3-venv), then re-run",
+        )
+    side_site = Path(
+        runner.run([str(py), "-c", site_of], f"{venv} does not start", "re-run with --recreate")
+        .strip()
+        .splitlines()[-1]
+    )
+    side_site.mkdir(parents=True, exist_ok=True)
+    (side_site / REF112_PTH).write_text(main_site + "\n", encoding="utf-8")
+    runner.say(f"{venv.name}: installing {' '.join(REF112_REQS)} (the rest comes from the backend environment)")
+    runner.pip(
+        main_py,
+        ["install", *pip_source_options(args), "--no-deps", "--upgrade", "--target", str(side_site), *REF112_REQS],
+        f"setting up the reference side environment {venv.name} failed",
+        "check the connection (or the wheelhouse), then run the installer again",
+    )
+    out = runner.run(
+        [str(py), "-c", REF112_CHECK], f"the reference libraries do not import in {venv.name}", "re-run with --recreate"
+    )
+    info = json.loads(out.strip().splitlines()[-1])
+    if info["diffsynth"] != "1.1.2" or info["transformers"] != "4.51.3":
+        raise InstallError(
+            f"{venv.name} imports diffsynth {info['diffsynth']} / transformers {info['transformers']}",
+            "re-run with --recreate",
+        )
+    info["seconds"] = round(time.monotonic() - started, 1)
+    write_json(marker, {"key": key, "python": str(py), "installed": info, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    runner.say(f"{venv.name}: ready in {info['seconds']:.0f} s")
+    return py
+
+
 def read_marker(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -712,6 +783,12 @@ def download_wheelhouse(args: argparse.Namespace, runner: Runner, build: str) ->
         "check the connection",
     )
     if args.dev:
+        runner.pip(
+            Path(py),
+            ["download", "-d", str(house), "--no-deps", *REF112_REQS],
+            "downloading the reference libraries failed",
+            "check the connection",
+        )
         for _, version, reqs in BPY_VENVS:  # wheels for the Python each bpy needs
             target = ["--python-version", version, "--only-binary=:all:"]
             runner.pip(
@@ -858,6 +935,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         touched = False
         warnings = setup_bpy_venvs(args, runner) if args.dev else []
         installed = state.get("installed", {})
+        if args.dev and installed.get("generation_libs", True):
+            setup_reference_venv(args, runner, py)
         if not installed.get("generation_libs", True):
             warnings.append("note: torchvision/diffsynth not installed: EX-4D generation and its tests are unavailable")
         runner.say(

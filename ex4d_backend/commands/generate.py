@@ -78,6 +78,18 @@ def register(subparsers) -> None:
         action="store_true",
         help="run the EX-4D LoRA as separate peft layers (the reference's arithmetic) instead of merged weights",
     )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "reference"),
+        default="bf16",
+        help="GPU arithmetic: bf16 (faster) or reference (bf16 autocast with the reference's float32 islands)",
+    )
+    p.add_argument(
+        "--conditioning",
+        choices=("reference", "float"),
+        default="reference",
+        help="reference: the bf16-rounded guide and 8-bit first frame of generate.py; float: no rounding",
+    )
     from ..generation import windows_cli
 
     windows_cli.add_arguments(p)  # --window/--overlap/--chain-variant/--frame-sampling/--size/--composite-*

@@ -120,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
     options = {}
     if args.generator == "ex4d":
         options = dict(
-            compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora, rope=args.rope
+            compile=args.compile,
+            attention=args.attention,
+            merge_lora=not args.no_merge_lora,
+            rope=args.rope,
+            precision=args.precision,
+            conditioning=args.conditioning,
         )
     store = None
     if not args.no_cache:
