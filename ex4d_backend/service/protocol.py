@@ -74,7 +74,7 @@ _MAX_CAMERA_FRAMES = 10000
 CLIP = {
     "footage": _PATH,
     "max_frames": {"type": "integer", "minimum": 0, "maximum": 100000},
-    "max_side": {"type": "integer", "minimum": 16, "maximum": 8192},
+    "max_side": {"type": "integer", "minimum": 16, "maximum": 2048},  # = footage.MAX_PROCESSING_SIDE
     "fps": {"anyOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}]},
 }
 DEPTH = {

@@ -19,6 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from .. import safe_io
 from ..errors import CANCELLED, DEVICE, INTERNAL, Cancelled, Ex4dError
 from . import jobs, protocol
 from .jobstore import JobStore, TailHandler
@@ -348,7 +349,9 @@ class Server:
                 raise Cancelled()
 
         t0 = time.monotonic()
+        sandbox = safe_io.sandbox(self.store.read_roots(), task.cancel.is_set)
         try:
+            sandbox.__enter__()
             if task.type == "hello":
                 result = jobs.hello(self.store, self.models_dir, self.interrupted)
             elif task.type == "probe_footage":
@@ -387,6 +390,7 @@ class Server:
             log.info("request %s (%s) done in %.2f s", task.id, task.type, time.monotonic() - t0)
             return {"id": task.id, "event": "result", "result": result}
         finally:
+            sandbox.__exit__(None, None, None)
             self._current.id = None
             try:
                 free_memory()
