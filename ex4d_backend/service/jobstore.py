@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .. import safe_io
 from ..atomic import HOST_TAG, partial_owner, replace, temp_sibling, write_bytes
-from ..errors import NOT_FOUND, Ex4dError
+from ..errors import IO_ERROR, NOT_FOUND, Ex4dError, disk_full_error, is_disk_full
 from . import integrity, locks
 from .protocol import FORBIDDEN_PATH
 
@@ -241,7 +241,7 @@ class JobStore:
                     f"the temporary folder of the {stage} result was removed while it was being written",
                     where=str(tmp),
                     hint="another program deleted files in the job store; run the job again",
-                    code="io_error",
+                    code=IO_ERROR,
                 )
             (tmp / WRITER).unlink()
             full_meta = {**meta, "files": integrity.manifest(tmp, skip={META})}
@@ -252,9 +252,13 @@ class JobStore:
                     raise Ex4dError(
                         f"the temporary folder of the {stage} result was removed before it was committed",
                         where=str(tmp),
-                        code="io_error",
+                        code=IO_ERROR,
                     )
                 replace(tmp, final)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(exc, str(self.root), written=_du(tmp)) from None
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -416,6 +420,37 @@ class TailHandler(logging.Handler):
 
 
 _pid_alive = locks.pid_alive
+
+
+def _du(folder: Path) -> int:
+    """Bytes in the files below ``folder`` (0 if it is gone)."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def preallocated_npy(path: Path, dtype, shape: tuple[int, ...]):
+    """A writable ``np.memmap`` of a new ``.npy`` file whose every byte is allocated on disk first
+    (``posix_fallocate``), so writing through the map can never hit a full disk (which would kill the
+    process with SIGBUS): a full disk is an ``ENOSPC`` OSError here, before any work."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    with open(path, "wb") as fh:
+        np.lib.format._write_array_header(fh, header)
+        offset = fh.tell()
+        size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        fh.flush()
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fh.fileno(), 0, size)
+        else:  # no fallocate (macOS): write the zeros (slower, same guarantee)
+            while fh.tell() < size:
+                fh.write(b"\0" * min(1 << 24, size - fh.tell()))
+    return np.lib.format.open_memmap(path, mode="r+")
 
 
 def _where(path: object) -> str:

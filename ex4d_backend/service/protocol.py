@@ -13,9 +13,19 @@ from typing import Any
 
 import jsonschema
 
-from ..errors import BAD_INPUT, CANCELLED, DEVICE, INTERNAL, MODEL_INVALID, MODEL_MISSING, NOT_FOUND
+from ..errors import (
+    BAD_INPUT,
+    CANCELLED,
+    DEVICE,
+    DISK_FULL,
+    INTERNAL,
+    IO_ERROR,
+    MODEL_INVALID,
+    MODEL_MISSING,
+    NOT_FOUND,
+)
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 MAX_LINE_BYTES = 4 * 1024 * 1024  # a request longer than this is refused (large data goes by path)
 
 # Stable error codes of the protocol (never rename one). The first group comes from ``errors.py``.
@@ -33,6 +43,8 @@ ERROR_CODES = (
     MODEL_INVALID,
     DEVICE,
     CANCELLED,
+    DISK_FULL,
+    IO_ERROR,
     INTERNAL,
     BAD_JSON,
     UNKNOWN_TYPE,
