@@ -36,7 +36,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".exr"}
 DEFAULT_MAX_SIDE = 1024  # the reference caps the long side at 1024 px
 MAX_PROCESSING_SIDE = 2048  # the largest max_side later stages accept
 DEFAULT_SEQUENCE_FPS = 24.0
-ENCODE_THREADS = 4  # fixed H.264 encoder threads (deterministic output on every machine)
+ENCODE_THREADS = 1  # one H.264 encoder thread: x264's frame threads make the bytes vary from run to run
 MAX_SOURCE_SIDE = 16384  # frames larger than this (either side) are refused before they are decoded
 # FFmpeg demuxers a shot can come from (names as ``container.format.name``); everything else (hls, dash,
 # concat, image2, tty, lavfi, data, ...) is refused.
@@ -433,8 +433,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf:
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf), "preset": "medium"}
-            # x264's output depends on its thread count, which defaults to the machine's core count: a fixed
-            # count makes the bytes (and so the decoded pixels) identical for identical frames everywhere.
+            # x264's output depends on its thread count (by default the machine's core count) and, with frame
+            # threads, on timing: one thread makes the bytes (so the decoded pixels) the same for the same frames.
             stream.codec_context.thread_count = ENCODE_THREADS
             for f in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
