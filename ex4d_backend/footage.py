@@ -416,6 +416,11 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf:
     """
     import av
 
+    final = Path(path)
+    if final.is_dir():
+        raise Ex4dError("the output video is an existing folder", where=str(final), hint="name an .mp4 file")
+    if final.suffix.lower() not in VIDEO_SUFFIXES:
+        raise Ex4dError(f"the output video must end in .mp4 (or {', '.join(sorted(VIDEO_SUFFIXES))})", where=str(final))
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = np.repeat(frames[..., None], 3, axis=3)
@@ -425,7 +430,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf:
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    final = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
     with atomic_path(final) as tmp:
         with av.open(str(tmp), mode="w") as out:

@@ -390,7 +390,11 @@ class JobStore:
     # -- log ----------------------------------------------------------------------------------
     def log_handler(self) -> logging.Handler:
         handler = logging.handlers.RotatingFileHandler(
-            self.root / "logs" / LOG_NAME, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+            self.root / "logs" / LOG_NAME,
+            maxBytes=LOG_MAX_BYTES,
+            backupCount=LOG_BACKUPS,
+            encoding="utf-8",
+            errors="backslashreplace",  # a lone surrogate in a request never loses a log line
         )
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         return handler
