@@ -186,20 +186,22 @@ def write_recon_outputs(
 ) -> dict[str, Path]:
     """Write ``color_<cam>.mp4``, ``mask_<cam>.mp4``, ``camera_<cam>.npz`` (+ ``DW-Mesh.ply``, PNG folders
     ``color_<cam>/``, ``mask_<cam>/``) into ``output_dir``, each atomically."""
+    from .atomic import atomic_group
     from .footage import write_png_sequence, write_video
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "color_video": write_video(out / f"color_{cam_name}.mp4", guide.color, fps),
-        "mask_video": write_video(out / f"mask_{cam_name}.mp4", guide.mask, fps),
-        "camera": save_camera_npz(out / f"camera_{cam_name}.npz", guide.camera),
-    }
-    if png:
-        paths["color_frames"] = write_png_sequence(out / f"color_{cam_name}", guide.color)
-        paths["mask_frames"] = write_png_sequence(out / f"mask_{cam_name}", guide.mask)
-    if save_mesh:
-        if guide.mesh0 is None:
-            raise ValueError("run_recon(keep_mesh0=True) is needed to save the mesh")
-        paths["mesh"] = write_ply(out / "DW-Mesh.ply", guide.mesh0, 0)
-    return paths
+    with atomic_group() as g:  # all outputs or none (a full disk never leaves a new video beside old files)
+        paths = {
+            "color_video": write_video(g.path(out / f"color_{cam_name}.mp4"), guide.color, fps),
+            "mask_video": write_video(g.path(out / f"mask_{cam_name}.mp4"), guide.mask, fps),
+            "camera": save_camera_npz(g.path(out / f"camera_{cam_name}.npz"), guide.camera),
+        }
+        if png:
+            paths["color_frames"] = write_png_sequence(g.path(out / f"color_{cam_name}"), guide.color)
+            paths["mask_frames"] = write_png_sequence(g.path(out / f"mask_{cam_name}"), guide.mask)
+        if save_mesh:
+            if guide.mesh0 is None:
+                raise ValueError("run_recon(keep_mesh0=True) is needed to save the mesh")
+            paths["mesh"] = write_ply(g.path(out / "DW-Mesh.ply"), guide.mesh0, 0)
+    return {key: g.final(p) for key, p in paths.items()}

@@ -31,7 +31,7 @@ import numpy as np
 from .. import __version__
 from ..errors import BAD_INPUT, Ex4dError
 from . import protocol
-from .jobstore import JobStore, make_key
+from .jobstore import JobStore, make_key, preallocated_npy
 from .resident import ResidentGenerator, free_memory
 
 log = logging.getLogger("ex4d_backend.service")
@@ -251,9 +251,9 @@ def mesh_stage(ctx: Context, p: dict, clip: Clip, depth: Depth, k: np.ndarray) -
         step = _chunk(w, h, t)
         total = -(-t // step)
         with ctx.store.write_stage("mesh", key, meta) as tmp:
-            pos = np.lib.format.open_memmap(tmp / "positions.npy", "w+", np.float32, (t, h * w, 3))
-            occ = np.lib.format.open_memmap(tmp / "occlusion.npy", "w+", np.uint8, (t, n_faces))
-            col = np.lib.format.open_memmap(tmp / "colors.npy", "w+", np.uint8, (t, h * w, 4))
+            pos = preallocated_npy(tmp / "positions.npy", np.float32, (t, h * w, 3))  # never SIGBUS on a full disk
+            occ = preallocated_npy(tmp / "occlusion.npy", np.uint8, (t, n_faces))
+            col = preallocated_npy(tmp / "colors.npy", np.uint8, (t, h * w, 4))
             for i, start in enumerate(range(0, t, step)):
                 ctx.progress("mesh", i, total, f"frames {start}-{min(t, start + step) - 1}")
                 stop = min(t, start + step)
