@@ -15,19 +15,23 @@ identical inputs, then prints cosine similarity and max error of the flow predic
 diffsynth 1.1.2 and 2.x are both called ``diffsynth``: 1.1.2 is imported under the package name
 ``diffsynth_112`` straight from its files (the package ``__init__`` is never run, so none of its
 optional dependencies are needed); it is found in ``--d112 DIR`` (a ``pip install --no-deps --target
-DIR diffsynth==1.1.2``), ``$EX4D_DIFFSYNTH_112``, ``/tmp/d112``, or extracted from the wheel in
-``<repo>/.whl112/``. On the CPU 1.1.2's ``flash_attention`` (it asserts CUDA) is replaced by the same
+DIR diffsynth==1.1.2``), ``$EX4D_DIFFSYNTH_112``, the dev install's side environment ``.venv-ref112``,
+``/tmp/d112``, or extracted from the wheel in ``<repo>/.whl112/``. On the CPU 1.1.2's ``flash_attention`` (it asserts CUDA) is replaced by the same
 computation with ``F.scaled_dot_product_attention``; on the GPU its own code runs unchanged (its SDPA
 fallback when the flash-attn package is absent).
 
 GPU (the lead; ~1-2 min, ~60 GB): ``PYTHONPATH=. python3 benchmarks/compare_diffsynth_112.py``
 (defaults: 14B config, 512 x 512 x 49 = 13,312 tokens, bf16, cuda).
-CPU smoke: ``python3 benchmarks/compare_diffsynth_112.py --config tiny --device cpu --dtype float32``.
+Issue 13's precision figure (both of our precisions against the reference DiT, times per forward; ~3 min,
+~70 GB): ``PYTHONPATH=. python3 benchmarks/compare_diffsynth_112.py --precisions --json results.json``.
+CPU smoke: ``python3 benchmarks/compare_diffsynth_112.py --config tiny --device cpu --dtype float32`` and
+``... --precisions --config tiny --device cpu --frames 5 --height 64 --width 64 --repeats 1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -55,7 +59,8 @@ ENCODER_HIDDEN = {"14b": 1024, "tiny": 32}
 # ------------------------------------------------------------------------- import 1.1.2 beside 2.x
 def find_d112(path: str | os.PathLike | None = None) -> Path:
     """A folder holding ``diffsynth/`` of release 1.1.2 (installed with --target, or the wheel unpacked)."""
-    candidates = [path, os.environ.get("EX4D_DIFFSYNTH_112"), "/tmp/d112"]
+    side = sorted(REPO.glob(".venv-ref112/lib/python3*/site-packages"))  # scripts/install_deps.py --dev
+    candidates = [path, os.environ.get("EX4D_DIFFSYNTH_112"), *side, "/tmp/d112"]
     for c in candidates:
         if c and (Path(c) / "diffsynth" / "models" / "wan_video_dit.py").is_file():
             return Path(c)
@@ -103,6 +108,41 @@ def _cpu_flash_attention(q, k, v, q_lens=None, k_lens=None, **_):
     q, k = q.to(v.dtype), k.to(v.dtype)
     x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return x.transpose(1, 2).contiguous().to(out_dtype)
+
+
+class _LayerNormFloat32(torch.overrides.TorchFunctionMode):
+    """CUDA autocast's float32 policy for ``layer_norm`` on the CPU (CPU autocast leaves it mixed)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            with torch.autocast(device_type="cpu", enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _Float32Linear(torch.overrides.TorchFunctionMode):
+    """CUDA's ``autocast(dtype=float32)`` for the linear layers inside it, on the CPU (which has no float32
+    autocast): ``F.linear`` on float32 copies of its arguments, autocast off."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+            kwargs = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            with torch.autocast(device_type="cpu", enabled=False):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _cpu_autocast(dtype=None, device_type="cuda", **kwargs):
+    """1.1.2's ``amp.autocast`` calls on the CPU: its ``(dtype=float32, device_type="cuda")`` islands as
+    :class:`_Float32Linear` (what they do on the GPU), anything else as a CPU autocast."""
+    if dtype == torch.float32:
+        return _Float32Linear()
+    return torch.autocast(device_type="cpu", dtype=dtype, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ the models
@@ -188,6 +228,7 @@ def build_reference(d112, ours: nn.Module, cfg: dict, device: torch.device):
     ref.patch_embedding = _AddCameraTokens(ref.patch_embedding)
     if device.type != "cuda":
         d112.dit.flash_attention = _cpu_flash_attention
+        d112.dit.amp = types.SimpleNamespace(autocast=_cpu_autocast)
     return ref.eval().requires_grad_(False)
 
 
@@ -196,7 +237,11 @@ def run_reference(ref, d112_dtype, latents, timestep, context, ctx_len, clip_fea
     ref.patch_embedding.tokens = camera_tokens
     f, h, w = latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2
     dev = latents.device
-    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=d112_dtype == torch.bfloat16):
+    cpu_bf16 = dev.type == "cpu" and d112_dtype == torch.bfloat16
+    with (
+        torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=d112_dtype == torch.bfloat16),
+        _LayerNormFloat32() if cpu_bf16 else contextlib.nullcontext(),
+    ):
         out = ref(
             latents.float(),
             timestep=timestep.float(),
@@ -263,9 +308,12 @@ def compare(
     d112_path: str | None = None,
     seed: int = 0,
     rope: str = "float32",
+    precision: str = "bf16",
 ) -> dict:
-    """Build both DiTs on identical weights, run them on identical inputs; return the figures."""
-    from ex4d_backend.generation.pipeline import conditioned_dit
+    """Build both DiTs on identical weights, run them on identical inputs; return the figures.
+    ``precision="reference"`` runs ours with :func:`enable_reference_precision` (float64 rope)."""
+    from ex4d_backend.generation.loading import lora_to_float32
+    from ex4d_backend.generation.pipeline import conditioned_dit, enable_reference_precision
 
     dev, dt = torch.device(device), getattr(torch, dtype)
     cfg = CONFIGS[config]
@@ -273,6 +321,10 @@ def compare(
     t0 = time.perf_counter()
     ours, hook = build_ours(cfg, dev, dt, seed)
     ref = build_reference(d112, ours, cfg, dev)
+    lora_to_float32(ref)  # the reference's add_lora_to_model
+    if precision == "reference":
+        enable_reference_precision(ours, hook)
+        rope = "float64"
     inp = make_inputs(cfg, frames, height, width, dev, dt, seed + 1, ENCODER_HIDDEN[config])
     build_s = time.perf_counter() - t0
 
@@ -284,7 +336,7 @@ def compare(
     with torch.no_grad():
         sync()
         t0 = time.perf_counter()
-        out_ours = conditioned_dit(ours, hook, *args, inp["camera_tokens"], dt, rope).float()
+        out_ours = conditioned_dit(ours, hook, *args, inp["camera_tokens"], dt, rope, precision).float()
         sync()
         t_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -317,6 +369,7 @@ def compare(
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": dtype,
         "rope": rope,
+        "precision": precision,
         "tokens": int(inp["latents"][0, 0].numel() // 4),
         "shape": list(out_ours.shape),
         "ours_vs_1.1.2": metrics(out_ours, out_ref),
@@ -329,6 +382,73 @@ def compare(
     return result
 
 
+def _timed(fn, device: torch.device, repeats: int):
+    """(output of the last call, mean seconds per call over ``repeats`` calls after one warm-up call)."""
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, (time.perf_counter() - t0) / max(repeats, 1)
+
+
+def compare_precisions(
+    config: str = "14b",
+    device: str = "cuda",
+    frames: int = 49,
+    height: int = 512,
+    width: int = 512,
+    repeats: int = 3,
+    d112_path: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Issue 13's GPU figure: our DiT in both precisions against the reference DiT (diffsynth 1.1.2's WanModel
+    under bf16 autocast, LoRA in float32, camera tokens after patchify), identical bf16 weights and inputs.
+
+    - ``reference``: :func:`enable_reference_precision` (unmerged float32 LoRA, float32 timestep embedding /
+      projection / head, bf16 autocast, float64 rope).
+    - ``bf16`` (the default pipeline): every tensor in bf16, LoRA merged into the weights, float32 rope.
+    Reports cosine and relative L2 against the reference and the mean time per forward (after a warm-up)."""
+    from ex4d_backend.generation.loading import lora_to_float32, merge_lora
+    from ex4d_backend.generation.pipeline import (
+        conditioned_dit,
+        disable_reference_precision,
+        enable_reference_precision,
+    )
+
+    dev, dt = torch.device(device), torch.bfloat16
+    cfg = CONFIGS[config]
+    d112 = import_d112(d112_path)
+    ours, hook = build_ours(cfg, dev, dt, seed)
+    ref = build_reference(d112, ours, cfg, dev)
+    lora_to_float32(ref)  # the reference's add_lora_to_model
+    inp = make_inputs(cfg, frames, height, width, dev, dt, seed + 1, ENCODER_HIDDEN[config])
+    args = (inp["latents"], inp["timestep"], inp["context"], inp["clip_feature"], inp["y"])
+    res = {"config": config, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+           "tokens": int(inp["latents"][0, 0].numel() // 4), "repeats": repeats}  # fmt: skip
+    with torch.no_grad():
+        ref_args = (inp["latents"], inp["timestep"], inp["context"], inp["ctx_len"], inp["clip_feature"], inp["y"])
+        out_ref, t_ref = _timed(lambda: run_reference(ref, dt, *ref_args, inp["camera_tokens"]).float(), dev, repeats)
+        res["reference_dit_1.1.2"] = {"seconds_per_forward": round(t_ref, 4)}
+        enable_reference_precision(ours, hook)
+
+        def run_ours(rope, precision):
+            return conditioned_dit(ours, hook, *args, inp["camera_tokens"], dt, rope, precision).float()
+
+        out, t = _timed(lambda: run_ours("float64", "reference"), dev, repeats)
+        res["reference"] = {**metrics(out, out_ref), "seconds_per_forward": round(t, 4)}
+        disable_reference_precision(ours, hook)
+        merge_lora(ours)  # in place into the base weights the reference shares: it has run already
+        out, t = _timed(lambda: run_ours("float32", "bf16"), dev, repeats)
+        res["bf16"] = {**metrics(out, out_ref), "seconds_per_forward": round(t, 4)}
+    if dev.type == "cuda":
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 1)
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="14b")
@@ -339,9 +459,21 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--d112", default=None, help="folder with diffsynth 1.1.2 (pip install --target DIR)")
     p.add_argument("--rope", choices=("float32", "float64"), default="float32", help="our DiT's rope precision")
+    p.add_argument(
+        "--precisions",
+        action="store_true",
+        help="issue 13's figure: both of our precisions (bf16, reference) against the reference DiT, with timings",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per variant (--precisions)")
+    p.add_argument("--json", default=None, help="also write the result to this file")
     a = p.parse_args(argv)
-    res = compare(a.config, a.device, a.dtype, a.frames, a.height, a.width, a.d112, rope=a.rope)
+    if a.precisions:
+        res = compare_precisions(a.config, a.device, a.frames, a.height, a.width, a.repeats, a.d112)
+    else:
+        res = compare(a.config, a.device, a.dtype, a.frames, a.height, a.width, a.d112, rope=a.rope)
     print(json.dumps(res, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
 

@@ -82,6 +82,10 @@ class AtomicGroup:
         self.pairs.append((tmp, final))
         return tmp
 
+    def final(self, tmp: str | os.PathLike) -> Path:
+        """The final path of a temporary made by :meth:`path`."""
+        return next(f for t, f in self.pairs if t == Path(tmp))
+
     def _commit(self) -> None:
         for tmp, _ in self.pairs:
             if not tmp.exists():

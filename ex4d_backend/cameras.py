@@ -54,6 +54,8 @@ class CameraPath:
         if k.shape == (3, 3):
             k = np.broadcast_to(k, (len(self.extrinsics), 3, 3)).copy()
         self.intrinsics = k
+        check_extrinsics(self.extrinsics, f"camera {self.name}")  # the same checks for the CLI and the service
+        check_intrinsics(self.intrinsics, f"camera {self.name}")
 
     def __len__(self) -> int:
         return len(self.extrinsics)
@@ -155,6 +157,10 @@ def preset_eyes(preset: str, n_frames: int, r: float) -> np.ndarray:
             where="--cam",
             hint="use an angle in degrees (30, 60, 90, 180, any integer), zoom_in, zoom_out, or a .json/.npz camera file",
         ) from None
+    if abs(deg) > 3600:
+        raise Ex4dError(
+            f"the preset angle {name[:20]}... degrees is out of range", where="--cam", hint="use -3600..3600"
+        )
     a = np.linspace(0.0, np.deg2rad(deg), n_frames)
     c = np.abs(np.cos(a))
     return np.stack([r * np.sin(a), 0.2 * r * (c - 1.0), r - r * c], axis=1)
@@ -368,11 +374,12 @@ def camera_path_from_blender(
     sensor_width: float = 36.0,
     sensor_height: float = 24.0,
     sensor_fit: str = "AUTO",
-    shift_x: float = 0.0,
-    shift_y: float = 0.0,
+    shift_x: float | np.ndarray = 0.0,
+    shift_y: float | np.ndarray = 0.0,
     name: str = "blender",
 ) -> CameraPath:
-    """A :class:`CameraPath` from a Blender camera's per-frame evaluated ``matrix_world`` and lens (mm)."""
+    """A :class:`CameraPath` from a Blender camera's per-frame evaluated ``matrix_world``, lens (mm) and
+    shift (one value or one per matrix, like the lens)."""
     mw = np.asarray(matrices_world, dtype=np.float64)
     if mw.ndim != 3 or mw.shape[1:] != (4, 4):
         raise Ex4dError(f"matrix_world must have shape (N, 4, 4), got {mw.shape}", where="camera")
@@ -381,10 +388,57 @@ def camera_path_from_blender(
     lenses = np.broadcast_to(np.asarray(lenses, dtype=np.float64), (len(mw),))
     if not (np.isfinite(lenses).all() and (lenses > 0).all()):
         raise Ex4dError("the camera's lens must be a positive number of mm on every frame", where="camera")
+    shifts = [np.broadcast_to(np.asarray(v, dtype=np.float64), (len(mw),)) for v in (shift_x, shift_y)]
     ks = np.stack(
         [
-            blender_to_intrinsics(lens, width, height, sensor_width, sensor_height, sensor_fit, shift_x, shift_y)
-            for lens in lenses
+            blender_to_intrinsics(lens, width, height, sensor_width, sensor_height, sensor_fit, sx, sy)
+            for lens, sx, sy in zip(lenses, *shifts, strict=True)
         ]
     )
     return CameraPath(blender_matrix_world_to_opencv(mw), ks, width, height, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (shared by the CLI, camera files and the service)
+# ----------------------------------------------------------------------------------------------
+MAX_INTRINSIC_PX = 1e7  # a focal length or principal point beyond this many pixels is an error
+
+
+def check_intrinsics(ks: np.ndarray, where: str) -> None:
+    """K (3, 3) or (N, 3, 3) in pixels: finite, fx > 0, fy > 0, last row (0, 0, 1), not absurdly large.
+    Raises ``Ex4dError`` (bad_input) naming ``where``."""
+    ks = np.asarray(ks, dtype=np.float64)
+    ks = ks[None] if ks.ndim == 2 else ks
+    if ks.ndim != 3 or ks.shape[1:] != (3, 3):
+        raise Ex4dError(f"intrinsics must be 3x3 matrices, got shape {ks.shape}", where=where)
+    if not np.isfinite(ks).all():
+        raise Ex4dError("the intrinsics contain NaN or infinite values", where=where, hint="check --fx/--fy/--cx/--cy")
+    if np.any(ks[:, 0, 0] <= 0) or np.any(ks[:, 1, 1] <= 0):
+        raise Ex4dError(
+            "the focal lengths (fx, fy) must be positive", where=where, hint="give positive --fx/--fy (pixels)"
+        )
+    if not np.allclose(ks[:, 2], [0, 0, 1]) or np.any(ks[:, 1, 0] != 0):
+        raise Ex4dError("intrinsics must have the form [[fx, s, cx], [0, fy, cy], [0, 0, 1]]", where=where)
+    if np.any(np.abs(ks[:, :2, :]) > MAX_INTRINSIC_PX):
+        raise Ex4dError("the focal length or principal point is absurdly large", where=where)
+
+
+def check_extrinsics(ext: np.ndarray, where: str, *, scale_ok: bool = False) -> None:
+    """World-to-camera (N, 4, 4): finite, last row (0, 0, 0, 1), a rotation part (``scale_ok``: up to a
+    per-axis scale) that is orthonormal with determinant +1 (no mirror). Raises ``Ex4dError``."""
+    ext = np.asarray(ext, dtype=np.float64)
+    if ext.ndim != 3 or ext.shape[1:] != (4, 4) or len(ext) == 0:
+        raise Ex4dError(f"camera matrices must have shape (N, 4, 4), got {ext.shape}", where=where)
+    if not np.isfinite(ext).all():
+        raise Ex4dError("the camera contains NaN or infinite values", where=where)
+    if not np.allclose(ext[:, 3], [0, 0, 0, 1], atol=1e-6):
+        raise Ex4dError("a camera matrix's last row is not (0, 0, 0, 1)", where=where, hint="send affine matrices")
+    rot = ext[:, :3, :3]
+    if scale_ok:
+        rot = rot / np.maximum(np.linalg.norm(rot, axis=-2, keepdims=True), 1e-300)
+    if not np.allclose(rot @ np.swapaxes(rot, 1, 2), np.eye(3), atol=1e-3) or np.any(np.linalg.det(rot) < 0):
+        raise Ex4dError(
+            "a camera matrix is not a rotation (shear, zero scale or a mirror?)",
+            where=where,
+            hint="remove shear and negative scale from the camera (and its parents)",
+        )

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
 from .commands import COMMANDS
-from .errors import Ex4dError
+from .errors import Ex4dError, disk_full_error, is_disk_full
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Ex4dError as exc:
         print(f"ex4d {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no: a full disk, an output that is a folder / a file, ...
+        where = str(exc.filename) if exc.filename else "."
+        err = disk_full_error(exc, os.path.dirname(where) or ".") if is_disk_full(exc) else None
+        text = str(err) if err else f"{exc.strerror or exc} [{where}]"
+        print(f"ex4d {args.command}: error: {text}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(
+            f"ex4d {args.command}: error: out of memory -- use a shorter clip or a smaller --max-side", file=sys.stderr
+        )
         return 2
     except KeyboardInterrupt:
         print(f"ex4d {args.command}: interrupted", file=sys.stderr)

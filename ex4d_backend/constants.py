@@ -35,6 +35,18 @@ GEN_HEIGHT = 512
 GEN_WIDTH = 512
 VRAM_PROFILE = "full"
 DEVICE = "auto"
+GEN_DEFAULTS = {  # the generation settings above by their protocol names (the add-on's copies are tested against it)
+    "generator": GENERATOR,
+    "steps": STEPS,
+    "cfg": CFG,
+    "shift": SHIFT,
+    "seed": SEED,
+    "height": GEN_HEIGHT,
+    "width": GEN_WIDTH,
+    "num_frames": NUM_FRAMES,
+    "vram_profile": VRAM_PROFILE,
+    "device": DEVICE,
+}
 
 
 def reference_prompts() -> tuple[str, str]:

@@ -10,6 +10,7 @@ reference (:func:`disparity_to_depth`).
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from pathlib import Path
@@ -31,30 +32,76 @@ def disparity_to_depth(disparity: np.ndarray) -> np.ndarray:
     return np.clip(depth, DEPTH_MIN, DEPTH_MAX).astype(np.float32)
 
 
-def _read_array_file(p: Path) -> np.ndarray:
+MAX_DEPTH_BYTES = 16 << 30  # a depth array larger than this is refused before it is read
+
+
+def _check_npy_header(fh, available: int, where: str) -> None:
+    """Refuse an ``.npy`` whose header claims more data than the file holds (or than MAX_DEPTH_BYTES),
+    before anything is allocated; leaves ``fh`` at the start."""
+    start = fh.tell()
     try:
-        if p.suffix.lower() == ".npy":
-            return np.load(p, allow_pickle=False)
-        with np.load(p, allow_pickle=False) as data:
-            for key in ("depth", "disparity", "arr_0"):
-                if key in data:
-                    return data[key]
-            if len(data.files) == 1:
-                return data[data.files[0]]
-            raise Ex4dError(
-                f"the npz holds several arrays ({', '.join(data.files)}) and none is named 'depth' or 'disparity'",
-                where=str(p),
-            )
+        version = np.lib.format.read_magic(fh)
+        shape, _, dtype = np.lib.format._read_array_header(fh, version, max_header_size=10000)
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        raise Ex4dError(f"cannot read the depth file: {exc}", where=where, hint="the file is corrupt") from None
+    header = fh.tell() - start
+    fh.seek(start)
+    if dtype.hasobject:
+        raise Ex4dError("the depth file holds Python objects, not numbers", where=where)
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > MAX_DEPTH_BYTES or need > available - header:
+        raise Ex4dError(
+            f"the depth file's header claims shape {tuple(shape)} ({need} bytes) but the file holds "
+            f"{available - header} bytes of data",
+            where=where,
+            hint="the file is truncated or corrupt",
+        )
+
+
+def _read_array_file(p: Path) -> np.ndarray:
+    from . import safe_io
+
+    where = str(p)
+    try:
+        with safe_io.open_regular(p, "depth file") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if p.suffix.lower() == ".npy":
+                _check_npy_header(fh, size, where)
+                return np.load(fh, allow_pickle=False)
+            with zipfile.ZipFile(fh) as zf:
+                members = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
+                for key in ("depth", "disparity", "arr_0"):
+                    if key in members:
+                        break
+                else:
+                    if len(members) != 1:
+                        raise Ex4dError(
+                            f"the npz holds several arrays ({', '.join(members)}) and none is named 'depth' or "
+                            "'disparity'"
+                            if members
+                            else "the npz holds no array",
+                            where=where,
+                        )
+                    key = next(iter(members))
+                info = members[key]
+                with zf.open(info) as member:
+                    head = member.read(10240)
+                _check_npy_header(io.BytesIO(head), info.file_size, where)
+                with zf.open(info) as member:
+                    return np.lib.format.read_array(member, allow_pickle=False)
     except Ex4dError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise Ex4dError(f"cannot read the depth file: {exc}", where=str(p), hint="the file is corrupt") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise Ex4dError(f"cannot read the depth file: {exc}", where=where, hint="the file is corrupt") from None
 
 
 def _read_frame_folder(folder: Path) -> np.ndarray:
     import cv2
 
-    from .footage import _natural_key, read_exr
+    from . import safe_io
+    from .footage import _natural_key, decode_image, read_exr
+
+    folder = safe_io.check_folder(folder, "depth folder")
 
     files = sorted(
         (f for f in folder.iterdir() if f.suffix.lower() in (".exr", ".png") and not f.name.startswith(".")),
@@ -68,7 +115,7 @@ def _read_frame_folder(folder: Path) -> np.ndarray:
             arr = read_exr(f)
             arr = arr if arr.ndim == 2 else arr[..., 0]
         else:
-            arr = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+            arr = decode_image(f, cv2.IMREAD_UNCHANGED)
             if arr is None:
                 raise Ex4dError("cannot read the depth frame", where=str(f), hint="the file is corrupt")
             if arr.ndim == 3:
@@ -185,6 +232,12 @@ def load_depth(
     if size is not None:
         arr = resample_depth(arr, size, where)
     if kind == "disparity":
+        if not len(arr) or float(arr.max()) == float(arr.min()):
+            raise Ex4dError(
+                f"the disparity is the same value ({float(arr.max()) if len(arr) else 0}) everywhere: it holds no depth",
+                where=where,
+                hint="check the disparity file (an all-zero file is a failed export)",
+            )
         return disparity_to_depth(arr)
     if not (np.isfinite(scale) and scale > 0):
         raise Ex4dError(f"depth scale must be positive, got {scale}", where="--depth-scale")

@@ -41,6 +41,7 @@ PACKAGES = (
     "transformers",
     "accelerate",
     "diffrp-nvdiffrast",
+    "sageattention",
     "numpy",
     "numba",
     "av",
@@ -93,6 +94,27 @@ def vram_profile(total_gib: float) -> str | None:
         if total_gib >= 0.95 * gb:
             return name
     return None
+
+
+def fast_profile_support(capability: tuple[int, int] | None, sageattention: str | None) -> dict:
+    """Whether the ``fast`` VRAM profile (FP8 linear layers, generation/fast.py) runs on a GPU of
+    ``capability`` (None: no GPU): FP8 tensor cores need compute capability >= 8.9 (Ada, Hopper and
+    newer). ``sageattention``: its installed version (8-bit attention) or None (then SDPA)."""
+    from .generation.fast import FP8_MIN_CAPABILITY
+
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    attention = f"SageAttention {sageattention} (INT8)" if sageattention else "SDPA (pip install sageattention==1.0.6)"
+    if capability is None:
+        return {
+            "supported": False,
+            "reason": f"no GPU (FP8 needs compute capability >= {need})",
+            "attention": attention,
+        }
+    cap = f"{capability[0]}.{capability[1]}"
+    if tuple(capability) < FP8_MIN_CAPABILITY:
+        reason = f"compute capability {cap} < {need}: no FP8 tensor cores (use full / 24gb / 12gb)"
+        return {"supported": False, "reason": reason, "attention": attention}
+    return {"supported": True, "reason": f"FP8 tensor cores (compute capability {cap})", "attention": attention}
 
 
 def _nvidia_smi() -> dict:
@@ -150,6 +172,7 @@ def report(models_dir: str | os.PathLike | None = None, device_index: int = 0) -
         "nvdiffrast": None,
         "models": None,
         "vram_profile": None,
+        "fast_profile": None,
         "can": {"recon_cpu": False, "recon_cuda": False, "preview": False, "generate": False},
         "reasons": [],
         "warnings": [],
@@ -215,6 +238,14 @@ def report(models_dir: str | os.PathLike | None = None, device_index: int = 0) -
                     "arch_supported": supported,
                 }
                 rep["vram_profile"] = vram_profile(total / 2**30)
+                try:
+                    rep["fast_profile"] = fast_profile_support(tuple(cap), rep["packages"].get("sageattention"))
+                except Exception as exc:  # noqa: BLE001
+                    rep["fast_profile"] = {
+                        "supported": False,
+                        "reason": f"not checked ({_error(exc)})",
+                        "attention": "",
+                    }
                 if not supported:
                     reasons.append(
                         f"torch {torch.__version__} has no kernels for {props.name} (compute capability "
@@ -240,6 +271,12 @@ def report(models_dir: str | os.PathLike | None = None, device_index: int = 0) -
             )
         else:
             reasons.append(NO_GPU)
+
+    if rep["fast_profile"] is None and torch is not None:
+        try:
+            rep["fast_profile"] = fast_profile_support(None, rep["packages"].get("sageattention"))
+        except Exception as exc:  # noqa: BLE001
+            rep["fast_profile"] = {"supported": False, "reason": f"not checked ({_error(exc)})", "attention": ""}
 
     # nvdiffrast (the CUDA guide renderer)
     if gpu_ok:
@@ -342,6 +379,10 @@ def format_report(rep: dict) -> str:
             state = "present" if info["present"] else f"missing {info['missing_files']}/{info['files']} file(s)"
             lines.append(f"  {name:26s} {state}")
     lines.append(f"vram profile  {rep.get('vram_profile') or 'none fits'}")
+    fp = rep.get("fast_profile")
+    if fp:
+        state = "supported" if fp["supported"] else "not supported"
+        lines.append(f"fast profile  {state}: {fp['reason']}; attention {fp['attention']}")
     can = rep["can"]
     lines.append("can run       " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in can.items()))
     for w in rep["warnings"]:

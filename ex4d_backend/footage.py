@@ -6,6 +6,14 @@ variable frame rate: variable-rate footage is read frame by frame and its averag
 Image sequences are PNG/JPEG (8 or 16 bit) or OpenEXR (linear light, converted to sRGB).
 Like the reference, the long side is capped at 1024 px (area resampling) and the first N frames are
 used. Processing sizes are kept even so every frame can be encoded as yuv420p H.264.
+
+Safety (the service reads footage a client names): every file is opened once through
+``safe_io.open_regular`` (regular files inside the allowed folders, checked on the opened handle) and
+decoded from that handle. Only the container formats a shot can be are accepted (``VIDEO_FORMATS``,
+probed from the content, whatever the file is called); playlists and lists of other files (HLS, DASH,
+ffconcat) are refused, and FFmpeg is never allowed to open a second file or URL. Sizes are bounded
+before decoding (``MAX_SOURCE_SIDE``), each frame is resized right after it is decoded (never the whole
+clip at full resolution) and cancel is checked between frames.
 """
 
 from __future__ import annotations
@@ -19,13 +27,29 @@ from pathlib import Path
 
 import numpy as np
 
+from . import safe_io
 from .atomic import atomic_path
 from .errors import NOT_FOUND, Ex4dError
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mxf"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".exr"}
 DEFAULT_MAX_SIDE = 1024  # the reference caps the long side at 1024 px
+MAX_PROCESSING_SIDE = 2048  # the largest max_side later stages accept
 DEFAULT_SEQUENCE_FPS = 24.0
+ENCODE_THREADS = 1  # one H.264 encoder thread: x264's frame threads make the bytes vary from run to run
+MAX_SOURCE_SIDE = 16384  # frames larger than this (either side) are refused before they are decoded
+# FFmpeg demuxers a shot can come from (names as ``container.format.name``); everything else (hls, dash,
+# concat, image2, tty, lavfi, data, ...) is refused.
+VIDEO_FORMATS = {
+    "mov,mp4,m4a,3gp,3g2,mj2",
+    "matroska,webm",
+    "avi",
+    "mxf",
+    "mpegts",
+    "mpeg",
+    "yuv4mpegpipe",
+    "flv",
+}
 
 
 @dataclass
@@ -79,56 +103,132 @@ def read_footage(
         fps: frame rate to report for image sequences (default 24), or to override a video's.
     """
     p = Path(path)
+    if max_side is not None and not (isinstance(max_side, int) and 2 <= max_side <= MAX_SOURCE_SIDE):
+        raise Ex4dError(f"max_side must be an integer from 2 to {MAX_SOURCE_SIDE}, not {max_side!r}", where="max_side")
+    if max_frames is not None and (not isinstance(max_frames, int) or max_frames < 0):
+        raise Ex4dError(f"max_frames must be a whole number >= 0, not {max_frames!r}", where="max_frames")
+    if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps <= 1000):
+        raise Ex4dError(f"fps must be a number in (0, 1000], not {fps!r}", where="fps")
     if not p.exists():
         raise Ex4dError(f"footage not found: {p}", where=str(p), hint="check the path", code=NOT_FOUND)
+    sizer = _Sizer(max_side, str(p))
     if p.is_dir():
-        frames, src_fps, total = _read_sequence(p, max_frames)
+        frames, src_fps, total = _read_sequence(p, max_frames, sizer)
     elif p.suffix.lower() in IMAGE_SUFFIXES:
         raise Ex4dError(
             "a single image is not footage", where=str(p), hint="pass the folder that holds the image sequence"
         )
     else:
-        frames, src_fps, total = _read_video(p, max_frames)
+        frames, src_fps, total = _read_video(p, max_frames, sizer)
     if len(frames) == 0:
         raise Ex4dError("the footage has no frames", where=str(p), hint="check the file plays in a video player")
-    src_h, src_w = frames[0].shape[:2]
-    w, h = processing_size(src_w, src_h, max_side)
-    if (w, h) != (src_w, src_h):
-        import cv2
-
-        interp = cv2.INTER_AREA if w < src_w else cv2.INTER_LINEAR
-        frames = [cv2.resize(f, (w, h), interpolation=interp) for f in frames]
     return Footage(
         frames=np.ascontiguousarray(np.stack(frames)),
         fps=float(fps or src_fps),
-        source_size=(src_w, src_h),
+        source_size=sizer.source,
         total_frames=total,
         path=p,
     )
 
 
-def _read_video(p: Path, max_frames: int | None) -> tuple[list[np.ndarray], float, int]:
+class _Sizer:
+    """Resizes each frame to the processing size right after it is decoded; checks sizes before decoding."""
+
+    def __init__(self, max_side: int | None, where: str):
+        self.max_side, self.where = max_side, where
+        self.source: tuple[int, int] | None = None  # (width, height) of the first frame
+
+    def check_source(self, width: int, height: int) -> None:
+        """Refuse absurd frame sizes (a header claiming 40000 x 40000) before anything is decoded."""
+        if width <= 0 or height <= 0 or max(width, height) > MAX_SOURCE_SIDE:
+            raise Ex4dError(
+                f"the frames are {width} x {height} pixels; at most {MAX_SOURCE_SIDE} per side are read",
+                where=self.where,
+                hint="scale the footage down before using it",
+            )
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        h, w = frame.shape[:2]
+        if self.source is None:
+            self.check_source(w, h)
+            self.source = (w, h)
+        elif (w, h) != self.source:
+            raise Ex4dError(
+                f"the frames differ in size: {self.source[0]}x{self.source[1]} and {w}x{h}",
+                where=self.where,
+                hint="all frames of a shot must have the same resolution",
+            )
+        tw, th = processing_size(w, h, self.max_side)
+        if (tw, th) == (w, h):
+            return np.ascontiguousarray(frame)
+        import cv2
+
+        interp = cv2.INTER_AREA if tw < w else cv2.INTER_LINEAR
+        return cv2.resize(frame, (tw, th), interpolation=interp)
+
+
+class _NoNestedOpen:
+    """PyAV ``io_open``: FFmpeg asks it to open any second file or URL (playlist entries, concat lists,
+    external references); it refuses every one and remembers what was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def __call__(self, url: str, flags: int, options: dict):
+        self.asked.append(str(url)[:200])
+        raise PermissionError(f"opening {str(url)[:200]} from inside the footage is not allowed")
+
+
+def open_video(p: Path):
+    """(container, file handle) of a video: opened through ``safe_io``, format checked, no nested opens."""
     import av
 
+    fh = safe_io.open_regular(p, "footage")
+    nested = _NoNestedOpen()
     try:
-        container = av.open(str(p))
-    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        container = av.open(fh, io_open=nested, options={"protocol_whitelist": "file"})
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
+        fh.close()
+        if nested.asked:
+            raise _list_error(p, f"it refers to {nested.asked[0]}") from None
         raise Ex4dError(
             f"cannot open the video: {exc}",
             where=str(p),
             hint="the file is not a video FFmpeg can read (corrupt or unsupported); re-export it as mp4/mov",
         ) from None
-    with container:
+    name = container.format.name
+    if name not in VIDEO_FORMATS or nested.asked:
+        container.close()
+        fh.close()
+        raise _list_error(p, f"its format is '{name}'")
+    return container, fh
+
+
+def _list_error(p: Path, detail: str) -> Ex4dError:
+    return Ex4dError(
+        f"the file is not a video a shot can be ({detail}): playlists and lists of other files are refused",
+        where=str(p),
+        hint=f"pass the video itself (formats: {', '.join(sorted(VIDEO_FORMATS))}) or an image-sequence folder",
+    )
+
+
+def _read_video(p: Path, max_frames: int | None, sizer: _Sizer) -> tuple[list[np.ndarray], float, int]:
+    import av
+
+    container, fh = open_video(p)
+    with fh, container:
         if not container.streams.video:
             raise Ex4dError("the file has no video stream", where=str(p), hint="pass a video file")
         stream = container.streams.video[0]
+        sizer.check_source(stream.codec_context.width or 1, stream.codec_context.height or 1)
         rate = stream.average_rate or stream.guessed_rate or Fraction(DEFAULT_SEQUENCE_FPS)
         frames: list[np.ndarray] = []
         times: list[Fraction] = []  # presentation times (s) of the decoded frames, when known
         tick = Fraction(0)  # their time base (s)
         try:
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                safe_io.check_cancel()
+                frames.append(sizer(frame.to_ndarray(format="rgb24")))
                 if frame.pts is not None and frame.time_base is not None:
                     times.append(frame.pts * frame.time_base)
                     tick = frame.time_base
@@ -153,9 +253,15 @@ def _count_video_packets(p: Path) -> int:
     import av
 
     try:
-        with av.open(str(p)) as container:
-            return sum(1 for packet in container.demux(video=0) if packet.size)
-    except av.error.FFmpegError:
+        container, fh = open_video(p)
+        with fh, container:
+            n = 0
+            for packet in container.demux(video=0):
+                n += 1 if packet.size else 0
+                if n % 256 == 0:
+                    safe_io.check_cancel()
+            return n
+    except (av.error.FFmpegError, Ex4dError):
         return 0
 
 
@@ -175,7 +281,8 @@ def _average_rate(times: list[Fraction], rate: Fraction, tick: Fraction) -> Frac
     return Fraction(len(ts) - 1) / span
 
 
-def _read_sequence(folder: Path, max_frames: int | None) -> tuple[list[np.ndarray], float, int]:
+def _read_sequence(folder: Path, max_frames: int | None, sizer: _Sizer) -> tuple[list[np.ndarray], float, int]:
+    folder = safe_io.check_folder(folder, "footage folder")
     files = list_image_sequence(folder)
     if not files:
         raise Ex4dError(
@@ -184,15 +291,32 @@ def _read_sequence(folder: Path, max_frames: int | None) -> tuple[list[np.ndarra
     total = len(files)
     if max_frames:
         files = files[:max_frames]
-    frames = [read_image_rgb(f) for f in files]
-    shapes = {f.shape for f in frames}
-    if len(shapes) != 1:
-        raise Ex4dError(
-            f"the frames of the sequence differ in size: {sorted(shapes)}",
-            where=str(folder),
-            hint="all frames of a sequence must have the same resolution",
-        )
+    frames = []
+    for f in files:
+        safe_io.check_cancel()
+        frames.append(sizer(read_image_rgb(f)))
     return frames, DEFAULT_SEQUENCE_FPS, total
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header, without decoding; None if it cannot be told."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+            i += 2 + length
+    return None
 
 
 def read_image_rgb(path: Path) -> np.ndarray:
@@ -205,7 +329,7 @@ def read_image_rgb(path: Path) -> np.ndarray:
         return (rgb * 255.0 + 0.5).astype(np.uint8)
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    img = decode_image(path, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise Ex4dError("cannot read the image", where=str(path), hint="the file is corrupt or not an image")
     if img.ndim == 2:
@@ -216,12 +340,51 @@ def read_image_rgb(path: Path) -> np.ndarray:
     return img
 
 
+def decode_image(path: Path, flags: int) -> np.ndarray | None:
+    """``cv2.imdecode`` of a PNG/JPEG read through ``safe_io`` (size checked from the header first)."""
+    import cv2
+
+    data = safe_io.read_bytes(path, "image")
+    size = image_header_size(data)
+    if size is not None:
+        _Sizer(None, str(path)).check_source(*size)
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+
+
 def read_exr(path: Path) -> np.ndarray:
-    """The first part of an EXR as float32: (H, W) for one channel, (H, W, C) for RGB(A)."""
+    """The first part of an EXR as float32: (H, W) for one channel, (H, W, C) for RGB(A).
+
+    OpenEXR reads by file name, so inside a sandbox (the service) it reads a private copy of the bytes read
+    through ``safe_io``: the file checked is the file read."""
+    import tempfile
+
+    if safe_io.current_roots() is None:
+        with safe_io.open_regular(path, "EXR file"):  # a regular file (a FIFO would block OpenEXR)
+            pass
+        return _read_exr_file(str(path), str(path))
+    data = safe_io.read_bytes(path, "EXR file")
+    with tempfile.NamedTemporaryFile(suffix=".exr") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        del data
+        return _read_exr_file(tmp.name, str(path))
+
+
+def _read_exr_file(name: str, where: str) -> np.ndarray:
     import OpenEXR
 
     try:
-        with OpenEXR.File(str(path)) as f:
+        with OpenEXR.File(name, header_only=True) as f:
+            box = f.header().get("dataWindow")
+        if box is not None:
+            (x0, y0), (x1, y1) = np.asarray(box[0]).tolist(), np.asarray(box[1]).tolist()
+            _Sizer(None, where).check_source(x1 - x0 + 1, y1 - y0 + 1)
+    except Ex4dError:
+        raise
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by the full read below
+        pass
+    try:
+        with OpenEXR.File(name) as f:
             channels = f.channels()
             if "RGBA" in channels:
                 arr = channels["RGBA"].pixels
@@ -229,9 +392,9 @@ def read_exr(path: Path) -> np.ndarray:
                 arr = channels["RGB"].pixels
             else:
                 # Depth-like files: Z, Y, depth.V, R ... take a sensible single channel.
-                for name in ("Z", "depth", "Y", "R", "V"):
-                    if name in channels:
-                        arr = channels[name].pixels
+                for channel in ("Z", "depth", "Y", "R", "V"):
+                    if channel in channels:
+                        arr = channels[channel].pixels
                         break
                 else:
                     arr = next(iter(channels.values())).pixels
@@ -239,7 +402,7 @@ def read_exr(path: Path) -> np.ndarray:
     except Ex4dError:
         raise
     except Exception as exc:  # OpenEXR raises plain exceptions for corrupt files
-        raise Ex4dError(f"cannot read the EXR file: {exc}", where=str(path), hint="the file is corrupt") from None
+        raise Ex4dError(f"cannot read the EXR file: {exc}", where=where, hint="the file is corrupt") from None
 
 
 def linear_to_srgb(x: np.ndarray) -> np.ndarray:
@@ -256,6 +419,11 @@ def write_video(
     """
     import av
 
+    final = Path(path)
+    if final.is_dir():
+        raise Ex4dError("the output video is an existing folder", where=str(final), hint="name an .mp4 file")
+    if final.suffix.lower() not in VIDEO_SUFFIXES:
+        raise Ex4dError(f"the output video must end in .mp4 (or {', '.join(sorted(VIDEO_SUFFIXES))})", where=str(final))
     frames = np.asarray(frames)
     if frames.ndim == 3:
         frames = np.repeat(frames[..., None], 3, axis=3)
@@ -265,7 +433,6 @@ def write_video(
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    final = Path(path)
     rate = Fraction(fps).limit_denominator(1001)
     with atomic_path(final) as tmp:
         with av.open(str(tmp), mode="w") as out:
@@ -273,6 +440,9 @@ def write_video(
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf), "preset": preset}
+            # x264's output depends on its thread count (by default the machine's core count) and, with frame
+            # threads, on timing: one thread makes the bytes (so the decoded pixels) the same for the same frames.
+            stream.codec_context.thread_count = ENCODE_THREADS
             for f in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                     out.mux(packet)
@@ -296,15 +466,17 @@ def write_png_sequence(folder: str | os.PathLike, frames: np.ndarray, *, prefix:
 
 
 def content_hash(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, or of a folder's image files (names and bytes), as hex."""
+    """SHA-256 of a file's bytes, or of a folder's image files (names and bytes), as hex. Reads through
+    ``safe_io`` (regular files inside the sandbox) and stops with ``Cancelled`` between chunks."""
     p = Path(path)
     h = hashlib.sha256()
     files = list_image_sequence(p) if p.is_dir() else [p]
     for f in files:
         h.update(f.name.encode() if p.is_dir() else b"")
-        with open(f, "rb") as fh:
+        with safe_io.open_regular(f, "input") as fh:
             while block := fh.read(chunk):
                 h.update(block)
+                safe_io.check_cancel()
     return h.hexdigest()
 
 

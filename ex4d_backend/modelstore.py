@@ -140,6 +140,40 @@ def require(name: str, root: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def require_all(names: list[str], root: str | os.PathLike | None = None) -> list[Path]:
+    """The folders of several models, or ONE error naming every missing model, its repository and its
+    missing files at once (so the user downloads everything in one go)."""
+    folders, problems = [], []
+    for name in names:
+        spec = get_spec(name)
+        folder = model_folder(spec, root)
+        missing = missing_files(spec, root)
+        folders.append(folder)
+        if missing:
+            problems.append((spec, folder, missing))
+    if len(problems) == 1:
+        raise _missing_error(*problems[0])
+    if problems:
+        parts = [f"'{s.name}' ({len(m)} file(s) from {s.repo_id})" for s, _, m in problems]
+        gated = [s.repo_id for s, _, _ in problems if s.gated]
+        raise Ex4dError(
+            f"{len(problems)} models are missing: {', '.join(parts)}",
+            where=str(models_dir(root)),
+            hint=(
+                f"run `ex4d models download {' '.join(s.name for s, _, _ in problems)}` when online"
+                + (
+                    f" (gated: {', '.join(gated)}: accept the licence on huggingface.co and set HF_TOKEN)"
+                    if gated
+                    else ""
+                )
+                + ", or copy the files of the Hugging Face repositories "
+                + ", ".join(f"{s.repo_id} into {f}" for s, f, _ in problems)
+            ),
+            code=MODEL_MISSING,
+        )
+    return folders
+
+
 # ----------------------------------------------------------------------------------------------
 # Verify
 

@@ -92,36 +92,43 @@ def write_recon_outputs(
 ) -> dict[str, Path]:
     """Write ``color_<cam>.mp4``, ``mask_<cam>.mp4``, ``camera_<cam>.npz`` (+ ``DW-Mesh.ply``, PNG folders
     ``color_<cam>/``, ``mask_<cam>/``) into ``output_dir``, each atomically."""
+    from .atomic import atomic_group
     from .footage import write_png_sequence, write_video
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "color_video": write_video(out / f"color_{cam_name}.mp4", guide.color, fps),
-        "mask_video": write_video(out / f"mask_{cam_name}.mp4", guide.mask, fps),
-        "camera": save_camera_npz(out / f"camera_{cam_name}.npz", guide.camera),
-    }
-    if png:
-        paths["color_frames"] = write_png_sequence(out / f"color_{cam_name}", guide.color)
-        paths["mask_frames"] = write_png_sequence(out / f"mask_{cam_name}", guide.mask)
-    if save_mesh:
-        if guide.mesh0 is None:
-            raise ValueError("run_recon(keep_mesh0=True) is needed to save the mesh")
-        paths["mesh"] = write_ply(out / "DW-Mesh.ply", guide.mesh0, 0)
-    return paths
+    with atomic_group() as g:  # all outputs or none (a full disk never leaves a new video beside old files)
+        paths = {
+            "color_video": write_video(g.path(out / f"color_{cam_name}.mp4"), guide.color, fps),
+            "mask_video": write_video(g.path(out / f"mask_{cam_name}.mp4"), guide.mask, fps),
+            "camera": save_camera_npz(g.path(out / f"camera_{cam_name}.npz"), guide.camera),
+        }
+        if png:
+            paths["color_frames"] = write_png_sequence(g.path(out / f"color_{cam_name}"), guide.color)
+            paths["mask_frames"] = write_png_sequence(g.path(out / f"mask_{cam_name}"), guide.mask)
+        if save_mesh:
+            if guide.mesh0 is None:
+                raise ValueError("run_recon(keep_mesh0=True) is needed to save the mesh")
+            paths["mesh"] = write_ply(g.path(out / "DW-Mesh.ply"), guide.mesh0, 0)
+    return {key: g.final(p) for key, p in paths.items()}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copyfile(src, dst)
+    return dst
 
 
 def copy_atomic(src: Path, dst: Path) -> Path:
     """Copy a file or folder from the store to ``dst`` (a temporary name, renamed when complete)."""
-    import shutil
-
     from .atomic import atomic_path
 
     with atomic_path(dst) as tmp:
-        if src.is_dir():
-            shutil.copytree(src, tmp)
-        else:
-            shutil.copyfile(src, tmp)
+        _copy(src, tmp)
     return dst
 
 
@@ -135,28 +142,31 @@ def export_guide(
 ) -> dict[str, Path]:
     """Copy a stored guide (``pipeline.stages.guide_stage``) out as ``ex4d recon``'s files: ``color_<cam>.mp4``,
     ``mask_<cam>.mp4``, ``camera_<cam>.npz`` (+ PNG folders ``color_<cam>/``, ``mask_<cam>/`` with ``png``;
-    + ``DW-Mesh.ply`` of frame 0 with ``mesh_of = (clip, depth, k, MeshSettings)``), each atomically; the
-    files are byte for byte the store's."""
+    + ``DW-Mesh.ply`` of frame 0 with ``mesh_of = (clip, depth, k, MeshSettings)``), all or none (renamed
+    together when every one is complete); the files are byte for byte the store's."""
+    from .atomic import atomic_group
+
     src, out = Path(guide_dir), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "color_video": copy_atomic(src / "color.mp4", out / f"color_{cam_name}.mp4"),
-        "mask_video": copy_atomic(src / "mask.mp4", out / f"mask_{cam_name}.mp4"),
-        "camera": copy_atomic(src / "camera.npz", out / f"camera_{cam_name}.npz"),
-    }
-    if png:
-        paths["color_frames"] = copy_atomic(src / "color", out / f"color_{cam_name}")
-        paths["mask_frames"] = copy_atomic(src / "mask", out / f"mask_{cam_name}")
-    if mesh_of is not None:
-        from .dwmesh import build_dwmesh
+    with atomic_group() as g:
+        paths = {
+            "color_video": _copy(src / "color.mp4", g.path(out / f"color_{cam_name}.mp4")),
+            "mask_video": _copy(src / "mask.mp4", g.path(out / f"mask_{cam_name}.mp4")),
+            "camera": _copy(src / "camera.npz", g.path(out / f"camera_{cam_name}.npz")),
+        }
+        if png:
+            paths["color_frames"] = _copy(src / "color", g.path(out / f"color_{cam_name}"))
+            paths["mask_frames"] = _copy(src / "mask", g.path(out / f"mask_{cam_name}"))
+        if mesh_of is not None:
+            from .dwmesh import build_dwmesh
 
-        clip, depth, k, mesh = mesh_of
-        mesh0 = build_dwmesh(
-            np.array(depth.depth[:1]),
-            k if np.ndim(k) == 2 else k[:1],  # per-frame K (a zooming source camera): frame 0's
-            np.array(clip.frames[:1]),
-            mesh_filter=mesh.mesh_filter,
-            border_depth=mesh.border_depth,
-        )
-        paths["mesh"] = write_ply(out / "DW-Mesh.ply", mesh0, 0)
-    return paths
+            clip, depth, k, mesh = mesh_of
+            mesh0 = build_dwmesh(
+                np.array(depth.depth[:1]),
+                k if np.ndim(k) == 2 else k[:1],  # per-frame K (a zooming source camera): frame 0's
+                np.array(clip.frames[:1]),
+                mesh_filter=mesh.mesh_filter,
+                border_depth=mesh.border_depth,
+            )
+            paths["mesh"] = write_ply(g.path(out / "DW-Mesh.ply"), mesh0, 0)
+    return {key: g.final(p) for key, p in paths.items()}

@@ -28,6 +28,7 @@ See docs/install.md.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -64,12 +65,35 @@ CUDA_BUILDS: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[str, ...]]
 MINOR_COMPAT_DRIVER = (525, 60, 13)  # CUDA 12.x minor-version compatibility: cu12x runs on any driver >= this
 PYPI_LINUX_BUILD = "cu130"  # what `pip install torch==2.13.0` from PyPI gives on Linux x86_64
 
-# Blender test environments for --dev (bpy wheels exist for Python 3.11 only).
+# Blender test environments for --dev: (venv, Python it needs, requirements). bpy wheels exist for one
+# Python per Blender version: 3.11 for 4.2-5.0, 3.13 for 5.1+ (a missing Python is a skip with the reason).
+_BPY_TEST_TOOLS = ("pytest>=8", "pytest-timeout>=2.3")
 BPY_VENVS = (
-    (".venv-bpy5.0", ("bpy==5.0.1", "numpy<2", "pytest>=8", "pytest-timeout>=2.3")),
-    (".venv-bpy4.2", ("bpy==4.2.23", "numpy<2", "pytest>=8", "pytest-timeout>=2.3")),
+    (".venv-bpy5.0", "3.11", ("bpy==5.0.1", "numpy<2", *_BPY_TEST_TOOLS)),
+    (".venv-bpy4.2", "3.11", ("bpy==4.2.23", "numpy<2", *_BPY_TEST_TOOLS)),
+    (".venv-bpy4.5", "3.11", ("bpy==4.5.*", "numpy<2", *_BPY_TEST_TOOLS)),
+    (".venv-bpy5.2", "3.13", ("bpy==5.2.*", "numpy>=1.26,<2.4", *_BPY_TEST_TOOLS)),
 )
 BPY_PYTHON = "3.11"
+# Type-check environments for --dev (tests/test_addon_typecheck.py): mypy against the fake-bpy-module of
+# each supported Blender, one small venv each (the stub packages all provide `bpy`; their PEP 695 syntax
+# needs Python 3.12+ to parse; 5.2's Python is 3.13).
+TYPECHECK_VENVS = tuple(
+    (f".venv-fakebpy{v}", py, (f"fake-bpy-module-{v.replace('.', '-')}==20260730", "mypy==1.20.2", "numpy<2.3"))
+    for v, py in (("4.2", "3.12"), ("4.5", "3.12"), ("5.0", "3.12"), ("5.2", "3.13"))
+)
+
+# Reference side environment for --dev (the generation parity tests): the EX-4D reference's diffsynth 1.1.2
+# and transformers 4.51.3 (+ the tokenizers / huggingface-hub they need). It reuses every other package
+# (torch, peft, cv2, ...) of the main environment through a .pth file, so only these ~15 MB are fetched.
+REF112_VENV = ".venv-ref112"
+REF112_REQS = ("diffsynth==1.1.2", "transformers==4.51.3", "tokenizers==0.21.4", "huggingface-hub==0.36.2")
+REF112_PTH = "ex4d-main-venv.pth"
+REF112_CHECK = """
+import importlib.metadata as md, importlib.util, json, torch, transformers  # not diffsynth: its __init__ needs controlnet_aux
+print(json.dumps({"diffsynth": md.version("diffsynth"), "transformers": transformers.__version__,
+                  "diffsynth_at": importlib.util.find_spec("diffsynth").origin, "torch_at": torch.__file__}))
+"""
 
 # pip lines worth showing live; everything goes to the log.
 PROGRESS = re.compile(
@@ -562,52 +586,134 @@ def warm_nvdiffrast(runner: Runner, py: Path) -> str:
         return "failed"
 
 
-def find_python311() -> str | None:
-    if sys.version_info[:2] == (3, 11):
+def find_python(version: str = BPY_PYTHON) -> str | None:
+    """A Python ``version`` ("3.11") with venv: this one, ``python3.X`` on PATH, a pyenv install, or
+    Windows' ``py -3.X``."""
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
         return sys.executable
-    for name in ("python3.11", "python3.11.exe"):
-        exe = shutil.which(name)
+    cands = [shutil.which(n) for n in (f"python{version}", f"python{version}.exe")]
+    cands += sorted(glob.glob(str(Path.home() / ".pyenv" / "versions" / f"{version}.*" / "bin" / "python3")))[::-1]
+    for exe in cands:
         if exe and subprocess.run([exe, "-c", "import sys, venv"], capture_output=True).returncode == 0:
             return exe
     if os.name == "nt" and shutil.which("py"):
         done = subprocess.run(
-            ["py", "-3.11", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
+            ["py", f"-{version}", "-c", "import sys; print(sys.executable)"], capture_output=True, text=True
         )
         if done.returncode == 0:
             return done.stdout.strip()
     return None
 
 
+def find_python311() -> str | None:
+    return find_python("3.11")
+
+
+def _setup_venv(args: argparse.Namespace, runner: Runner, name: str, python: str, reqs: Sequence[str]) -> None:
+    venv = Path(args.bpy_dir).expanduser().resolve() / name
+    key = {"installer": INSTALLER_VERSION, "requirements": list(reqs), "offline": bool(args.offline)}
+    marker = venv / MARKER
+    fresh = not (args.force or args.recreate)
+    if fresh and read_marker(marker).get("key") == key and venv_python(venv).exists():
+        runner.say(f"{name}: up to date")
+        return
+    marker.unlink(missing_ok=True)
+    py = ensure_venv(venv, python, args.recreate, runner)
+    runner.say(f"{name}: installing {' '.join(reqs)}")
+    runner.pip(
+        py,
+        ["install", *pip_source_options(args), *reqs],
+        f"setting up the test environment {name} failed",
+        "check the connection (bpy wheels are about 300 MB), then run the installer again",
+    )
+    write_json(marker, {"key": key, "python": str(venv_python(venv)), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
 def setup_bpy_venvs(args: argparse.Namespace, runner: Runner) -> list[str]:
-    """The Blender test environments (--dev). Returns warnings."""
-    python = find_python311()
-    if python is None:
-        msg = (
-            f"warning: Python {BPY_PYTHON} not found (bpy wheels exist for {BPY_PYTHON} only): skipping "
-            f"{', '.join(n for n, _ in BPY_VENVS)}; the Blender tests will be skipped. Install python3.11 and re-run."
-        )
-        runner.say(msg)
-        return [msg]
-    for name, reqs in BPY_VENVS:
-        venv = Path(args.bpy_dir).expanduser().resolve() / name
-        key = {"installer": INSTALLER_VERSION, "requirements": list(reqs), "offline": bool(args.offline)}
-        marker = venv / MARKER
-        fresh = not (args.force or args.recreate)
-        if fresh and read_marker(marker).get("key") == key and venv_python(venv).exists():
-            runner.say(f"{name}: up to date")
+    """The Blender test environments and the add-on's type-check environments (--dev). Returns warnings;
+    a Python a bpy needs that is not installed skips that environment with the reason (its suite skips)."""
+    warnings = []
+    for name, version, reqs in BPY_VENVS:
+        python = find_python(version)
+        if python is None:
+            msg = (
+                f"warning: Python {version} not found (the {reqs[0]} wheels exist for Python {version} only): "
+                f"skipping {name}; its Blender tests will be skipped. Install python{version} (e.g. pyenv) and re-run."
+            )
+            runner.say(msg)
+            warnings.append(msg)
             continue
-        marker.unlink(missing_ok=True)
-        py = ensure_venv(venv, python, args.recreate, runner)
-        runner.say(f"{name}: installing {' '.join(reqs)}")
-        runner.pip(
-            py,
-            ["install", *pip_source_options(args), *reqs],
-            f"setting up the Blender test environment {name} failed",
-            "check the connection (bpy wheels are about 300 MB), then run the installer again",
+        _setup_venv(args, runner, name, python, reqs)
+        runner.run([str(venv_python(Path(args.bpy_dir).expanduser().resolve() / name)), "-c", "import bpy"],
+                   f"bpy does not import in {name}", "re-run with --recreate")  # fmt: skip
+    for name, version, reqs in TYPECHECK_VENVS:
+        python = find_python(version) or (find_python("3.13") if version == "3.12" else None)
+        if python is None:
+            msg = f"warning: Python {version} not found: skipping {name}; its type check will be skipped"
+            runner.say(msg)
+            warnings.append(msg)
+            continue
+        _setup_venv(args, runner, name, python, reqs)
+    return warnings
+
+
+def setup_reference_venv(args: argparse.Namespace, runner: Runner, main_py: Path, venv: Path | None = None) -> Path:
+    """The reference side environment (--dev): ``.venv-ref112`` beside the repository's files, made with the
+    main environment's Python, holding only REF112_REQS (``pip install --no-deps --target``) and a .pth
+    file that appends the main environment's site-packages (its own site-packages come first on sys.path,
+    so they shadow only diffsynth / transformers / tokenizers / huggingface-hub). Up to date (a marker with
+    the requirements and the main environment's path): nothing done. Returns the side Python."""
+    venv = venv or REPO / REF112_VENV
+    site_of = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    main_site = runner.run(
+        [str(main_py), "-c", site_of], "cannot query the backend environment", "re-run with --recreate"
+    )
+    main_site = main_site.strip().splitlines()[-1]
+    key = {"installer": INSTALLER_VERSION, "requirements": list(REF112_REQS), "main_site": main_site}
+    marker = venv / MARKER
+    py = venv_python(venv)
+    if not (args.force or args.recreate) and read_marker(marker).get("key") == key and py.exists():
+        runner.say(f"{venv.name}: up to date")
+        return py
+    marker.unlink(missing_ok=True)
+    started = time.monotonic()
+    if venv.exists() and not (venv / "pyvenv.cfg").is_file() and any(venv.iterdir()):
+        raise InstallError(f"{venv} exists and is not a virtual environment", "move it away and re-run")
+    if not (venv / "pyvenv.cfg").is_file() or args.recreate:
+        shutil.rmtree(venv, ignore_errors=True)
+        runner.say(f"{venv.name}: creating the reference side environment (diffsynth 1.1.2, transformers 4.51.3)")
+        runner.run(
+            [str(main_py), "-m", "venv", "--without-pip", str(venv)],
+            f"could not create {venv}",
+            "install the venv module (Debian/Ubuntu: apt install python3-venv), then re-run",
         )
-        runner.run([str(py), "-c", "import bpy"], f"bpy does not import in {name}", "re-run with --recreate")
-        write_json(marker, {"key": key, "python": str(venv_python(venv)), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    return []
+    side_site = Path(
+        runner.run([str(py), "-c", site_of], f"{venv} does not start", "re-run with --recreate")
+        .strip()
+        .splitlines()[-1]
+    )
+    side_site.mkdir(parents=True, exist_ok=True)
+    (side_site / REF112_PTH).write_text(main_site + "\n", encoding="utf-8")
+    runner.say(f"{venv.name}: installing {' '.join(REF112_REQS)} (the rest comes from the backend environment)")
+    runner.pip(
+        main_py,
+        ["install", *pip_source_options(args), "--no-deps", "--upgrade", "--target", str(side_site), *REF112_REQS],
+        f"setting up the reference side environment {venv.name} failed",
+        "check the connection (or the wheelhouse), then run the installer again",
+    )
+    out = runner.run(
+        [str(py), "-c", REF112_CHECK], f"the reference libraries do not import in {venv.name}", "re-run with --recreate"
+    )
+    info = json.loads(out.strip().splitlines()[-1])
+    if info["diffsynth"] != "1.1.2" or info["transformers"] != "4.51.3":
+        raise InstallError(
+            f"{venv.name} imports diffsynth {info['diffsynth']} / transformers {info['transformers']}",
+            "re-run with --recreate",
+        )
+    info["seconds"] = round(time.monotonic() - started, 1)
+    write_json(marker, {"key": key, "python": str(py), "installed": info, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    runner.say(f"{venv.name}: ready in {info['seconds']:.0f} s")
+    return py
 
 
 def read_marker(path: Path) -> dict:
@@ -677,9 +783,26 @@ def download_wheelhouse(args: argparse.Namespace, runner: Runner, build: str) ->
         "check the connection",
     )
     if args.dev:
-        for _, reqs in BPY_VENVS:
+        runner.pip(
+            Path(py),
+            ["download", "-d", str(house), "--no-deps", *REF112_REQS],
+            "downloading the reference libraries failed",
+            "check the connection",
+        )
+        for _, version, reqs in BPY_VENVS:  # wheels for the Python each bpy needs
+            target = ["--python-version", version, "--only-binary=:all:"]
             runner.pip(
-                Path(py), ["download", "-d", str(house), *reqs], "downloading bpy failed", "check the connection"
+                Path(py),
+                ["download", "-d", str(house), *target, *reqs],
+                "downloading bpy failed",
+                "check the connection",
+            )
+        for _, version, reqs in TYPECHECK_VENVS:
+            runner.pip(
+                Path(py),
+                ["download", "-d", str(house), "--python-version", version, "--only-binary=:all:", *reqs],
+                "downloading the type checker failed",
+                "check the connection",
             )
     for sdist in list(house.glob("*.tar.gz")) + list(house.glob("*.zip")):
         if sdist.name.startswith("ex4d_backend") or sdist.name.startswith("ex4d-backend"):
@@ -718,7 +841,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--dev",
         action="store_true",
-        help="also the test tools and the Blender test environments .venv-bpy5.0, .venv-bpy4.2",
+        help="also the test tools, the Blender test environments .venv-bpy{4.2,4.5,5.0,5.2} and the type-check environments .venv-fakebpy*",
     )
     p.add_argument(
         "--no-editable", action="store_true", help="install ex4d_backend as a normal package (default: editable)"
@@ -812,6 +935,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         touched = False
         warnings = setup_bpy_venvs(args, runner) if args.dev else []
         installed = state.get("installed", {})
+        if args.dev and installed.get("generation_libs", True):
+            setup_reference_venv(args, runner, py)
         if not installed.get("generation_libs", True):
             warnings.append("note: torchvision/diffsynth not installed: EX-4D generation and its tests are unavailable")
         runner.say(

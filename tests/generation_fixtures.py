@@ -77,28 +77,43 @@ def write_image_encoder(folder: Path, seed: int = 3) -> None:
     torch.save(state, folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
 
 
-def write_tokenizer(folder: Path) -> None:
+PREPEND_SCHEMES = ("always", "first", "never")
+
+
+def write_tokenizer(folder: Path, prepend_scheme: str = "always") -> None:
+    """A umT5-like tokenizer folder: ``tokenizer.json`` with a Unigram model (pad 0, eos 1, unk 2, as
+    umT5), a Metaspace pre-tokenizer with the given ``prepend_scheme`` and a post-processor appending
+    ``</s>``; ``tokenizer_config.json`` naming ``T5Tokenizer`` (as google/umt5-xxl), the special tokens
+    map and a SentencePiece ``spiece.model`` (the published file list). Ids stay below the tiny
+    text encoder's vocabulary (64)."""
     import io
 
     import sentencepiece as spm
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     from ex4d_backend.generation.conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-"]
+    seen = {p for p, _ in pieces}
     for word in (REFERENCE_PROMPT + " " + REFERENCE_NEGATIVE).lower().replace(",", " ").split():
-        if len(vocab) < T5_CFG["vocab"]:
-            vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(str(folder))
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+        for piece in ("\u2581" + word, word):
+            if len(pieces) < T5_CFG["vocab"] and piece not in seen:
+                pieces.append((piece, -1.0 - 0.01 * len(pieces)))
+                seen.add(piece)
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme, split=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme, split=True)
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {**special, "tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([REFERENCE_PROMPT, REFERENCE_NEGATIVE] * 8),
@@ -188,3 +203,102 @@ def variant(base: Path, dest: Path, *, drop: tuple[str, ...] = (), write: dict |
 
 CKPT = f"{EX4D_REPO}/ex4d.ckpt"
 SHARD = f"{WAN_REPO}/diffusion_pytorch_model-{{:05d}}-of-00007.safetensors"
+
+
+# ------------------------------------------------------------------------- the reference pipeline
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_HELPER = REPO / "tests" / "reference_ex4d_112.py"
+
+
+def reference_python() -> Path:
+    """The dev install's reference side environment's Python (``$EX4D_REF112_PYTHON`` or
+    ``<repo>/.venv-ref112``); a test failure (not a skip) when it is missing."""
+    import os
+
+    import pytest
+
+    py = Path(os.environ.get("EX4D_REF112_PYTHON") or REPO / ".venv-ref112" / "bin" / "python")
+    if not py.exists():
+        pytest.fail(
+            f"{py} is missing: run `python3 scripts/install_deps.py --dev` (it makes the reference environment)"
+        )
+    return py
+
+
+def run_in_reference_env(args: list[str], timeout: int = 900) -> str:
+    """Run ``args`` with the side environment's Python (no PYTHONPATH: nothing of ours shadows 1.1.2)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [str(reference_python()), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def reference_generate(models: Path, folder: Path, cases: dict[str, tuple]) -> tuple[dict, dict]:
+    """The reference pipeline (tests/reference_ex4d_112.py: diffsynth 1.1.2 + EX-4D's edits) on each case
+    ``name: (color uint8 (T, H, W, 3), mask uint8 (T, H, W), opts)`` in one side-environment process.
+    Returns ({name: {"latents", "frames", ...}}, the helper's info: loaded counts, versions)."""
+    import numpy as np
+
+    from ex4d_backend.generation.conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for name, (color, mask, opts) in cases.items():
+        np.savez(folder / f"{name}_guide.npz", color=color, mask=mask)
+        opts = {"prompt": REFERENCE_PROMPT, "negative_prompt": REFERENCE_NEGATIVE, **opts}
+        todo.append({"guide": str(folder / f"{name}_guide.npz"), "out": str(folder / f"{name}_ref.npz"), "opts": opts})
+    (folder / "cases.json").write_text(json.dumps(todo))
+    cache = _reference_cache(models, todo)
+    if cache is not None and (cache / "info.json").is_file():  # the reference's outputs do not depend on our code
+        info = json.loads((cache / "info.json").read_text())
+        return {name: dict(np.load(cache / f"{name}_ref.npz")) for name in cases}, info
+    out = run_in_reference_env([str(REFERENCE_HELPER), str(models), str(folder / "cases.json")])
+    info = json.loads(out.strip().splitlines()[-1])
+    if cache is not None:
+        import shutil
+
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in cases:
+            shutil.copy(folder / f"{name}_ref.npz", cache / f"{name}_ref.npz")
+        (cache / "info.json").write_text(json.dumps(info))
+    return {name: dict(np.load(folder / f"{name}_ref.npz")) for name in cases}, info
+
+
+def _reference_cache(models: Path, todo: list[dict]) -> Path | None:
+    """``$EX4D_REF112_CACHE/<hash of the model files, guides, options and the helper>`` (developer use, e.g.
+    mutation testing: the reference runs once), or None when the variable is unset."""
+    import hashlib
+    import os
+
+    root = os.environ.get("EX4D_REF112_CACHE")
+    if not root:
+        return None
+    h = hashlib.sha256(REFERENCE_HELPER.read_bytes())
+    for f in sorted(p for p in models.rglob("*") if p.is_file()):
+        h.update(f.relative_to(models).as_posix().encode() + f.read_bytes())
+    for case in todo:
+        h.update(Path(case["guide"]).read_bytes() + json.dumps(case["opts"], sort_keys=True).encode())
+    return Path(root) / h.hexdigest()[:16]
+
+
+def assert_matches_reference(frames, latents, ref: dict, *, latents_rel_l2: float = 1e-4) -> dict:
+    """Issue 13's bar: final latents within relative L2 ``latents_rel_l2``; frames at most 1 level apart on
+    at most 0.1% of the values. Returns the figures."""
+    import numpy as np
+
+    figures = {}
+    if latents is not None:
+        rel = float(np.linalg.norm(np.asarray(latents) - ref["latents"]) / np.linalg.norm(ref["latents"]))
+        figures["latents_rel_l2"] = rel
+        assert rel <= latents_rel_l2, f"final latents relative L2 {rel:.2e}"
+    diff = np.abs(np.asarray(frames).astype(int) - ref["frames"].astype(int))
+    figures.update(frames_max=int(diff.max()), frames_off=float((diff > 0).mean()))
+    assert np.asarray(frames).shape == ref["frames"].shape
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, figures
+    return figures

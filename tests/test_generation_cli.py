@@ -3,9 +3,6 @@ nothing (not even a hidden partial file) left in the output folder."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -45,36 +42,31 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-def test_generate_cli_end_to_end(tmp_path, models, guide_files):
-    """PNG sequence + mp4 at the footage's fps; the frames are exactly what the generator returns."""
-    from ex4d_backend.footage import read_footage
-    from ex4d_backend.generation import load_generator
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_generate_cli_end_to_end(tmp_path, models, capsys):
+    """PNG sequence + mp4 at the guide's fps, and the frames are the REFERENCE pipeline's (diffsynth 1.1.2 +
+    EX-4D, run in the side environment) on the same guide: catches a CLI that reads, resizes or seeds the
+    guide differently from the reference, or writes other frames than it generated."""
+    from ex4d_backend.footage import read_footage, write_png_sequence
 
-    color, mask = guide_files
+    color, mask = gf.guide(t=5, h=64, w=64, seed=5)
+    mask[:, 20:36, 10:24] = 0
+    write_png_sequence(tmp_path / "color", color)  # lossless guide files: both sides see the same pixels
+    write_png_sequence(tmp_path / "mask", np.repeat(mask[..., None], 3, axis=3))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ex4d_backend", "generate", "--color-video", str(color), "--mask-video", str(mask)]
-    cmd += [
-        "--output-video",
-        str(out / "shot.mp4"),
-        "--output-frames",
-        str(out / "frames"),
-        "--models-dir",
-        str(models),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd + ARGS, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    argv = ["generate", "--color-video", str(tmp_path / "color"), "--mask-video", str(tmp_path / "mask")]
+    argv += ["--output-video", str(out / "shot.mp4"), "--output-frames", str(out / "frames"), "--fps", "12"]
+    rc, err = _run_cli(argv + ["--models-dir", str(models)] + ARGS, capsys)
+    assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["frames", "shot.mp4"]  # no partial files left
     pngs = read_footage(out / "frames", max_side=None)
-    assert pngs.frames.shape == (5, 32, 32, 3)
     video = read_footage(out / "shot.mp4", max_side=None)
     assert video.frames.shape == (5, 32, 32, 3) and video.fps == pytest.approx(12.0)
-
-    gen = load_generator("ex4d", models_dir=models, device="cpu")
-    c = read_footage(color, max_side=None).frames
-    m = read_footage(mask, max_side=None).frames[..., 0]
-    expected = gen(c, m, height=32, width=32, num_frames=5, steps=2, seed=0)
-    np.testing.assert_array_equal(pngs.frames, expected)
+    refs, _ = gf.reference_generate(
+        models, tmp_path / "ref", {"cli": (color, mask, dict(height=32, width=32, num_frames=5, steps=2, seed=0))}
+    )
+    gf.assert_matches_reference(pngs.frames, None, refs["cli"])
 
 
 def test_generate_cli_fps_override_and_preview(tmp_path, guide_files, capsys):
@@ -163,21 +155,35 @@ def test_bad_models_one_error_nothing_written(tmp_path, models, guide_files, cap
     assert list(out.iterdir()) == []
 
 
-def test_write_outputs_all_or_nothing(tmp_path, monkeypatch):
-    """If the mp4 cannot be written, the already written PNG folder is not left behind either."""
-    from ex4d_backend import footage
+def test_write_outputs_all_or_nothing_on_a_failure_mid_write(tmp_path, monkeypatch):
+    """A failure injected in the middle of encoding the mp4 (after its temporary file holds muxed packets):
+    neither the PNG folder nor the mp4 appears, no temporary is left, and the user's existing file at the
+    output path keeps its bytes. Catches writing in place, renaming before completion, leaking temps."""
+    import av
+
     from ex4d_backend.generation import write_outputs
 
-    frames = np.zeros((5, 32, 32, 3), np.uint8)
+    frames = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "s.mp4").write_bytes(b"the user's earlier take")
+    real = av.VideoFrame.from_ndarray
+    seen = {"n": 0}
 
-    def broken(*a, **k):
-        raise OSError("disk full")
+    def failing_from_ndarray(*a, **k):
+        seen["n"] += 1
+        if seen["n"] == 55:  # x264 has muxed packets by now (its lookahead is 40 frames)
+            temps = [p for p in tmp_path.iterdir() if p.name not in ("s.mp4",) and p.is_file()]
+            seen["temp_bytes"] = max((p.stat().st_size for p in temps), default=0)
+            seen["pngs_in_temp"] = sum(1 for p in tmp_path.rglob("*.png"))
+            raise OSError("disk full")
+        return real(*a, **k)
 
-    monkeypatch.setattr(footage, "write_video", broken)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", staticmethod(failing_from_ndarray))
+    with pytest.raises(OSError, match="disk full"):
         write_outputs(frames, tmp_path / "s.mp4", 24.0, tmp_path / "frames")
-    assert list(tmp_path.iterdir()) == []
+    assert seen["temp_bytes"] > 0 and seen["pngs_in_temp"] == 60  # the failure really was mid-write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mp4"]
+    assert (tmp_path / "s.mp4").read_bytes() == b"the user's earlier take"
     monkeypatch.undo()
     out = write_outputs(frames, tmp_path / "s.mp4", 24.0, tmp_path / "frames")
-    assert out["video"].is_file() and len(list(out["frames"].glob("*.png"))) == 5
+    assert out["video"].stat().st_size > 1000 and len(list(out["frames"].glob("*.png"))) == 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["frames", "s.mp4"]

@@ -1,7 +1,7 @@
-"""EX-4D generator end to end on tiny random-weight models of the real classes (CPU, no downloads).
-
-The models are written in the published file layouts and loaded by the real loading code; every
-run is a real generation (VAE encodes, CLIP, umT5, 2 DiT steps with CFG, VAE decode) on 5 frames.
+"""EX-4D generator parts on tiny random-weight models of the real classes (CPU, no downloads): the camera
+tokens, the LoRA, the mask erosion, aspect handling, rope, progress and cancel, each against ground truth
+(formulas, the plain diffsynth DiT, the base model). The generated video itself is checked against the
+reference pipeline (diffsynth 1.1.2 + EX-4D) in test_generation_compare112.py, for every VRAM profile.
 """
 
 from __future__ import annotations
@@ -69,19 +69,15 @@ def _plain_dit(dit, cond, lat, t, rope="float32"):
 
 
 # ------------------------------------------------------------------------------------ end to end
-def test_end_to_end_shape_and_progress(result):
+def test_progress_reports_every_step(result):
+    """One ``denoise`` callback after each step, in order (the frames' values are checked against the
+    reference pipeline in test_generation_compare112.py)."""
     out, calls = result
     assert out.dtype == np.uint8 and out.shape == (5, 32, 32, 3)
-    assert out.std() > 0  # random weights still give a non-constant video
     denoise = [(s, i, n) for s, i, n, _ in calls if s == "denoise"]
     assert denoise == [("denoise", 1, 2), ("denoise", 2, 2)]
-
-
-def test_seed_reproduces_and_differs(pipe, guide, result):
-    again = pipe(*guide, seed=0, **SIZE)
-    np.testing.assert_array_equal(again, result[0])
-    other = pipe(*guide, seed=1, **SIZE)
-    assert np.abs(other.astype(int) - result[0].astype(int)).max() > 0
+    stages = [s for s, *_ in calls]
+    assert stages.index("condition") < stages.index("denoise") < stages.index("decode")
 
 
 def test_mask_erosion_is_seeded_like_the_reference():
@@ -197,19 +193,6 @@ def test_zero_lora_b_restores_base_dit(pipe, guide, tiny_models_dir):
     assert (with_lora - want).abs().max() > 1e-3
 
 
-def test_merged_lora_equals_unmerged(pipe, guide, tiny_models_dir):
-    """merge_lora=True (the default) folds B @ A into the weights: same DiT output up to rounding."""
-    from ex4d_backend.generation import load_generator
-
-    merged = load_generator("ex4d", models_dir=tiny_models_dir, device="cpu")
-    assert merged.lora_merged == 10 * gf.DIT_CFG["num_layers"]
-    assert not any(".lora_" in k for k in merged.dit.state_dict())
-    cond, lat, t = _dit_inputs(pipe, guide)
-    a = pipe.predict_noise(lat, t, cond)
-    b = merged.predict_noise(lat, t, cond)
-    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-
-
 # ----------------------------------------------------------------------------------------- cancel
 def test_cancel_stops_between_steps_and_frees(pipe, guide):
     steps_seen = []
@@ -247,30 +230,7 @@ def test_cancel_stops_between_steps_and_frees(pipe, guide):
     assert held["cond"]() is None and held["tokens"]() is None and held["pred"]() is None
 
 
-# ------------------------------------------------------------------------------------ profiles
-@pytest.mark.parametrize("profile", ["24gb", "12gb"])
-def test_offload_profiles_same_result(tiny_models_dir, guide, result, profile):
-    """24gb (streamed DiT blocks) and 12gb (streamed DiT and T5 blocks, sequential CFG branches and
-    VAE encodes, tiled decode) compute the same video as ``full``, up to float reassociation."""
-    from ex4d_backend.generation import load_generator
-
-    p = load_generator("ex4d", models_dir=tiny_models_dir, device="cpu", vram_profile=profile, merge_lora=False)
-    out = p(*guide, seed=0, **SIZE)
-    assert np.abs(out.astype(int) - result[0].astype(int)).max() <= 1
-    p.close()
-
-
 # --------------------------------------------------------------------------------- sizes, aspect
-@pytest.mark.parametrize("size", [(48, 80), (80, 48)])
-def test_non_square_sizes(pipe, size):
-    """832 x 480 and 480 x 832 scaled down (5:3, multiples of 16): the DiT runs on a non-square
-    token grid (different rope positions along h and w) and the frames come out the right way round."""
-    h, w = size
-    color, mask = gf.guide(t=5, h=90 if w > h else 160, w=160 if w > h else 90)
-    out = pipe(color, mask, height=h, width=w, num_frames=5, steps=1, cfg=1.0)
-    assert out.shape == (5, h, w, 3)
-
-
 def _disc_extent(img: np.ndarray) -> tuple[int, int]:
     ys, xs = np.nonzero(img > 0.5)
     return xs.max() - xs.min() + 1, ys.max() - ys.min() + 1

@@ -3,35 +3,27 @@
 The artist's path, each step an operator (scripting contract, stable names and arguments):
 ``ex4d.import_footage(filepath)``, ``ex4d.build_dwmesh(depth_filepath="")``,
 ``ex4d.add_camera_preset(preset)``, ``ex4d.render_guide()``, ``ex4d.generate(generator=...)``.
-The add-on never imports torch nor ``ex4d_backend``: the backend runs as ``ex4d serve`` in its own Python.
+The add-on never imports torch nor ``ex4d_backend``: the backend runs as ``ex4d serve`` in its own Python,
+and does all camera maths (the add-on sends raw Blender camera values and receives Blender values).
 
-Registration order (the add-on contract): props, ops_scene, ops_jobs (skipped while it does not exist),
-panels; the reverse on unregister.
+Modules: ``props`` (settings), ``backend`` (the service process), ``runner`` (the one job runner),
+``sampling`` (camera samples), ``mesh_object`` (the DW-mesh object), ``outputs`` (result folders),
+``strips`` (VSE and camera backgrounds), ``ops_scene`` / ``ops_jobs`` (operators), ``panels`` (UI),
+``data`` / ``compat`` (Blender data helpers, version differences). Registered in that order, unregistered
+in reverse.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_MODULE_NAMES = ("props", "ops_scene", "ops_jobs", "panels")
+_MODULE_NAMES = ("props", "runner", "mesh_object", "ops_scene", "ops_jobs", "panels")
 _registered: list = []
 
 
-def _modules() -> list:
-    mods = []
-    for name in _MODULE_NAMES:
-        try:
-            mod = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as exc:
-            if name == "ops_jobs" and exc.name and exc.name.endswith(".ops_jobs"):
-                continue  # the jobs module is optional while it is being written
-            raise
-        mods.append(mod)
-    return mods
-
-
 def register() -> None:
-    for mod in _modules():
+    for name in _MODULE_NAMES:
+        mod = importlib.import_module(f".{name}", __package__)
         mod.register()
         _registered.append(mod)
 
@@ -46,6 +38,6 @@ def unregister() -> None:
     try:
         from . import backend
 
-        backend.shutdown()
+        backend.shutdown()  # returns at once: the backend exits on its own
     except Exception:  # noqa: BLE001 - the backend module may be missing or already down
         pass

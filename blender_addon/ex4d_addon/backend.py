@@ -9,6 +9,7 @@ folder not yet allowed, the idle backend is restarted with it added.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def get_client(context, paths: list[str] = ()) -> BackendClient:
                 "the backend is running a job and must be restarted to read " + ", ".join(new_dirs or ["new settings"]),
                 hint="wait for the job to finish (or cancel it), then try again",
             )
-        _client.close(timeout=10)
+        _close_in_background(_client)
         _client = None
     _allowed.update(new_dirs)
     if _client is None:
@@ -110,24 +111,6 @@ def get_client(context, paths: list[str] = ()) -> BackendClient:
         )
         _config = config
     return _client
-
-
-def hello_if_new(client: BackendClient) -> Request | None:
-    """Submit ``hello`` when this backend process has not answered one yet, else None.
-
-    The add-on says hello first to a new process and sends its job once the answer is in: it checks the
-    protocol's major version, and the backend's heavy imports (torch) then happen once, before any job."""
-    if client.running and client.pid == _hello_pid:
-        return None
-    return client.submit("hello", {})
-
-
-def busy_unwelcomed() -> bool:
-    """True while the running backend works on a request but has not answered our hello yet (a job sent
-    with :func:`submit` to a new process): a ``hello`` now would race the job's first imports (torch) in
-    the backend, which fails the job (backend issue, see docs/blender_jobs.md)."""
-    c = _client
-    return bool(c and c.running and c.pid != _hello_pid and any(not r.done for r in c.requests.values()))
 
 
 def note_hello(client: BackendClient, req: Request) -> dict:
@@ -147,15 +130,32 @@ def note_hello(client: BackendClient, req: Request) -> dict:
     return info
 
 
-def shutdown() -> None:
-    """Stop the backend (add-on unregister, Blender exit)."""
-    global _client
-    if _client is not None:
+def _close_in_background(client: BackendClient, timeout: float = 10.0) -> None:
+    """Ask ``client``'s backend to shut down without waiting for it on the main thread (it exits on its
+    own at end of stdin; a thread kills it if it has not exited after ``timeout`` seconds)."""
+
+    def close() -> None:
         try:
-            _client.close(timeout=5)
-        except Exception:  # noqa: BLE001 - never fail an unregister
-            _client.kill()
+            client.close(timeout=timeout)
+        except Exception:  # noqa: BLE001 - best effort
+            client.kill()
+
+    threading.Thread(target=close, daemon=True, name="ex4d-close").start()
+
+
+def shutdown(wait: bool = False) -> None:
+    """Stop the backend (add-on unregister, Blender exit); returns at once unless ``wait``."""
+    global _client, _hello_pid
+    if _client is not None:
+        if wait:
+            try:
+                _client.close(timeout=5)
+            except Exception:  # noqa: BLE001 - never fail an unregister
+                _client.kill()
+        else:
+            _close_in_background(_client)
         _client = None
+    _hello_pid = None
 
 
 def current_client() -> BackendClient | None:
@@ -193,14 +193,16 @@ def submit(context, type_: str, params: dict, paths: list[str] = ()) -> tuple[Ba
 
 
 def run_blocking(context, type_: str, params: dict, paths: list[str] = (), timeout: float | None = None) -> dict:
-    """Submit and wait for the result (background mode, scripts). Raises BackendError."""
+    """Submit and wait for the result (scripts, tests). Raises BackendError. Operators use ``runner``."""
     client = get_client(context, list(paths))
-    warm = hello_if_new(client) if type_ != "hello" else None
-    if warm is not None:
-        note_hello(client, client.wait(warm, 300 if timeout is None else timeout))
     req = client.submit(type_, params)
     client.wait(req, timeout)
     return req.raise_for_error()
+
+
+def needs_hello(client: BackendClient) -> bool:
+    """True when this backend process has not answered a hello yet (its protocol is not checked)."""
+    return not (client.running and client.pid == _hello_pid)
 
 
 def error_text(err: dict | BackendError) -> str:

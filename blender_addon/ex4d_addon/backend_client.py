@@ -48,11 +48,19 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-PROTOCOL_VERSION = "1.0"  # the major number must match the backend's
+PROTOCOL_VERSION = "1.1"  # the major number must match the backend's
 BACKEND_DIED = "backend_died"
 TIMEOUT = "timeout"
 CANCELLED = "cancelled"
+INVALID_REQUEST = "invalid_request"
 _STDERR_LINES = 200
+
+
+class _Exit:
+    """The reader thread's note that a backend process ended (never confused with an event it printed)."""
+
+    def __init__(self, generation: int, returncode: int | None):
+        self.generation, self.returncode = generation, returncode
 
 
 def protocol_compatible(version: object) -> bool:
@@ -129,6 +137,12 @@ class Request:
     def _apply(self, event: dict) -> None:
         if self.done:  # finished (e.g. a client-side timeout): late events never reopen a request
             return
+        try:
+            self._apply_event(event)
+        except (TypeError, ValueError, AttributeError, KeyError):  # a malformed event: ignored, never raised
+            pass
+
+    def _apply_event(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "queued":
             self.state, self.queue_position = "queued", event.get("position")
@@ -145,9 +159,16 @@ class Request:
         elif kind == "log":
             self.logs.append(event)
         elif kind == "result":
-            self.state, self.result, self.finished_at = "done", event.get("result") or {}, time.monotonic()
+            result = event.get("result")
+            if result is not None and not isinstance(result, dict):
+                raise TypeError("malformed result")
+            self.state, self.result, self.finished_at = "done", result or {}, time.monotonic()
         elif kind == "error":
-            self.state, self.error, self.finished_at = "failed", event.get("error") or {}, time.monotonic()
+            error = event.get("error")
+            if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+                error = {"code": "internal", "message": f"the backend sent a malformed error: {str(error)[:200]}"}
+            error = {"message": "unknown error", "hint": None, "where": None, "log_tail": [], **error}
+            self.state, self.error, self.finished_at = "failed", error, time.monotonic()
 
 
 class BackendClient:
@@ -245,8 +266,10 @@ class BackendClient:
                 continue
             if isinstance(event, dict):
                 self._events.put(event)
+            else:
+                self._stderr.append(f"(stdout, not an event) {line[:300]}")
         proc.wait()
-        self._events.put({"event": "_exit", "generation": gen, "returncode": proc.returncode})
+        self._events.put(_Exit(gen, proc.returncode))
 
     def _read_stderr(self, proc: subprocess.Popen) -> None:
         assert proc.stderr is not None
@@ -283,12 +306,21 @@ class BackendClient:
 
     def submit(self, type_: str, params: dict | None = None, *, id: str | None = None) -> Request:
         """Send a request and return at once; follow it with :meth:`poll`. Restarts a dead backend."""
-        self.start()
         req = Request(id or self.new_id(type_), type_, dict(params or {}))
+        msg = {"id": req.id, "type": type_, "params": req.params, "protocol": PROTOCOL_VERSION}
+        try:  # before anything is registered: a request that cannot be sent never waits for an answer
+            data = json.dumps(msg, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise BackendError(
+                INVALID_REQUEST,
+                f"the params of {type_!r} cannot be sent as JSON: {str(exc)[:200]}",
+                "send only str, int, float (finite), bool, None, lists and dicts with str keys",
+            ) from None
+        self.start()
         req._generation = self._generation
         self.requests[req.id] = req
         try:
-            self._write({"id": req.id, "type": type_, "params": req.params, "protocol": PROTOCOL_VERSION})
+            self._write_line(data)
         except (OSError, ValueError) as exc:
             req._apply(self._died_event(req.id, f"cannot write to the backend: {exc}"))
         return req
@@ -303,7 +335,10 @@ class BackendClient:
             self._proc.stdin.flush()
 
     def _write(self, msg: dict) -> None:
-        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        self._write_line(json.dumps(msg, separators=(",", ":")))
+
+    def _write_line(self, text: str) -> None:
+        data = (text + "\n").encode("utf-8", "backslashreplace")
         with self._lock:
             if self._proc is None or self._proc.stdin is None:
                 raise OSError("the backend is not running")
@@ -325,10 +360,10 @@ class BackendClient:
             out.extend(self._dispatch(event))
         return out
 
-    def _dispatch(self, event: dict) -> list[dict]:
-        if event.get("event") == "_exit":
-            gen = event["generation"]
-            msg = f"the backend exited (status {event['returncode']})"
+    def _dispatch(self, event: dict | _Exit) -> list[dict]:
+        if isinstance(event, _Exit):
+            gen = event.generation
+            msg = f"the backend exited (status {event.returncode})"
             events = [
                 self._died_event(r.id, msg) for r in list(self.requests.values()) if not r.done and r._generation == gen
             ]
@@ -339,7 +374,8 @@ class BackendClient:
         return [event]
 
     def _deliver(self, event: dict) -> None:
-        req = self.requests.get(event.get("id") or "")
+        rid = event.get("id")
+        req = self.requests.get(rid) if isinstance(rid, str) else None
         if req is not None:
             req._apply(event)
         if self.on_event is not None:

@@ -1,7 +1,7 @@
-"""The few API differences between Blender 4.2 LTS and 5.0, in one place.
+"""The few API differences between Blender 4.2 LTS, 4.5 LTS, 5.0 and 5.2, in one place.
 
 - VSE: ``sequence_editor.strips`` (5.0) vs ``sequence_editor.sequences`` (4.2); ``strips_all`` vs
-  ``sequences_all``.
+  ``sequences_all``; a strip's ``content_trim_*`` (5.1) vs ``animation_offset_*``.
 - Actions: layered actions with channelbags (4.4+, the only API in 5.0) vs ``action.fcurves`` (4.2).
 - EEVEE's engine name: ``BLENDER_EEVEE_NEXT`` (4.2-4.x) vs ``BLENDER_EEVEE`` (5.0).
 - FFMPEG output: 5.0 needs ``image_settings.media_type = 'VIDEO'`` before ``file_format = 'FFMPEG'``.
@@ -9,15 +9,40 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bpy
 
 BLENDER_VERSION: tuple[int, int, int] = tuple(bpy.app.version)  # type: ignore[assignment]
 
 
-def vse_strips(scene: bpy.types.Scene):
+def blend_relative_path_options() -> set[str]:
+    """The options a path property needs to keep a "//" path (relative to the .blend): 5.0 warns without
+    ``PATH_SUPPORTS_BLEND_RELATIVE``, 4.2 refuses the option. Found by registering a throwaway class."""
+    opts = {"PATH_SUPPORTS_BLEND_RELATIVE"}
+
+    prop = bpy.props.StringProperty(subtype="FILE_PATH", options=opts)
+    probe: Any = type("EX4D_PG_path_probe", (bpy.types.PropertyGroup,), {"__annotations__": {"path": prop}})
+    try:
+        bpy.utils.register_class(probe)
+    except (ValueError, TypeError, RuntimeError):
+        return set()
+    bpy.utils.unregister_class(probe)
+    return opts
+
+
+def first_attr(obj: Any, *names: str) -> Any:
+    """The first of ``names`` that ``obj`` has (a renamed API: the new name first, then the old ones)."""
+    for name in names:
+        if hasattr(obj, name):
+            return getattr(obj, name)
+    raise AttributeError(f"{type(obj).__name__} has none of {names}")
+
+
+def vse_strips(scene: bpy.types.Scene) -> Any:
     """The top-level strip collection of the scene's sequence editor (created if missing)."""
     sed = scene.sequence_editor or scene.sequence_editor_create()
-    return sed.strips if hasattr(sed, "strips") else sed.sequences
+    return first_attr(sed, "strips", "sequences")  # 5.0 renamed sequences -> strips
 
 
 def vse_strips_all(scene: bpy.types.Scene) -> list:
@@ -25,12 +50,19 @@ def vse_strips_all(scene: bpy.types.Scene) -> list:
     sed = scene.sequence_editor
     if sed is None:
         return []
-    return list(sed.strips_all if hasattr(sed, "strips_all") else sed.sequences_all)
+    return list(first_attr(sed, "strips_all", "sequences_all"))
+
+
+def strip_content_trim(strip: Any) -> tuple[int, int]:
+    """(start, end) frames trimmed off a strip's content: ``content_trim_*`` (5.1+), ``animation_offset_*``
+    before (the same values)."""
+    names = (("content_trim_start", "animation_offset_start"), ("content_trim_end", "animation_offset_end"))
+    return tuple(int(first_attr(strip, *n)) for n in names)  # type: ignore[return-value]
 
 
 def action_fcurves(obj_or_data: bpy.types.ID) -> list:
     """The F-curves animating ``obj_or_data`` (an object or camera data), whatever the action API."""
-    anim = obj_or_data.animation_data
+    anim: Any = getattr(obj_or_data, "animation_data", None)
     if anim is None or anim.action is None:
         return []
     action = anim.action
@@ -39,7 +71,9 @@ def action_fcurves(obj_or_data: bpy.types.ID) -> list:
         try:
             from bpy_extras import anim_utils
 
-            bag = anim_utils.action_get_channelbag_for_slot(action, slot)
+            name = "action_get_channelbag_for_slot"  # 4.4+ (4.2's API lacks it)
+            get_bag: Any = getattr(anim_utils, name)
+            bag = get_bag(action, slot)
             return list(bag.fcurves) if bag is not None else []
         except (ImportError, AttributeError):
             pass
@@ -54,7 +88,8 @@ def action_fcurves(obj_or_data: bpy.types.ID) -> list:
 
 def eevee_engine() -> str:
     """EEVEE's render engine identifier in this Blender."""
-    items = bpy.types.RenderSettings.bl_rna.properties["engine"].enum_items.keys()
+    engine: Any = bpy.types.RenderSettings.bl_rna.properties["engine"]
+    items = engine.enum_items.keys()
     return "BLENDER_EEVEE_NEXT" if "BLENDER_EEVEE_NEXT" in items else "BLENDER_EEVEE"
 
 

@@ -1,9 +1,8 @@
 """Thin data layer: numpy arrays in and out of Blender data (no operators, no UI, no backend).
 
 Conventions:
-- DW-mesh vertices are in the backend's **OpenCV world** (x right, y down, z forward, depth units);
-  the object gets ``matrix_world = CV_TO_BLENDER`` (X = x, Y = z, Z = -y), so the source camera
-  "EX4D Source" sits at the Blender origin looking along +Y with Z up.
+- DW-mesh vertices are the backend's coordinates as they come (the object gets the backend's
+  ``cv_to_blender`` as its ``matrix_world``; the add-on holds no camera convention of its own).
 - Vertex ``i = row * W + col`` of the pixel grid; its UV is the centre of that footage pixel:
   ``u = (col + 0.5) / W``, ``v = 1 - (row + 0.5) / H`` (Blender's UV origin is bottom-left).
 - Cameras are Blender ``matrix_world`` (camera looks down its local -Z, +Y up) and ``lens`` in mm.
@@ -14,8 +13,9 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import Any
 
 import bpy
 import numpy as np
@@ -23,9 +23,6 @@ from mathutils import Matrix
 
 from . import compat
 
-CV_TO_BLENDER = np.array(
-    [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=np.float64
-)
 OCCLUSION_ATTRIBUTE = "ex4d_occluded"  # BOOLEAN face attribute: True = occlusion ("invalid") face
 MASK_ATTRIBUTE = "ex4d_mask"  # FLOAT_COLOR point attribute: 1 = seen, 0 = vertex of an occlusion face
 MASK_THRESHOLD = 125.0 / 255.0  # the guide's mask: interpolated vertex alpha > 125 (of 255)
@@ -66,35 +63,140 @@ def grid_uvs(width: int, height: int) -> np.ndarray:
     return np.stack([u, v], axis=1).astype(np.float32)
 
 
+def run_to_end(gen: Generator[Any, Any, Any]) -> Any:
+    """Run a slice generator (the job runner's ``prepare`` / ``finish`` steps) at once; its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
 def mesh_from_arrays(
     name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None
 ) -> bpy.types.Mesh:
     """A triangle mesh from (N, 3) vertices and (F, 3) vertex indices, optionally per-vertex UVs (N, 2)."""
-    vertices = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+    return run_to_end(mesh_from_arrays_sliced(name, vertices, faces, uvs))
+
+
+TOPOLOGY_SCRIPT = """
+import sys, numpy as np
+faces = np.ascontiguousarray(np.load(sys.argv[1]), dtype=np.int32).reshape(-1, 3)
+w, h, out = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+pairs = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2).astype(np.int64)
+key = np.minimum(pairs[:, 0], pairs[:, 1]) * (1 << 32) + np.maximum(pairs[:, 0], pairs[:, 1])
+uniq, corner_edge = np.unique(key, return_inverse=True)
+edges = np.stack([uniq >> 32, uniq & 0xFFFFFFFF], 1).astype(np.int32)
+cols, rows = np.meshgrid(np.arange(w), np.arange(h))
+uv = np.stack([(cols.ravel() + 0.5) / w, 1.0 - (rows.ravel() + 0.5) / h], 1).astype(np.float32)
+np.save(out + ".edges.npy", edges)
+np.save(out + ".corner_edge.npy", corner_edge.astype(np.int32))
+np.save(out + ".corner_uv.npy", np.ascontiguousarray(uv[faces.ravel()]))
+np.save(out + ".faces.npy", faces)
+"""
+TOPOLOGY_PARTS = ("faces", "edges", "corner_edge", "corner_uv")
+
+
+def topology_arrays(
+    faces_npy: str, width: int, height: int, cache_dir: Path, python: str
+) -> Generator[None, None, dict]:
+    """The pixel-grid mesh's topology arrays (faces, unique edges, each corner's edge, corner UVs at pixel
+    centres), computed once per topology in a separate ``python`` process (numpy there: the main thread
+    only polls it) and cached in ``cache_dir`` (keyed by the faces file's content). Memory-mapped."""
+    import hashlib
+    import subprocess
+
+    digest = hashlib.sha1()
+    with open(faces_npy, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    stem = cache_dir / f"topology_{width}x{height}_{digest.hexdigest()[:16]}"
+    files = {k: Path(f"{stem}.{k}.npy") for k in TOPOLOGY_PARTS}
+    if not all(f.is_file() for f in files.values()):
+        tmp = Path(f"{stem}.{os.getpid()}.part")
+        proc = subprocess.Popen(
+            [python, "-c", TOPOLOGY_SCRIPT, str(faces_npy), str(width), str(height), str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        while proc.poll() is None:
+            yield
+        if proc.returncode != 0:
+            err = proc.stderr.read().decode("utf-8", "replace").strip().splitlines()[-1:] if proc.stderr else []
+            raise RuntimeError(f"computing the mesh topology failed: {' '.join(err)}")
+        for k, f in files.items():
+            os.replace(f"{tmp}.{k}.npy", f)
+    return {k: np.load(f, mmap_mode="r") for k, f in files.items()}
+
+
+def mesh_arrays(vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None) -> dict:
+    """The arrays a triangle mesh is made of (numpy only, no bpy): positions, corner vertices, unique
+    edges and each corner's edge, corner UVs."""
     faces = np.ascontiguousarray(faces, dtype=np.int32).reshape(-1, 3)
-    n_faces = len(faces)
+    pairs = np.stack([faces, np.roll(faces, -1, axis=1)], -1).reshape(-1, 2).astype(np.int64)
+    key = np.minimum(pairs[:, 0], pairs[:, 1]) * (1 << 32) + np.maximum(pairs[:, 0], pairs[:, 1])
+    uniq, corner_edge = np.unique(key, return_inverse=True)
+    out = {"faces": faces, "edges": np.stack([uniq >> 32, uniq & 0xFFFFFFFF], 1).astype(np.int32),
+           "corner_edge": corner_edge.astype(np.int32)}  # fmt: skip
+    if uvs is not None:
+        out["corner_uv"] = np.ascontiguousarray(np.asarray(uvs, dtype=np.float32)[faces.ravel()])
+    return out
+
+
+def mesh_from_arrays_sliced(
+    name: str, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None, topology: dict | None = None
+) -> Generator[None, None, bpy.types.Mesh]:
+    """:func:`mesh_from_arrays` in slices for the job runner, written through the attribute API
+    (``position``, ``.edge_verts``, ``.corner_vert``, ``.corner_edge``, the UV map: a memory copy each, where
+    the classic ``vertices.foreach_set("co")`` and ``mesh.update(calc_edges=True)`` take seconds at
+    1024 x 576). ``topology``: precomputed arrays (:func:`topology_arrays`), else computed here."""
+    arr = dict(topology) if topology is not None else mesh_arrays(vertices, faces, uvs)
+    verts = np.ascontiguousarray(vertices, dtype=np.float32).reshape(-1, 3)
+    n_faces = len(arr["faces"])
     mesh = bpy.data.meshes.new(name)
-    mesh.vertices.add(len(vertices))
-    mesh.vertices.foreach_set("co", vertices.ravel())
+    mesh.vertices.add(len(verts))
+    mesh.edges.add(len(arr["edges"]))
+    attrs: Any = mesh.attributes  # the generic Attribute has .data in every version; the stubs narrow it
+    fast = all(n in attrs for n in ("position", ".edge_verts"))
+    if fast:
+        attrs["position"].data.foreach_set("vector", verts.ravel())
+        attrs[".edge_verts"].data.foreach_set("value", np.ascontiguousarray(arr["edges"]).ravel())
+    else:
+        mesh.vertices.foreach_set("co", verts.ravel())
+        mesh.edges.foreach_set("vertices", np.ascontiguousarray(arr["edges"]).ravel())
+    yield
     mesh.loops.add(n_faces * 3)
-    mesh.loops.foreach_set("vertex_index", faces.ravel())
+    corner_vert = np.ascontiguousarray(arr["faces"], dtype=np.int32).ravel()
+    corner_edge = np.ascontiguousarray(arr["corner_edge"], dtype=np.int32)
+    if fast and ".corner_vert" in attrs and ".corner_edge" in attrs:
+        attrs[".corner_vert"].data.foreach_set("value", corner_vert)
+        attrs[".corner_edge"].data.foreach_set("value", corner_edge)
+    else:
+        mesh.loops.foreach_set("vertex_index", corner_vert)
+        mesh.loops.foreach_set("edge_index", corner_edge)
+    yield
     mesh.polygons.add(n_faces)
     mesh.polygons.foreach_set("loop_start", np.arange(0, n_faces * 3, 3, dtype=np.int32))
     try:  # read-only (derived from loop_start) in newer Blenders
         mesh.polygons.foreach_set("loop_total", np.full(n_faces, 3, dtype=np.int32))
     except (AttributeError, TypeError, RuntimeError):
         pass
-    if uvs is not None:
+    yield
+    if "corner_uv" in arr:
         layer = mesh.uv_layers.new(name="UVMap")
-        corner_uv = np.ascontiguousarray(uvs, dtype=np.float32)[faces.ravel()]
-        layer.data.foreach_set("uv", corner_uv.ravel())
-    mesh.update()
+        uv = np.ascontiguousarray(arr["corner_uv"], dtype=np.float32).ravel()
+        uv_attr = attrs.get(layer.name)
+        if uv_attr is not None and uv_attr.data_type == "FLOAT2":
+            uv_attr.data.foreach_set("vector", uv)
+        else:
+            layer.data.foreach_set("uv", uv)
+        yield
+    mesh.update()  # the edges are given: nothing is recomputed
     return mesh
 
 
 def set_face_bool(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
     """Create or overwrite a BOOLEAN face attribute from an (F,) array."""
-    attr = mesh.attributes.get(name)
+    attr: Any = mesh.attributes.get(name)
     if attr is None or attr.domain != "FACE" or attr.data_type != "BOOLEAN":
         if attr is not None:
             mesh.attributes.remove(attr)
@@ -106,7 +208,7 @@ def set_face_bool(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
 def set_point_gray(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
     """Create or overwrite a FLOAT_COLOR point attribute (v, v, v, 1) from an (N,) array; make it the
     active colour attribute (Workbench's "Attribute" colour shows it)."""
-    attr = mesh.attributes.get(name)
+    attr: Any = mesh.attributes.get(name)
     if attr is None or attr.domain != "POINT" or attr.data_type != "FLOAT_COLOR":
         if attr is not None:
             mesh.attributes.remove(attr)
@@ -120,7 +222,7 @@ def set_point_gray(mesh: bpy.types.Mesh, name: str, values: np.ndarray) -> None:
 
 def get_face_bool(mesh: bpy.types.Mesh, name: str) -> np.ndarray:
     """A BOOLEAN face attribute as an (F,) bool array."""
-    attr = mesh.attributes[name]
+    attr: Any = mesh.attributes[name]
     out = np.zeros(len(attr.data), dtype=bool)
     attr.data.foreach_get("value", out)
     return out
@@ -140,7 +242,7 @@ def evaluated_positions(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -
 
 def add_mesh_cache(obj: bpy.types.Object, pc2_path: str, frame_start: int) -> bpy.types.Modifier:
     """A Mesh Cache modifier playing a PC2 cache so that cache sample 0 shows at ``frame_start``."""
-    mod = obj.modifiers.new("EX4D Mesh Cache", "MESH_CACHE")
+    mod: Any = obj.modifiers.new("EX4D Mesh Cache", "MESH_CACHE")
     mod.cache_format = "PC2"
     mod.filepath = str(pc2_path)
     mod.play_mode = "SCENE"
@@ -284,81 +386,3 @@ def _fill_fcurve(fc, frames: np.ndarray, values: np.ndarray) -> None:
     points.foreach_set("handle_right", co)
     points.foreach_set("interpolation", np.full(len(frames), 1, dtype=np.int32))  # 1 = LINEAR
     fc.update()
-
-
-def sample_camera(scene: bpy.types.Scene, cam_obj: bpy.types.Object, frames: Sequence[int]) -> dict:
-    """Raw Blender camera data per frame, evaluated with constraints, parents and drivers.
-
-    Returns the protocol's ``{"blender": {...}}`` payload: ``matrix_world`` (N x 4x4), ``lens`` (N, mm),
-    sensor width/height (mm), sensor_fit, shift_x/shift_y (fraction of the larger side, as Blender),
-    resolution [W, H] (pixels, render size)."""
-    current = scene.frame_current
-    mats, lens = [], []
-    shift_x = shift_y = None
-    try:
-        for f in frames:
-            scene.frame_set(int(f))
-            dg = bpy.context.evaluated_depsgraph_get()
-            ob = cam_obj.evaluated_get(dg)
-            mats.append([list(row) for row in ob.matrix_world])
-            lens.append(float(ob.data.lens))
-            if shift_x is None:
-                shift_x, shift_y = float(ob.data.shift_x), float(ob.data.shift_y)
-    finally:
-        scene.frame_set(current)
-    cam = cam_obj.data
-    r = scene.render
-    return {
-        "matrix_world": mats,
-        "lens": lens,
-        "sensor_width": float(cam.sensor_width),
-        "sensor_height": float(cam.sensor_height),
-        "sensor_fit": cam.sensor_fit,
-        "shift_x": shift_x or 0.0,
-        "shift_y": shift_y or 0.0,
-        "resolution": [
-            int(r.resolution_x * r.resolution_percentage / 100),
-            int(r.resolution_y * r.resolution_percentage / 100),
-        ],
-    }
-
-
-# -- sequencer -----------------------------------------------------------------------------------
-def free_channel(scene: bpy.types.Scene, start: int, end: int) -> int:
-    """The lowest VSE channel with no strip overlapping frames [start, end)."""
-    used: set[int] = set()
-    for s in compat.vse_strips_all(scene):
-        if s.frame_final_start < end and s.frame_final_end > start:
-            used.add(s.channel)
-    ch = 1
-    while ch in used:
-        ch += 1
-    return ch
-
-
-def add_image_strip(
-    scene: bpy.types.Scene,
-    name: str,
-    files: Sequence[str | os.PathLike],
-    frame_start: int,
-    settings: dict | None = None,
-):
-    """An image-sequence strip of ``files`` (same folder) at ``frame_start`` on a free channel.
-
-    ``settings`` are stored on the strip as custom properties ``ex4d_<key>`` (strings or numbers)."""
-    files = [Path(f) for f in files]
-    if not files:
-        raise ValueError("no frames to add")
-    channel = free_channel(scene, frame_start, frame_start + len(files))
-    strips = compat.vse_strips(scene)
-    strip = strips.new_image(name=name, filepath=str(files[0]), channel=channel, frame_start=int(frame_start))
-    for f in files[1:]:
-        strip.elements.append(f.name)
-    for key, value in (settings or {}).items():
-        if isinstance(value, (str, int, float, bool)):
-            strip[f"ex4d_{key}"] = value
-        else:
-            import json
-
-            strip[f"ex4d_{key}"] = json.dumps(value)
-    return strip

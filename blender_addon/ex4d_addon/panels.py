@@ -1,19 +1,27 @@
-"""The EX-4D tab of the 3D viewport's N-panel: the whole path, from footage to the generated shot."""
+"""The EX-4D tab of the 3D viewport's N-panel: the whole path, from footage to the generated shot.
+
+Strings are translation-ready: fixed labels go through Blender's translation as they are; labels with
+values are formatted from a translated template (``iface_``) and drawn with ``translate=False``. No file
+I/O here (``draw`` runs on every redraw).
+"""
 
 from __future__ import annotations
 
 import bpy
+from bpy.app.translations import pgettext_iface as iface_
+
+from . import props, runner
 
 
 def _op(layout, idname: str, **kw):
-    """An operator button, or a disabled label when the operator is not registered (ops_jobs missing)."""
-    mod, name = idname.split(".")
-    try:
-        getattr(getattr(bpy.ops, mod), name).get_rna_type()
-    except (AttributeError, KeyError):
-        layout.label(text=f"({idname} unavailable)")
-        return None
     return layout.operator(idname, **kw)
+
+
+def _lines(layout, text: str, icon: str, alert: bool = False, width: int = 60) -> None:
+    col = layout.column()
+    col.alert = alert
+    for i in range(0, len(text), width):
+        col.label(text=text[i : i + width], icon=icon if i == 0 else "BLANK1", translate=False)
 
 
 class EX4D_PT_main(bpy.types.Panel):
@@ -36,7 +44,10 @@ class EX4D_PT_main(bpy.types.Panel):
         row.prop(s, "max_side")
         box.prop(s, "max_frames")
         if s.processing_width:
-            box.label(text=f"Processing {s.processing_width} x {s.processing_height}, {s.n_frames} frames")
+            text = str(iface_("Processing {} x {}, {} frames")).format(
+                s.processing_width, s.processing_height, s.n_frames
+            )
+            box.label(text=text, translate=False)
 
         box = layout.box()
         box.label(text="2. DW-Mesh", icon="MESH_GRID")
@@ -46,14 +57,17 @@ class EX4D_PT_main(bpy.types.Panel):
         _op(box, "ex4d.build_dwmesh", icon="MOD_REMESH")
         if s.dwmesh is not None:
             box.prop(s, "dwmesh", text="")
+        if s.mesh_stale:
+            col = box.column()
+            col.alert = True
+            col.label(text="Settings changed since the build: Build DW-Mesh again", icon="ERROR")
 
         box = layout.box()
         box.label(text="3. Novel Camera", icon="CAMERA_DATA")
         row = box.row(align=True)
         row.prop(s, "preset", text="")
         op = _op(row, "ex4d.add_camera_preset", text="Add", icon="ADD")
-        if op is not None:
-            op.preset = s.preset
+        op.preset = s.preset
         box.prop(s, "novel_camera")
 
         box = layout.box()
@@ -62,8 +76,7 @@ class EX4D_PT_main(bpy.types.Panel):
         row = box.row(align=True)
         row.prop(s, "generator", text="")
         op = _op(row, "ex4d.generate", icon="PLAY")
-        if op is not None and hasattr(op, "generator"):
-            op.generator = s.generator
+        op.generator = s.generator
         box.prop(s, "prompt")
         row = box.row(align=True)
         row.prop(s, "seed")
@@ -74,25 +87,49 @@ class EX4D_PT_main(bpy.types.Panel):
         row.label(text="Job", icon="SORTTIME")
         _op(row, "ex4d.check_backend", text="", icon="CHECKMARK")
         if s.job_running or s.job_stage:
-            box.label(text=f"{s.job_stage}: {s.job_message}")
+            box.label(text=f"{s.job_stage}: {s.job_message}", translate=False)
             box.prop(s, "job_progress", text="Progress", slider=True)
         if s.job_running:
             _op(box, "ex4d.cancel_job", icon="CANCEL")
+        if s.last_warning:
+            _lines(box, s.last_warning, "INFO")
         if s.last_error:
-            col = box.column()
-            col.alert = True
-            for i in range(0, len(s.last_error), 60):
-                col.label(text=s.last_error[i : i + 60], icon="ERROR" if i == 0 else "BLANK1")
+            _lines(box, s.last_error, "ERROR", alert=True)
 
 
-CLASSES = (EX4D_PT_main,)
+class EX4D_PT_jobs(bpy.types.Panel):
+    bl_label = "Generation Settings"
+    bl_idname = "EX4D_PT_jobs"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "EX-4D"
+    bl_parent_id = "EX4D_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        js = context.scene.ex4d_job
+        col = self.layout.column()
+        row = col.row(align=True)
+        row.prop(js, "width")
+        row.prop(js, "height")
+        col.prop(js, "num_frames")
+        row = col.row(align=True)
+        row.prop(js, "cfg")
+        row.prop(js, "shift")
+        col.prop(js, "negative_prompt")
+        col.prop(js, "renderer")
+        col.prop(js, "output_dir")
+        job = runner.active_job()
+        if job is not None and not job.done:
+            col.operator("ex4d.cancel_job", icon="CANCEL")
+
+
+CLASSES = (EX4D_PT_main, EX4D_PT_jobs)
 
 
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    props.register_classes(CLASSES)
 
 
 def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    props.unregister_classes(CLASSES)

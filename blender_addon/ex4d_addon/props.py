@@ -1,14 +1,57 @@
-"""Add-on preferences and per-scene settings (no operators, no backend calls)."""
+"""Add-on preferences and per-scene settings (no operators, no backend calls, no file I/O in ``draw``).
+
+Module graph (no cycles): ``compat``, ``data`` (leaves) <- ``props`` <- ``backend`` <- ``runner`` <-
+``sampling``, ``outputs``, ``strips``, ``mesh_object`` <- ``ops_scene``, ``ops_jobs`` <- ``panels``.
+
+The generation defaults below (steps, CFG, shift, size, frames, prompt) are copies of the backend's; the
+Blender test ``test_defaults_equal_the_backends`` proves they are equal to ``ex4d_backend``'s constants.
+"""
+
+from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from . import compat
+
 ADDON_ID = __package__  # "bl_ext.<repository>.ex4d" when installed as an extension
 PATH_FILE_NAME = "backend_python"
 ENV_VAR = "EX4D_BACKEND_PYTHON"
+
+# Copies of the backend's defaults (tested equal to ex4d_backend's, see the module docstring).
+DEFAULT_STEPS = 25
+DEFAULT_CFG = 5.0
+DEFAULT_SHIFT = 5.0
+DEFAULT_SIZE = 512
+DEFAULT_NUM_FRAMES = 49
+DEFAULT_FOCAL_PX = 500.0
+DEFAULT_MAX_SIDE = 1024
+REL = compat.blend_relative_path_options()  # path properties that keep a "//" (relative to the .blend) path
+DEFAULT_PROMPT = "4K ultra HD, surround motion, realistic tone, panoramic shot, wide-angle view, cinematic quality"
+
+
+PRESET_ITEMS = [  # the backend's preset names (camera_preset), upper case for Blender's enum
+    ("30", "Orbit 30°", "Orbit 30 degrees around the nearest point"),
+    ("60", "Orbit 60°", "Orbit 60 degrees"),
+    ("90", "Orbit 90°", "Orbit 90 degrees"),
+    ("180", "Sweep 180", "Swing left and back (the reference's 180 path)"),
+    ("ZOOM_IN", "Zoom In", "Dolly in"),
+    ("ZOOM_OUT", "Zoom Out", "Dolly out"),
+]
+
+
+def register_classes(classes) -> None:
+    for cls in classes:
+        bpy.utils.register_class(cls)
+
+
+def unregister_classes(classes) -> None:
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)
 
 
 def path_file() -> Path:
@@ -28,7 +71,7 @@ def _venv_python(venv: Path) -> Path:
 def find_backend_python(preference: str = "") -> tuple[str, str]:
     """(python path, where it came from). Order: the preference, ``$EX4D_BACKEND_PYTHON``, the path file
     written by the installer, a ``.venv`` next to a development checkout of the add-on. ("", reason)
-    when none is found."""
+    when none is found. Reads a file: never call it from ``draw``."""
     if preference.strip():
         return bpy.path.abspath(preference.strip()), "preferences"
     env = os.environ.get(ENV_VAR, "").strip()
@@ -49,34 +92,60 @@ def find_backend_python(preference: str = "") -> tuple[str, str]:
     return "", f"not found: set it in the preferences, or ${ENV_VAR}, or run scripts/install_deps.py (writes {pf})"
 
 
-def prefs(context: bpy.types.Context | None = None) -> "EX4D_AddonPreferences | None":
+def data_dir(*parts: str, create: bool = True) -> Path:
+    """The add-on's own data folder: Blender's extension user folder (``bpy.utils.extension_path_user``),
+    or the temp folder when the add-on is not installed as an extension (tests of a bare module)."""
+    try:
+        base = Path(bpy.utils.extension_path_user(ADDON_ID, path="/".join(parts), create=create))
+    except (ValueError, AttributeError, TypeError):
+        import tempfile
+
+        base = Path(tempfile.gettempdir()) / "ex4d_addon" / Path(*parts) if parts else Path(tempfile.gettempdir())
+        if create:
+            base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def settings(scene) -> Any:
+    """``scene.ex4d`` (registered at run time, so the type stubs do not know it)."""
+    return scene.ex4d
+
+
+def prefs(context: bpy.types.Context | None = None) -> EX4D_AddonPreferences | None:
     """The add-on preferences, or None when the add-on is not registered as an add-on (tests)."""
     context = context or bpy.context
     addon = context.preferences.addons.get(ADDON_ID)
-    return addon.preferences if addon else None
+    return addon.preferences if addon else None  # type: ignore[return-value]
+
+
+def _backend_python_changed(self, _context) -> None:
+    path, where = find_backend_python(self.backend_python)
+    self.backend_found = f"{path or '-'} ({where})"
 
 
 class EX4D_AddonPreferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
-    backend_python: StringProperty(
+    backend_python: StringProperty(  # type: ignore[valid-type]
         name="Backend Python",
         description="Python of the backend environment (empty: found automatically, see the docs)",
         subtype="FILE_PATH",
         default="",
+        update=_backend_python_changed,
     )
-    models_dir: StringProperty(
+    backend_found: StringProperty(name="Using", default="")  # type: ignore[valid-type]
+    models_dir: StringProperty(  # type: ignore[valid-type]
         name="Models Folder", description="Model weights (empty: the backend's default)", subtype="DIR_PATH", default=""
     )
-    store_dir: StringProperty(
+    store_dir: StringProperty(  # type: ignore[valid-type]
         name="Job Store", description="Backend job store (empty: the backend's default)", subtype="DIR_PATH", default=""
     )
-    device: EnumProperty(
+    device: EnumProperty(  # type: ignore[valid-type]
         name="Device",
         items=[("auto", "Auto", "GPU when present"), ("cuda", "CUDA", "NVIDIA GPU"), ("cpu", "CPU", "CPU (slow)")],
         default="auto",
     )
-    vram_profile: EnumProperty(
+    vram_profile: EnumProperty(  # type: ignore[valid-type]
         name="VRAM Profile",
         items=[
             ("full", "Full", "Everything on the GPU (80 GB class)"),
@@ -85,7 +154,7 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         ],
         default="full",
     )
-    depth_model: EnumProperty(
+    depth_model: EnumProperty(  # type: ignore[valid-type]
         name="Depth Model",
         items=[
             ("depthcrafter", "DepthCrafter", "The reference's depth model"),
@@ -93,7 +162,7 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         ],
         default="depthcrafter",
     )
-    keep_model_loaded: IntProperty(
+    keep_model_loaded: IntProperty(  # type: ignore[valid-type]
         name="Keep Model Loaded (s)",
         description="Seconds the backend keeps the generator in memory after a generation, so the next one "
         "starts at once (0: load it for each generation and free the memory right after)",
@@ -101,13 +170,13 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         min=0,
         soft_max=3600,
     )
-    backend_info: StringProperty(name="Backend", default="")
+    backend_info: StringProperty(name="Backend", default="")  # type: ignore[valid-type]
 
     def draw(self, context):
         layout = self.layout
         layout.prop(self, "backend_python")
-        path, where = find_backend_python(self.backend_python)
-        layout.label(text=f"Using: {path or '-'} ({where})")
+        if self.backend_found:
+            layout.label(text=self.backend_found, translate=False)
         layout.prop(self, "models_dir")
         layout.prop(self, "store_dir")
         row = layout.row()
@@ -118,92 +187,136 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         layout.operator("ex4d.check_backend", icon="CHECKMARK")
         for line in self.backend_info.split("\n"):
             if line:
-                layout.label(text=line)
+                layout.label(text=line, translate=False)
 
 
-def _focal_changed(settings, context) -> None:
-    """Keep the source camera's lens in step with the focal length in pixels."""
-    from . import ops_scene
-
-    ops_scene.update_source_lens(settings.id_data)
+def _focal_changed(settings, _context) -> None:
+    """The Focal (px) no longer matches what the source camera and the DW-mesh were made with: flag it
+    (the panel warns; Build DW-Mesh applies it to both). Nothing is recomputed here."""
+    settings.mesh_stale = settings.built_focal_px > 0 and abs(settings.focal_px - settings.built_focal_px) > 1e-6
 
 
 class EX4D_SceneSettings(bpy.types.PropertyGroup):
-    """Per-scene EX-4D state. Paths are absolute or Blender-relative (``//``)."""
+    """Per-scene EX-4D state (``scene.ex4d``). Paths are stored relative to the .blend (``//``) when saved."""
 
-    footage_path: StringProperty(name="Footage", subtype="FILE_PATH", default="")
-    depth_filepath: StringProperty(
-        name="Depth File", description="Depth .npy/.npz/EXR (empty: estimate with the depth model)", subtype="FILE_PATH"
+    footage_path: StringProperty(name="Footage", subtype="FILE_PATH", default="", options=REL)  # type: ignore[valid-type]
+    depth_filepath: StringProperty(  # type: ignore[valid-type]
+        name="Depth File",
+        description="Depth .npy/.npz/EXR (empty: estimate with the depth model)",
+        subtype="FILE_PATH",
+        options=REL,
     )
-    depth_kind: EnumProperty(
+    depth_kind: EnumProperty(  # type: ignore[valid-type]
         name="Depth Kind",
         items=[("depth", "Depth", "Distance along z"), ("disparity", "Disparity", "Inverse depth")],
         default="depth",
     )
-    focal_px: FloatProperty(
+    focal_px: FloatProperty(  # type: ignore[valid-type]
         name="Focal (px)",
-        description="Source focal length in pixels at the processing resolution (reference: 500)",
-        default=500.0,
+        description="Source focal length in pixels at the processing resolution (reference: 500); "
+        "applied to the DW-mesh and the source camera by Build DW-Mesh",
+        default=DEFAULT_FOCAL_PX,
         min=1.0,
         update=_focal_changed,
     )
-    max_frames: IntProperty(name="Max Frames", description="Use the first N frames (0: all)", default=0, min=0)
-    max_side: IntProperty(
-        name="Max Side", description="Long side of the processing resolution (px)", default=1024, min=16
+    built_focal_px: FloatProperty(name="Focal of the Build", default=0.0)  # type: ignore[valid-type]
+    mesh_stale: BoolProperty(name="DW-Mesh Out of Date", default=False)  # type: ignore[valid-type]
+    max_frames: IntProperty(name="Max Frames", description="Use the first N frames (0: all)", default=0, min=0)  # type: ignore[valid-type]
+    max_side: IntProperty(  # type: ignore[valid-type]
+        name="Max Side", description="Long side of the processing resolution (px)", default=DEFAULT_MAX_SIDE, min=16
     )
-    processing_width: IntProperty(name="Processing Width", default=0)
-    processing_height: IntProperty(name="Processing Height", default=0)
-    n_frames: IntProperty(name="Frames", default=0)
-    source_camera: PointerProperty(name="Source Camera", type=bpy.types.Object)
-    novel_camera: PointerProperty(name="Novel Camera", type=bpy.types.Object, poll=lambda self, ob: ob.type == "CAMERA")
-    dwmesh: PointerProperty(name="DW-Mesh", type=bpy.types.Object)
-    guide_color_dir: StringProperty(name="Guide Colour", subtype="DIR_PATH", default="")
-    guide_mask_dir: StringProperty(name="Guide Mask", subtype="DIR_PATH", default="")
-    camera_hash: StringProperty(name="Camera Hash", default="")
-    preset: EnumProperty(
-        name="Preset",
-        items=[
-            ("30", "Orbit 30°", ""),
-            ("60", "Orbit 60°", ""),
-            ("90", "Orbit 90°", ""),
-            ("180", "Sweep (180)", ""),
-            ("ZOOM_IN", "Zoom In", ""),
-            ("ZOOM_OUT", "Zoom Out", ""),
-        ],
-        default="30",
+    processing_width: IntProperty(name="Processing Width", default=0)  # type: ignore[valid-type]
+    processing_height: IntProperty(name="Processing Height", default=0)  # type: ignore[valid-type]
+    n_frames: IntProperty(name="Frames", default=0)  # type: ignore[valid-type]
+    source_camera: PointerProperty(name="Source Camera", type=bpy.types.Object)  # type: ignore[valid-type]
+    novel_camera: PointerProperty(  # type: ignore[valid-type]
+        name="Novel Camera", type=bpy.types.Object, poll=lambda self, ob: ob.type == "CAMERA"
     )
-    generator: EnumProperty(
+    dwmesh: PointerProperty(name="DW-Mesh", type=bpy.types.Object)  # type: ignore[valid-type]
+    guide_color_dir: StringProperty(name="Guide Colour", subtype="DIR_PATH", default="", options=REL)  # type: ignore[valid-type]
+    guide_mask_dir: StringProperty(name="Guide Mask", subtype="DIR_PATH", default="", options=REL)  # type: ignore[valid-type]
+    camera_hash: StringProperty(name="Camera Hash", default="")  # type: ignore[valid-type]
+    preset: EnumProperty(name="Preset", items=PRESET_ITEMS, default="30")  # type: ignore[valid-type]
+    generator: EnumProperty(  # type: ignore[valid-type]
         name="Generator",
         items=[
-            ("EX4D", "EX-4D", "Wan2.1 + EX-4D (GPU)"),
+            ("EX4D", "EX-4D", "Wan2.1 + EX-4D (needs a CUDA GPU and the weights)"),
             ("PREVIEW", "Preview", "Fast preview without diffusion (CPU)"),
         ],
         default="EX4D",
     )
-    seed: IntProperty(name="Seed", default=0, min=0)
-    steps: IntProperty(name="Steps", default=25, min=1, max=200)
-    prompt: StringProperty(
-        name="Prompt",
-        default="4K ultra HD, surround motion, realistic tone, panoramic shot, wide-angle view, cinematic quality",
-    )
+    seed: IntProperty(name="Seed", default=0, min=0)  # type: ignore[valid-type]
+    steps: IntProperty(name="Steps", default=DEFAULT_STEPS, min=1, max=200)  # type: ignore[valid-type]
+    prompt: StringProperty(name="Prompt", default=DEFAULT_PROMPT)  # type: ignore[valid-type]
     # status of the running job (shown in the panel)
-    job_running: BoolProperty(default=False)
-    job_stage: StringProperty(default="")
-    job_progress: FloatProperty(default=0.0, min=0.0, max=1.0, subtype="FACTOR")
-    job_message: StringProperty(default="")
-    last_error: StringProperty(default="")
+    job_running: BoolProperty(default=False)  # type: ignore[valid-type]
+    job_stage: StringProperty(default="")  # type: ignore[valid-type]
+    job_progress: FloatProperty(default=0.0, min=0.0, max=1.0, subtype="FACTOR")  # type: ignore[valid-type]
+    job_message: StringProperty(default="")  # type: ignore[valid-type]
+    last_error: StringProperty(default="")  # type: ignore[valid-type]
+    last_warning: StringProperty(default="")  # type: ignore[valid-type]
 
 
-CLASSES = (EX4D_AddonPreferences, EX4D_SceneSettings)
+class EX4D_JobSettings(bpy.types.PropertyGroup):
+    """Job settings beyond ``scene.ex4d`` (``scene.ex4d_job``)."""
+
+    width: IntProperty(  # type: ignore[valid-type]
+        name="Width",
+        description="Generated width (px, multiple of 16)",
+        default=DEFAULT_SIZE,
+        min=16,
+        max=4096,
+        step=16,
+    )
+    height: IntProperty(  # type: ignore[valid-type]
+        name="Height", description="Generated height (px, multiple of 16)", default=DEFAULT_SIZE, min=16, max=4096
+    )
+    num_frames: IntProperty(  # type: ignore[valid-type]
+        name="Frames",
+        description="Generated frames (4k + 1), sampled over the clip (the reference: 49)",
+        default=DEFAULT_NUM_FRAMES,
+        min=1,
+        max=1000,
+    )
+    cfg: FloatProperty(name="CFG", default=DEFAULT_CFG, min=0.0, max=100.0)  # type: ignore[valid-type]
+    shift: FloatProperty(name="Shift", default=DEFAULT_SHIFT, min=0.0, max=100.0)  # type: ignore[valid-type]
+    negative_prompt: StringProperty(name="Negative Prompt", description="Empty: the reference's", default="")  # type: ignore[valid-type]
+    renderer: EnumProperty(  # type: ignore[valid-type]
+        name="Guide Renderer",
+        items=[("auto", "Auto", "CUDA when available"), ("cpu", "CPU", ""), ("cuda", "CUDA", "")],
+        default="auto",
+    )
+    output_dir: StringProperty(  # type: ignore[valid-type]
+        name="Output Folder",
+        description="Where guides and results are written (// = next to the .blend; an unsaved file: the "
+        "add-on's user folder, with a warning)",
+        default="//ex4d",
+        subtype="DIR_PATH",
+        options=REL,
+    )
+    timeout: FloatProperty(  # type: ignore[valid-type]
+        name="Time Limit",
+        description="Background mode: cancel a job after this many seconds (0: none)",
+        default=0.0,
+        min=0.0,
+    )
+
+
+CLASSES = (EX4D_AddonPreferences, EX4D_SceneSettings, EX4D_JobSettings)
 
 
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-    bpy.types.Scene.ex4d = PointerProperty(type=EX4D_SceneSettings)
+    register_classes(CLASSES)
+    scene_type: Any = bpy.types.Scene
+    scene_type.ex4d = PointerProperty(type=EX4D_SceneSettings)
+    scene_type.ex4d_job = PointerProperty(type=EX4D_JobSettings)
+    pref = prefs()
+    if pref is not None:  # what the preferences show (found once here, not in draw)
+        _backend_python_changed(pref, None)
 
 
 def unregister() -> None:
-    del bpy.types.Scene.ex4d
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    scene_type: Any = bpy.types.Scene
+    del scene_type.ex4d_job
+    del scene_type.ex4d
+    unregister_classes(CLASSES)

@@ -44,7 +44,25 @@ def register(subparsers) -> None:
         default="crop",
         help="crop keeps the guide's aspect (centred crop); stretch squashes like the reference",
     )
-    p.add_argument("--vram-profile", choices=("full", "24gb", "12gb"), default=d.vram_profile)
+    p.add_argument(
+        "--vram-profile",
+        choices=("full", "24gb", "12gb", "fast"),
+        default=d.vram_profile,
+        help="fast: FP8 linear layers + 8-bit attention + compile (GPU of compute capability >= 8.9; not exact)",
+    )
+    p.add_argument(
+        "--step-cache",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="skip DiT evaluations whose output would barely change (off by default; e.g. 0.1; quality unverified)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="GPUs for one clip: 2 = one CFG branch each; 4, 8, 10 (or 5) add sequence parallel within a branch",
+    )
     p.add_argument("--device", default=d.device, help="auto, cuda, cuda:1 or cpu")
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the colour video's)")
     p.add_argument(
@@ -63,6 +81,18 @@ def register(subparsers) -> None:
         "--no-merge-lora",
         action="store_true",
         help="run the EX-4D LoRA as separate peft layers (the reference's arithmetic) instead of merged weights",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "reference"),
+        default="bf16",
+        help="GPU arithmetic: bf16 (faster) or reference (bf16 autocast with the reference's float32 islands)",
+    )
+    p.add_argument(
+        "--conditioning",
+        choices=("reference", "float"),
+        default="reference",
+        help="reference: the bf16-rounded guide and 8-bit first frame of generate.py; float: no rounding",
     )
     from ..generation import windows_cli
 

@@ -185,8 +185,10 @@ def estimate(
     report = progress or (lambda *a: None)
     from .. import modelstore
 
-    for spec in modelstore.with_requirements(name):  # missing / corrupt files: one error before any progress
-        modelstore.require_valid(spec.name, models_dir)
+    needed = [spec.name for spec in modelstore.with_requirements(name)]
+    modelstore.require_all(needed, models_dir)  # every missing model named at once, before any progress
+    for spec_name in needed:  # then corrupt files: one error before any progress
+        modelstore.require_valid(spec_name, models_dir)
     quiet_loading()
     if name == DEPTHCRAFTER:
         from . import depthcrafter as provider

@@ -40,16 +40,25 @@ def load_generator(
     vram_profile: str = "full",
     dtype=None,
     progress=None,
+    gpus: int = 1,
     **options,
 ) -> Generator:
     """``"ex4d"`` (needs the weights, see ``ex4d models``) or ``"preview"`` (no weights).
 
     ``options`` go to :class:`~.pipeline.Ex4dPipeline` (``merge_lora``, ``compile``, ``attention``);
-    the preview generator ignores them."""
+    the preview generator ignores them. ``gpus`` > 1: one clip on that many GPUs (CFG-parallel and
+    sequence parallel, :class:`~.parallel.ParallelGenerator`; with ``device="cpu"``, CPU processes)."""
     if name == "preview":
         from .preview import PreviewGenerator
 
         return PreviewGenerator()
+    if name == "ex4d" and gpus != 1:
+        from .parallel import WAN_14B_HEADS, ParallelGenerator, WorkerSpec, plan
+
+        plan(gpus, WAN_14B_HEADS)  # one clear error for a count that cannot split the DiT's heads
+        dev = "cuda" if str(device) in ("auto", "cuda") and _cuda() else str(device)
+        spec = WorkerSpec(str(models_dir) if models_dir else None, dev, vram_profile, dict(options, dtype=dtype))
+        return ParallelGenerator(gpus, spec)
     if name == "ex4d":
         from .pipeline import Ex4dPipeline
 
@@ -59,6 +68,12 @@ def load_generator(
     raise Ex4dError(
         f"unknown generator '{name}'", where="--generator", hint=f"one of {', '.join(GENERATORS)}", code=BAD_INPUT
     )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def write_outputs(

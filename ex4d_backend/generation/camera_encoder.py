@@ -59,8 +59,12 @@ class CameraTokenHook:
 
     def __init__(self, dit: nn.Module):
         self.tokens: torch.Tensor | None = None
+        self.cast_timestep = True  # False: the float32 timestep embedding stays float32 (reference precision)
         self.handle = dit.patch_embedding.register_forward_hook(self._hook)
-        self.time_handle = dit.time_embedding.register_forward_pre_hook(_timestep_to_weight_dtype)
+        self.time_handle = dit.time_embedding.register_forward_pre_hook(self._time_hook)
+
+    def _time_hook(self, module: nn.Module, args):
+        return _timestep_to_weight_dtype(module, args) if self.cast_timestep else None
 
     def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         if self.tokens is None:

@@ -1,4 +1,5 @@
-"""Guide videos -> the conditioning arrays EX-4D's generator takes (numpy; no torch).
+"""Guide videos -> the conditioning EX-4D's generator takes (numpy; the torch maths at the end import
+torch lazily).
 
 Conventions: colour ``uint8`` (T, H, W, 3) RGB, mask ``uint8`` (T, H, W) with 255 = seen by the
 source camera (keep) and 0 = hole to fill. Output sizes are multiples of 16 px (VAE 8x times DiT
@@ -95,6 +96,14 @@ def fit_frame(frame: np.ndarray, width: int, height: int, mode: str = "crop") ->
     return cv2.resize(np.ascontiguousarray(frame), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def read_indices(n: int, num_frames: int) -> np.ndarray:
+    """The guide frames the reference reads: ``linspace(0, n - 1, num_frames)`` floored when the guide
+    has at least ``num_frames`` frames, else every frame once (``arange(n)``; padded afterwards)."""
+    if n >= num_frames:
+        return np.linspace(0, n - 1, num_frames).astype(int)
+    return np.arange(n)
+
+
 def prepare_guide(
     color: np.ndarray,
     mask: np.ndarray,
@@ -106,12 +115,16 @@ def prepare_guide(
     resize: str = "crop",
     erode: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Sample, resize and erode the guide as the reference does.
+    """Sample, resize and erode the guide as the reference (``generate.py``) does.
+
+    1. Read the frames :func:`read_indices` picks; resize each (``fit_frame``).
+    2. Erode each READ mask frame with a square kernel of size ``random.randint(2, 8)`` drawn from
+       ``random.Random(seed)`` in reading order (unseeded in the reference), binarise at 0.5.
+    3. A guide shorter than ``num_frames`` is padded by repeating the last eroded mask and the last
+       colour frame (no new erosion, no new kernel draw).
 
     Returns ``colour`` float32 (num_frames, height, width, 3) in [0, 1] already multiplied by the
-    mask, and ``mask`` float32 (num_frames, height, width) in {0, 1}. Each mask frame is eroded with a
-    square kernel of size ``random.randint(2, 8)`` drawn from ``random.Random(seed)`` (unseeded in
-    the reference), then binarised at 0.5.
+    mask, and ``mask`` float32 (num_frames, height, width) in {0, 1}.
     """
     import cv2
 
@@ -121,7 +134,7 @@ def prepare_guide(
     if mask.ndim == 4:
         mask = mask[..., 0]
     rng = random.Random(seed)
-    idx = sample_indices(len(color), num_frames)
+    idx = read_indices(len(color), num_frames)
     out_c = np.empty((num_frames, height, width, 3), np.float32)
     out_m = np.empty((num_frames, height, width), np.float32)
     for j, i in enumerate(idx):
@@ -131,4 +144,87 @@ def prepare_guide(
             m = cv2.erode(m, np.ones((k, k), np.uint8), iterations=1)
         out_m[j] = (m.astype(np.float32) / 255.0) > 0.5
         out_c[j] = fit_frame(color[i], width, height, resize).astype(np.float32) / 255.0 * out_m[j][..., None]
+    out_m[len(idx) :] = out_m[len(idx) - 1]
+    out_c[len(idx) :] = out_c[len(idx) - 1]
     return out_c, out_m
+
+
+# ------------------------------------------------------------------- conditioning maths (torch)
+# Pure functions of the reference's conditioning and sampling arithmetic; each is tested against the
+# reference's formulas written literally in tests/test_generation_maths.py.
+CONDITIONING_MODES = ("reference", "float")
+
+
+def guide_conditions(color, mask, mode: str = "reference"):
+    """Guide arrays of :func:`prepare_guide` -> (colour_cond, mask_cond), float32 (1, 3, T, H, W).
+
+    colour_cond = colour * mask * 2 - 1 (holes = -1); mask_cond = mask * 2 - 1 (3 channels).
+    ``reference``: as ``generate.py``, the masked colour is cast to bfloat16 and ``* 2 - 1`` is done in
+    bfloat16 (so colour_cond holds bf16 values); ``float``: the same in float32 (no bf16 rounding).
+    """
+    import torch
+
+    if mode not in CONDITIONING_MODES:
+        raise Ex4dError(f"unknown conditioning mode '{mode}'", hint=", ".join(CONDITIONING_MODES))
+    c = torch.as_tensor(color).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W), already * mask
+    m = torch.as_tensor(mask)[None, None].expand(1, 3, -1, -1, -1)
+    if mode == "reference":
+        return (c.to(torch.bfloat16) * 2 - 1).float(), (m.to(torch.bfloat16) * 2 - 1).float()
+    return c.float() * 2 - 1, m.float() * 2 - 1
+
+
+def camera_encoder_inputs(colour_cond, mask_cond):
+    """What the camera encoder's VAE encodes: colour_cond and (mask_cond * 2 - 1), as the reference's
+    ``CamVidEncoder.forward`` (the mask enters as (mask01 * 2 - 1) * 2 - 1, i.e. -3 / +1)."""
+    return colour_cond, mask_cond * 2 - 1
+
+
+def i2v_frame(colour_cond, mode: str = "reference"):
+    """The I2V image (CLIP input and the VAE's first-frame latent): the FIRST frame of colour_cond,
+    (1, 3, T, H, W) -> (1, 3, H, W) float32 in [-1, 1].
+
+    ``reference``: the reference's 8-bit round trip, ``to_pil_image(x * 0.5 + 0.5)`` (``mul(255)``
+    then a truncating cast to uint8) and back with ``preprocess_image`` (``u8 * (2 / 255) - 1`` in
+    float32); ``float``: the float frame as is."""
+    import torch
+
+    frame = colour_cond[:, :, 0].float()
+    if mode == "float":
+        return frame
+    u8 = (frame * 0.5 + 0.5).mul(255).to(torch.uint8)  # truncates, as torchvision's to_pil_image
+    return u8.float() * torch.tensor(2 / 255, dtype=torch.float32) - 1
+
+
+def i2v_video(frame, num_frames: int):
+    """The video the VAE encodes for the I2V latent: the frame followed by num_frames - 1 zero frames,
+    (1, 3, H, W) -> (1, 3, num_frames, H, W)."""
+    import torch
+
+    zeros = frame.new_zeros(frame.shape[0], 3, num_frames - 1, *frame.shape[2:])
+    return torch.cat([frame[:, :, None], zeros], dim=2)
+
+
+def frame_mask_channels(num_frames: int, lat_h: int, lat_w: int):
+    """Wan I2V's 4 frame-mask channels, (1, 4, (T-1)/4+1, lat_h, lat_w): ones for latent frame 0 (the
+    given frame fills all 4 of its slots), zeros after."""
+    import torch
+
+    msk = torch.ones(1, num_frames, lat_h, lat_w)
+    msk[:, 1:] = 0
+    msk = torch.cat([msk[:, :1].repeat_interleave(4, dim=1), msk[:, 1:]], dim=1)
+    return msk.view(1, msk.shape[1] // 4, 4, lat_h, lat_w).transpose(1, 2)
+
+
+def cfg_combine(positive, negative, scale: float):
+    """Classifier-free guidance as the reference: ``negative + scale * (positive - negative)``."""
+    return negative + scale * (positive - negative)
+
+
+def flow_sigmas(steps: int, shift: float, denoising_strength: float = 1.0):
+    """The reference scheduler's sigmas (diffsynth 1.1.2 ``FlowMatchScheduler(shift, sigma_min=0,
+    extra_one_step=True)``): ``s = linspace(strength, 0, steps + 1)[:-1]``, then
+    ``shift * s / (1 + (shift - 1) * s)``; timesteps are ``sigmas * 1000``. float32 (steps,)."""
+    import torch
+
+    s = torch.linspace(denoising_strength, 0.0, steps + 1)[:-1]
+    return shift * s / (1 + (shift - 1) * s)

@@ -11,6 +11,7 @@ with the wrong keys) is one :class:`~ex4d_backend.errors.Ex4dError` with code ``
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -156,13 +157,59 @@ def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) ->
     return enc.eval().requires_grad_(False)
 
 
-def load_tokenizer(folder: Path, seq_len: int = 512):
-    """The umT5 tokenizer (``google/umt5-xxl`` folder), padded/truncated to ``seq_len`` tokens."""
-    from diffsynth.models.wan_video_text_encoder import HuggingfaceTokenizer
+class Umt5Tokenizer:
+    """The umT5 tokenizer as the reference reads it: ``tokenizer.json`` through the ``tokenizers``
+    library exactly as written (its normalizer, Metaspace pre-tokenizer with the file's
+    ``prepend_scheme``, post-processor adding ``</s>``), which is what transformers 4.51.x's fast
+    tokenizer (the reference's pin, 4.51.3) runs. transformers 5.x instead rebuilds the Metaspace
+    pre-tokenizer from its own defaults, which changes the ids when the file says otherwise.
 
+    Called like diffsynth's ``HuggingfaceTokenizer`` (``clean="whitespace"``: ftfy, HTML unescape,
+    whitespace collapsed): ``ids, mask = tok(prompts, return_mask=True)``, int64 (B, seq_len), padded
+    with the pad token and truncated to ``seq_len`` (special tokens kept), as ``padding="max_length",
+    truncation=True``."""
+
+    def __init__(self, folder: Path, seq_len: int = 512):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        pad = "<pad>"
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            try:
+                cfg = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            token = cfg.get("pad_token", pad)
+            pad = token.get("content", pad) if isinstance(token, dict) else token
+            break
+        pad_id = self.tokenizer.token_to_id(pad)
+        if pad_id is None:
+            raise ValueError(f"the pad token {pad!r} is not in tokenizer.json")
+        self.seq_len = seq_len
+        self.tokenizer.enable_truncation(max_length=seq_len)
+        self.tokenizer.enable_padding(length=seq_len, pad_id=pad_id, pad_token=pad)
+
+    @staticmethod
+    def clean(text: str) -> str:
+        from diffsynth.models.wan_video_text_encoder import basic_clean, whitespace_clean
+
+        return whitespace_clean(basic_clean(text))
+
+    def __call__(self, sequence, return_mask: bool = False, add_special_tokens: bool = True):
+        texts = [sequence] if isinstance(sequence, str) else list(sequence)
+        enc = self.tokenizer.encode_batch([self.clean(t) for t in texts], add_special_tokens=add_special_tokens)
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+        return (ids, mask) if return_mask else ids
+
+
+def load_tokenizer(folder: Path, seq_len: int = 512) -> Umt5Tokenizer:
+    """The umT5 tokenizer (``google/umt5-xxl`` folder), padded/truncated to ``seq_len`` tokens; ids equal
+    transformers 4.51.x's for the same folder (see :class:`Umt5Tokenizer`)."""
     path = folder / specs.TOKENIZER_DIR
     try:
-        return HuggingfaceTokenizer(name=str(path), seq_len=seq_len, clean="whitespace")
+        return Umt5Tokenizer(path, seq_len=seq_len)
     except Exception as exc:  # noqa: BLE001
         raise _invalid(f"cannot load the tokenizer ({type(exc).__name__}: {str(exc)[:120]})", path) from None
 
@@ -228,6 +275,17 @@ def inject_lora(dit: nn.Module) -> nn.Module:
     return inject_adapter_in_model(config, dit)
 
 
+def lora_to_float32(dit: nn.Module) -> int:
+    """Store every LoRA tensor in float32, as the reference's ``add_lora_to_model`` does (its trainable
+    parameters are cast to float32 before ``ex4d.ckpt`` is loaded). Returns the number of tensors cast."""
+    n = 0
+    for name, p in dit.named_parameters():
+        if ".lora_" in name and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
+
 def build_camera_encoder(dit: nn.Module, hidden: int = 1024) -> CamVidEncoder:
     return CamVidEncoder(latent_channels=16, hidden=hidden, dim=dit.dim, patch=tuple(dit.patch_size))
 
@@ -271,7 +329,8 @@ def load_ex4d_checkpoint(
             prefix = next(u for u in unexpected if u.endswith(missing[0]))[: -len(missing[0])]
             hint = f"the keys carry an extra prefix '{prefix}': save the checkpoint without it"
         raise _invalid(what, path, hint)
-    lora_state = {k: state[k].to(device, dtype) for k in lora_expected}
+    # into each LoRA parameter's own dtype (float32 when reference precision made them so: no bf16 detour)
+    lora_state = {k: state[k].to(device) for k in lora_expected}
     result = dit.load_state_dict(lora_state, strict=False)
     if result.unexpected_keys:  # cannot happen after the check above; never load silently
         raise _invalid(f"LoRA keys not in the DiT: {result.unexpected_keys[:3]}", path)

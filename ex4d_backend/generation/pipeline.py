@@ -25,7 +25,18 @@ import numpy as np
 import torch
 
 from ..errors import DEVICE, Ex4dError
-from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT, prepare_guide
+from .conditioning import (
+    CONDITIONING_MODES,
+    REFERENCE_NEGATIVE,
+    REFERENCE_PROMPT,
+    camera_encoder_inputs,
+    cfg_combine,
+    frame_mask_channels,
+    guide_conditions,
+    i2v_frame,
+    i2v_video,
+    prepare_guide,
+)
 from .vram import PROFILES, Placement, Profile
 
 log = logging.getLogger(__name__)
@@ -110,6 +121,17 @@ def rope_precision(precision: str):
         wan_video_dit.rope_apply = original
 
 
+def make_scheduler(steps: int, shift: float):
+    """diffsynth 2.x's Wan flow-matching scheduler with ``steps`` timesteps and sigma ``shift``: the
+    reference's ``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)`` (sigmas:
+    :func:`~.conditioning.flow_sigmas`; ``step`` is the Euler update ``x + v * (sigma_next - sigma)``)."""
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+
+    scheduler = FlowMatchScheduler("Wan")
+    scheduler.set_timesteps(steps, shift=shift)
+    return scheduler
+
+
 @torch.no_grad()
 def conditioned_dit(
     dit,
@@ -122,6 +144,7 @@ def conditioned_dit(
     camera_tokens: torch.Tensor | None,
     dtype: torch.dtype,
     rope: str = "float32",
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """EX-4D's conditioned DiT: diffsynth 2.x ``model_fn_wan_video`` with the camera tokens added
     right after patchify (``camera_hook``, a :class:`~.camera_encoder.CameraTokenHook` on ``dit``).
@@ -134,15 +157,101 @@ def conditioned_dit(
     """
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
-    with camera_hook.active(camera_tokens), rope_precision(rope):
+    reference = precision == "reference" and dtype != torch.float32
+    with camera_hook.active(camera_tokens), rope_precision(rope), bf16_autocast(latents.device, reference):
         return model_fn_wan_video(
             dit,
-            latents=latents.to(dtype),
+            latents=latents.float() if reference else latents.to(dtype),
             timestep=timestep.float(),
             context=context.to(dtype),
             clip_feature=clip_feature.to(dtype),
             y=y.to(dtype),
         )
+
+
+PRECISIONS = ("bf16", "reference")
+
+
+def bf16_autocast(device: torch.device, enabled: bool):
+    """``torch.autocast(bfloat16)`` on ``device`` (as the reference runs every model) or nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def float32_island(module: torch.nn.Module) -> None:
+    """Make ``module`` compute in float32 whatever the surrounding autocast (the reference's
+    ``amp.autocast(dtype=float32)`` blocks): float32 copies of its weights and of its input, autocast
+    off inside. Set as an instance ``forward``: the state dict is unchanged."""
+    original = type(module).forward
+
+    def forward(x):
+        params = list(module.parameters())
+        stored = [p.data for p in params]
+        try:
+            for p in params:
+                p.data = p.data.float()
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return original(module, x.float())
+        finally:
+            for p, d in zip(params, stored, strict=True):
+                p.data = d
+
+    module.forward = forward
+
+
+def layer_norm_island(module: torch.nn.LayerNorm) -> None:
+    """What CUDA autocast does to a LayerNorm (layer_norm is on its float32 list), on any device: computed
+    in float32 from float32 copies of input and weights; a plain ``nn.LayerNorm`` returns float32, a
+    subclass whose forward ends in ``.type_as(x)`` (diffsynth's CLIP ``LayerNorm``) the input's dtype."""
+    keep_dtype = type(module) is not torch.nn.LayerNorm
+
+    def forward(x):
+        w = None if module.weight is None else module.weight.float()
+        b = None if module.bias is None else module.bias.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = torch.nn.functional.layer_norm(x.float(), module.normalized_shape, w, b, module.eps)
+        return out.to(x.dtype) if keep_dtype else out
+
+    module.forward = forward
+
+
+def float32_island_modules(dit) -> tuple[torch.nn.Module, ...]:
+    """The DiT modules the reference computes in float32 under its bf16 autocast (its
+    ``amp.autocast(float32)`` blocks)."""
+    return (dit.time_embedding, dit.time_projection, dit.head.head)
+
+
+def layer_norms(module: torch.nn.Module) -> list[torch.nn.LayerNorm]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+
+
+def disable_reference_precision(dit: torch.nn.Module, camera_hook) -> None:
+    """Undo :func:`enable_reference_precision` (LoRA back to the base weights' dtype; benchmarks)."""
+    dtype = dit.patch_embedding.weight.dtype
+    for name, p in dit.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.to(dtype)
+    for m in (*float32_island_modules(dit), *layer_norms(dit)):
+        m.__dict__.pop("forward", None)
+    camera_hook.cast_timestep = True
+
+
+def enable_reference_precision(dit: torch.nn.Module, camera_hook) -> None:
+    """The reference's float32 islands in a bf16 DiT run under bf16 autocast (diffsynth 1.1.2 + EX-4D):
+    the LoRA weights stored in float32 (its ``add_lora_to_model`` casts them), the timestep embedding,
+    time projection and output head computed in float32 (its ``amp.autocast(float32)`` blocks), the
+    float32 timestep fed as is, the LayerNorms as CUDA autocast runs them (:func:`layer_norm_island`, so
+    the CPU computes what the GPU does). With a float32 modulation the residual stream stays float32 from the
+    first block on, as in the reference."""
+    from .loading import lora_to_float32
+
+    lora_to_float32(dit)
+    for m in float32_island_modules(dit):
+        float32_island(m)
+    for m in layer_norms(dit):
+        layer_norm_island(m)
+    camera_hook.cast_timestep = False
 
 
 class Ex4dPipeline:
@@ -166,12 +275,19 @@ class Ex4dPipeline:
         compile: bool = False,
         attention: str = "auto",
         rope: str = "float32",
+        precision: str = "bf16",
+        conditioning: str = "reference",
     ):
         """``merge_lora`` folds the LoRA into the DiT weights (same function, faster; ``False`` runs
         peft's LoRA layers as the reference does). ``compile`` wraps each DiT block's forward in
         ``torch.compile`` (GPU; pays off from the first clip on, ~1 min to compile). ``attention``
         picks the SDPA kernel: ``auto`` (torch's choice), ``cudnn`` or ``flash``. ``rope``:
-        ``float32`` (default, faster) or ``float64`` (diffsynth's / the reference's exact code)."""
+        ``float32`` (default, faster) or ``float64`` (diffsynth's / the reference's exact code).
+        ``precision`` (GPU, bf16): ``bf16`` (default: every tensor in bf16, LoRA merged) or ``reference``
+        (every model under bf16 autocast with the reference's float32 islands, LoRA unmerged in float32,
+        float64 rope: :func:`enable_reference_precision`). ``conditioning``: ``reference`` (default: the bf16-rounded
+        guide and the 8-bit truncating first-frame round trip of ``generate.py``) or ``float`` (no
+        rounding); see :mod:`.conditioning`."""
         from . import loading
         from .camera_encoder import CameraTokenHook
 
@@ -183,13 +299,27 @@ class Ex4dPipeline:
         self.tokenizer, self.image_encoder, self.camera_encoder = tokenizer, image_encoder, camera_encoder
         if rope not in ROPE_PRECISIONS:
             raise Ex4dError(f"unknown rope precision '{rope}'", where="rope", hint=", ".join(ROPE_PRECISIONS))
+        if precision not in PRECISIONS:
+            raise Ex4dError(f"unknown precision '{precision}'", where="--precision", hint=", ".join(PRECISIONS))
+        if conditioning not in CONDITIONING_MODES:
+            raise Ex4dError(
+                f"unknown conditioning '{conditioning}'", where="conditioning", hint=", ".join(CONDITIONING_MODES)
+            )
         self.device, self.dtype, self.attention, self.rope = device, dtype, attention, rope
-        self.lora_merged = loading.merge_lora(dit) if merge_lora else 0
+        self.precision, self.conditioning = precision, conditioning
+        reference = precision == "reference"
+        if reference:
+            self.rope = "float64"  # the reference's complex float64 rotary embedding
+        self.lora_merged = loading.merge_lora(dit) if merge_lora and not reference else 0
         self.camera_hook = CameraTokenHook(dit)
+        if reference:
+            enable_reference_precision(dit, self.camera_hook)
+            for m in layer_norms(image_encoder):  # CLIP's LayerNorms in float32, as under CUDA autocast
+                layer_norm_island(m)
         profile = PROFILES[vram_profile] if isinstance(vram_profile, str) else vram_profile
         self.placement = Placement(self, profile, device)
         self.compiled = False
-        if compile:
+        if compile or (profile.compile and torch.device(device).type == "cuda"):  # the fast profile compiles on the GPU
             self.compile_blocks()
 
     def compile_blocks(self) -> None:
@@ -238,6 +368,8 @@ class Ex4dPipeline:
         step(0, "loading the DiT")
         dit = loading.load_dit(wan, load_dev, dtype)
         loading.inject_lora(dit)
+        if options.get("precision") == "reference":
+            loading.lora_to_float32(dit)  # before loading: ex4d.ckpt's values without a bf16 detour
         step(1, "loading ex4d.ckpt")
         camera_encoder, _ = loading.load_ex4d_checkpoint(ex4d / specs.EX4D_FILE, dit, load_dev, dtype)
         step(2, "loading the text encoder")
@@ -261,11 +393,16 @@ class Ex4dPipeline:
         )
 
     # ---------------------------------------------------------------------------- encoders
+    def autocast(self):
+        """bf16 autocast around every model call under ``precision="reference"`` (as the reference's
+        ``generate.py`` runs its whole pipeline); nothing otherwise."""
+        return bf16_autocast(self.device, self.precision == "reference" and self.dtype != torch.float32)
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """umT5 embeddings (B, 512, 4096); positions after each prompt's last token are zero."""
         ids, mask = self.tokenizer(prompts, return_mask=True, add_special_tokens=True)
-        with self.placement.onload(self.text_encoder):
+        with self.placement.onload(self.text_encoder), self.autocast():
             ids, mask = ids.to(self.device), mask.to(self.device)
             emb = self.text_encoder(ids, mask)
         for i, n in enumerate(mask.gt(0).sum(dim=1).tolist()):
@@ -275,7 +412,7 @@ class Ex4dPipeline:
     @torch.no_grad()
     def vae_encode(self, videos: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> normalised latents (B, 16, (T-1)/4+1, H/8, W/8)."""
-        with self.placement.onload(self.vae):
+        with self.placement.onload(self.vae), self.autocast():
             if self.placement.profile.vae_batch:
                 return self.vae.model.encode(videos.to(self.device, self.dtype), self.vae.scale)
             return torch.cat(
@@ -285,42 +422,42 @@ class Ex4dPipeline:
     @torch.no_grad()
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (1, 16, f, h, w) -> video (1, 3, T, H, W) in [-1, 1]."""
-        with self.placement.onload(self.vae):
+        with self.placement.onload(self.vae), self.autocast():
             if self.placement.profile.vae_tiled:
                 return self.vae.decode(latents.to(self.dtype), device=self.device, tiled=True).to(self.device)
             return self.vae.model.decode(latents.to(self.device, self.dtype), self.vae.scale).clamp_(-1, 1)
 
     @torch.no_grad()
     def condition(self, color: np.ndarray, mask: np.ndarray, prompts: list[str]) -> Conditioning:
-        """Guide arrays from :func:`prepare_guide` -> :class:`Conditioning` (the reference's math).
+        """Guide arrays from :func:`prepare_guide` -> :class:`Conditioning` (the reference's math,
+        step by step in :mod:`.conditioning`):
 
-        colour_cond = colour * mask * 2 - 1; mask_cond = mask * 2 - 1 (3 channels). The first frame of
-        colour_cond goes through CLIP and, followed by zeros, through the VAE (Wan I2V). The camera
-        encoder takes the latents of colour_cond and of (mask_cond * 2 - 1), as the reference does.
+        1. colour_cond, mask_cond = :func:`guide_conditions` (``* 2 - 1``; bf16-rounded as ``generate.py``).
+        2. The I2V image = :func:`i2v_frame` (first frame of colour_cond, 8-bit round trip): CLIP, and
+           :func:`i2v_video` (followed by zero frames) through the VAE; y = 4 :func:`frame_mask_channels`
+           + its 16 latent channels.
+        3. Camera tokens: the camera encoder on the VAE latents of :func:`camera_encoder_inputs`.
         """
         dev, dt = self.device, self.dtype
-        color_t = torch.from_numpy(color).permute(3, 0, 1, 2)[None] * 2 - 1  # (1, 3, T, H, W)
-        mask_t = torch.from_numpy(mask)[None, None].expand(1, 3, -1, -1, -1) * 2 - 1
-        _, _, t, h, w = color_t.shape
-        first = torch.cat([color_t[:, :, :1], torch.zeros_like(color_t[:, :, 1:])], dim=2)
+        colour_cond, mask_cond = guide_conditions(color, mask, self.conditioning)
+        cam_colour, cam_mask = camera_encoder_inputs(colour_cond, mask_cond)
+        _, _, t, h, w = colour_cond.shape
+        frame = i2v_frame(colour_cond, self.conditioning)
         context = self.encode_prompts(prompts)
-        with self.placement.onload(self.image_encoder):
-            clip_feature = self.image_encoder.encode_image([color_t[:, :, 0].to(dev, dt)]).to(dt)
-        lat = self.vae_encode(torch.cat([first, color_t, mask_t * 2 - 1]))
+        with self.placement.onload(self.image_encoder), self.autocast():
+            clip_feature = self.image_encoder.encode_image([frame.to(dev, dt)]).to(dt)
+        lat = self.vae_encode(torch.cat([i2v_video(frame, t), cam_colour, cam_mask]))
         first_lat, color_lat, mask_lat = lat[0:1], lat[1:2], lat[2:3]
-        with self.placement.onload(self.camera_encoder):
+        with self.placement.onload(self.camera_encoder), self.autocast():
             cam = self.camera_encoder(color_lat.to(dev, dt), mask_lat.to(dev, dt))
-        f = first_lat.shape[2]
-        msk = torch.zeros(1, 4 * f, h // 8, w // 8, device=dev, dtype=dt)
-        msk[:, :4] = 1  # frame 0 is given (its 1 frame fills all 4 slots of latent frame 0)
-        msk = msk.view(1, f, 4, h // 8, w // 8).transpose(1, 2)
+        msk = frame_mask_channels(t, h // 8, w // 8).to(dev, dt)
         y = torch.cat([msk, first_lat.to(dev, dt)], dim=1)
         b = context.shape[0]
         return Conditioning(
             context=context,
             clip_feature=clip_feature.expand(b, -1, -1),
             y=y.expand(b, -1, -1, -1, -1),
-            camera_tokens=cam,
+            camera_tokens=cam.to(dt),
         )
 
     # ------------------------------------------------------------------------------ denoise
@@ -342,6 +479,7 @@ class Ex4dPipeline:
                     cond.camera_tokens,
                     self.dtype,
                     self.rope,
+                    self.precision,
                 )
             outs = [
                 conditioned_dit(
@@ -355,6 +493,7 @@ class Ex4dPipeline:
                     cond.camera_tokens,
                     self.dtype,
                     self.rope,
+                    self.precision,
                 )
                 for i in range(cond.context.shape[0])
             ]
@@ -377,7 +516,8 @@ class Ex4dPipeline:
         negative_prompt: str = REFERENCE_NEGATIVE,
         resize: str = "crop",
         callback: Progress | None = None,
-    ) -> np.ndarray:
+        return_latents: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, torch.Tensor]:
         """Generate the new-view video from a guide.
 
         Args:
@@ -393,11 +533,11 @@ class Ex4dPipeline:
             callback: ``callback(stage, step, total, message)``; called after every denoising step
                 with stage ``"denoise"``; raising :class:`~ex4d_backend.errors.Cancelled` stops the run
                 between steps and frees GPU memory.
+            return_latents: also return the final latents (float32 (1, 16, f, h/8, w/8), on the CPU).
 
         Returns:
-            uint8 (num_frames, height, width, 3) RGB frames.
+            uint8 (num_frames, height, width, 3) RGB frames (and the latents with ``return_latents``).
         """
-        from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
         def report(stage: str, i: int, n: int, msg: str) -> None:
             if callback:
@@ -414,23 +554,24 @@ class Ex4dPipeline:
             prompts = [prompt, negative_prompt] if cfg != 1.0 else [prompt]
             cond = self.condition(color_f, mask_f, prompts)
             report("condition", 1, 1, "conditioning ready")
-            scheduler = FlowMatchScheduler("Wan")
-            scheduler.set_timesteps(steps, shift=shift)
+            scheduler = make_scheduler(steps, shift)
             shape = (1, 16, (num_frames - 1) // 4 + 1, height // 8, width // 8)
             gen = torch.Generator("cpu").manual_seed(seed)
             latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device)
             for i, t in enumerate(scheduler.timesteps):
                 timestep = t[None].to(self.device, torch.float32)  # float32, as the reference
                 pred = self.predict_noise(latents, timestep, cond).float()
-                if cond.context.shape[0] == 2:
+                if cond.context.shape[0] == 2:  # [positive, negative], as encoded in condition()
                     pos, neg = pred.chunk(2)
-                    pred = neg + cfg * (pos - neg)
+                    pred = cfg_combine(pos, neg, cfg)
                 latents = scheduler.step(pred, t, latents)
                 report("denoise", i + 1, steps, f"denoising step {i + 1}/{steps}")
             report("decode", 0, 1, "decoding")
             video = self.vae_decode(latents)
             frames = ((video[0].float().permute(1, 2, 3, 0) + 1) * 127.5).clamp(0, 255).cpu().numpy()
             report("decode", 1, 1, "done")
+            if return_latents:
+                return frames.astype(np.uint8), latents.float().cpu()
             return frames.astype(np.uint8)
         finally:
             del cond, latents, video, pred, pos, neg, timestep

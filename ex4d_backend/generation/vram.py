@@ -6,18 +6,29 @@
   copying block i+1 on a side CUDA stream while block i computes.
 - ``12gb``: as ``24gb`` with no resident DiT block, the T5 blocks streamed too, the CFG branches run
   one after the other, the three VAE encodes one by one and the VAE decode tiled.
+- ``fast`` (opt-in, GPU with compute capability >= 8.9): as ``full``, but the DiT blocks' linear layers
+  in FP8 (weights stored in float8_e4m3fn: ~16 GB less), their self-attention through SageAttention
+  (INT8) where installed, and torch.compile on the GPU; see :mod:`.fast`. NOT exact: a different
+  arithmetic, its deviation from ``full`` is measured by ``benchmarks/bench_fast.py``.
 
-The arithmetic is the same in every profile; only where the weights sit changes.
+The arithmetic is the same in ``full``, ``24gb`` and ``12gb``; only where the weights sit changes. The
+step cache (:class:`~.fast.StepCache`, ``Profile.step_cache`` > 0, any profile) is off by default.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..errors import BAD_INPUT, DEVICE, Ex4dError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,13 +40,38 @@ class Profile:
     cfg_batch: bool  # both CFG branches as one batch of 2
     vae_batch: bool  # the 3 VAE encodes as one batch of 3
     vae_tiled: bool  # tiled VAE decode
+    fp8: bool = False  # the DiT blocks' linear layers in FP8 (fast.convert_dit)
+    attention: str = "exact"  # "exact": diffsynth's SDPA; "auto" / "sage" / "sdpa": fast.Int8Attention
+    compile: bool = False  # torch.compile the DiT blocks (on the GPU)
+    step_cache: float = 0.0  # > 0: fast.StepCache threshold (skips DiT evaluations); 0: off
 
 
 PROFILES: dict[str, Profile] = {
     "full": Profile("full", True, 0, False, True, True, False),
     "24gb": Profile("24gb", False, 8, False, True, True, False),
     "12gb": Profile("12gb", False, 0, True, False, False, True),
+    "fast": Profile("fast", True, 0, False, True, True, False, fp8=True, attention="auto", compile=True),
 }
+DEFAULT_STEP_CACHE = 0.1  # threshold when the step cache is asked for without one
+
+
+def resolve_profile(profile: str | Profile, *, step_cache: float | None = None) -> Profile:
+    """A :class:`Profile` from its name (or itself), with the step cache threshold set when given
+    (``0`` turns it off). One clear error for an unknown name or a negative threshold."""
+    if isinstance(profile, str):
+        if profile not in PROFILES:
+            raise Ex4dError(
+                f"unknown VRAM profile '{profile}'",
+                where="--vram-profile",
+                hint=f"one of {', '.join(PROFILES)}",
+                code=BAD_INPUT,
+            )
+        profile = PROFILES[profile]
+    if step_cache is not None:
+        if not step_cache >= 0:
+            raise Ex4dError(f"step cache threshold {step_cache} < 0", where="--step-cache", code=BAD_INPUT)
+        profile = dataclasses.replace(profile, step_cache=float(step_cache))
+    return profile
 
 
 def _tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -129,9 +165,17 @@ class Placement:
     def __init__(self, pipe, profile: Profile, device: torch.device):
         self.profile, self.device = profile, device
         self.streamers: dict[int, BlockStreamer] = {}
+        self.fast_info: dict = {}
+        self.step_cache = None
+        if profile.step_cache > 0:
+            from .fast import StepCache
+
+            self.step_cache = StepCache(profile.step_cache)
+            pipe.predict_noise = self.step_cache.wrap(pipe.predict_noise)
         if profile.resident:
             for m in (pipe.dit, pipe.vae, pipe.text_encoder, pipe.image_encoder, pipe.camera_encoder):
                 m.to(device)
+            self._apply_fast(pipe)
             return
         pipe.camera_encoder.to(device)
         _move_except(pipe.dit, device, pipe.dit.blocks)
@@ -164,11 +208,49 @@ class Placement:
             if streamer:
                 streamer.release()
 
+    def _apply_fast(self, pipe) -> None:
+        """The ``fast`` arithmetic (:mod:`.fast`) on the DiT, where the profile asks for it."""
+        from . import fast
+
+        if self.profile.fp8:
+            if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < fast.FP8_MIN_CAPABILITY:
+                cap = ".".join(map(str, torch.cuda.get_device_capability(self.device)))
+                raise Ex4dError(
+                    f"the fast profile needs FP8 tensor cores (compute capability >= 8.9); this GPU has {cap}",
+                    where="--vram-profile",
+                    hint="use --vram-profile full, 24gb or 12gb (see ex4d doctor)",
+                    code=DEVICE,
+                )
+            try:
+                conv = fast.convert_dit(pipe.dit)
+            except RuntimeError as exc:
+                raise Ex4dError(
+                    str(exc)[:300], where="--vram-profile", hint="use --vram-profile full", code=DEVICE
+                ) from exc
+            pipe.lora_merged = max(getattr(pipe, "lora_merged", 0), conv.lora_merged)
+            self.fast_info.update(
+                activation_scaling=conv.activation_scaling,
+                fp8_layers=len(conv.converted),
+                kept_layers=len(conv.kept),
+                fp8_weight_gib_saved=round((conv.bytes_before - conv.bytes_after) / 2**30, 2),
+            )
+            log.info("fast profile: %d linear layers in FP8, %d kept", len(conv.converted), len(conv.kept))
+        if self.profile.attention != "exact":
+            self.fast_info["attention"] = fast.use_8bit_attention(pipe.dit, self.device, self.profile.attention)
+
     @contextlib.contextmanager
     def dit_forward(self) -> Iterator[None]:
-        yield  # the DiT's non-block parts stay on the GPU; its blocks are streamed by hooks
+        # The DiT's non-block parts stay on the GPU; its blocks are streamed by hooks. diffsynth's own
+        # attention calls stay on SDPA even where sageattention is installed (exact profiles stay exact;
+        # ``fast`` routes only its self-attention through fast.Int8Attention).
+        from .fast import exact_attention
+
+        with exact_attention():
+            yield
 
     def release(self) -> None:
+        if self.step_cache is not None:
+            self.step_cache.reset()
         for s in self.streamers.values():
             s.release()
 

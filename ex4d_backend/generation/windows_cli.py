@@ -57,6 +57,10 @@ def generator_key(args: argparse.Namespace, options: dict) -> dict:
     if args.generator == "ex4d":
         key["weights"] = weights_fingerprint(args.models_dir)
         key.update({k: v for k, v in options.items() if k != "compile"})
+        if getattr(args, "vram_profile", "full") == "fast":  # fast / the step cache: other arithmetic
+            key["vram_profile"] = "fast"
+        if getattr(args, "step_cache", None):
+            key["step_cache"] = args.step_cache
     return key
 
 
@@ -116,19 +120,30 @@ def run(args: argparse.Namespace) -> int:
     options = {}
     if args.generator == "ex4d":
         options = dict(
-            compile=args.compile, attention=args.attention, merge_lora=not args.no_merge_lora, rope=args.rope
+            compile=args.compile,
+            attention=args.attention,
+            merge_lora=not args.no_merge_lora,
+            rope=args.rope,
+            precision=args.precision,
+            conditioning=args.conditioning,
         )
     store = None
     if not args.no_cache:
         from ..service.jobstore import JobStore
 
         store = JobStore(args.cache_dir) if args.cache_dir else JobStore()
+    vram_profile = args.vram_profile
+    if args.generator == "ex4d" and getattr(args, "step_cache", None) is not None:
+        from .vram import resolve_profile
+
+        vram_profile = resolve_profile(args.vram_profile, step_cache=args.step_cache)
     gen = load_generator(
         args.generator,
         models_dir=args.models_dir,
         device=args.device,
-        vram_profile=args.vram_profile,
+        vram_profile=vram_profile,
         progress=progress,
+        **({"gpus": args.gpus} if getattr(args, "gpus", 1) != 1 else {}),
         **options,
     )
     if args.generator == "preview":  # chain from unlabelled frames; label every written frame instead

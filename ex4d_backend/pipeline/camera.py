@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import constants as C
-from ..cameras import CameraPath
+from ..cameras import CameraPath, check_extrinsics, check_intrinsics
 from ..errors import Ex4dError
 from .settings import MeshSettings
 
@@ -61,24 +61,6 @@ def camera_hash(cam: CameraPath) -> str:
     return h.hexdigest()[:20]
 
 
-def check_rigid(m: np.ndarray, where: str, *, scale_ok: bool) -> None:
-    """4x4 matrices must be finite with a last row (0, 0, 0, 1) and an invertible (``scale_ok``: scaled)
-    rotation part; raises ``bad_input``."""
-    if not np.isfinite(m).all():
-        raise Ex4dError("the camera contains NaN or infinite values", where=where)
-    if not np.allclose(m[:, 3], [0, 0, 0, 1], atol=1e-6):
-        raise Ex4dError("a camera matrix's last row is not (0, 0, 0, 1)", where=where, hint="send affine matrices")
-    rot = m[:, :3, :3]
-    if scale_ok:
-        rot = rot / np.maximum(np.linalg.norm(rot, axis=-2, keepdims=True), 1e-300)
-    if not np.allclose(rot @ np.swapaxes(rot, 1, 2), np.eye(3), atol=1e-3) or np.any(np.linalg.det(rot) < 0):
-        raise Ex4dError(
-            "a camera matrix is not a rotation (shear, zero scale or a mirror?)",
-            where=where,
-            hint="remove shear and negative scale from the camera object and its parents",
-        )
-
-
 def check_path(path: CameraPath, n_frames: int, width: int, height: int, where: str) -> CameraPath:
     """The first ``n_frames`` frames of ``path``, checked: enough frames, the processing size, finite rigid
     extrinsics, positive focal lengths."""
@@ -94,20 +76,8 @@ def check_path(path: CameraPath, n_frames: int, width: int, height: int, where: 
             where=where,
         )
     ext, ks = path.extrinsics[:n_frames], path.intrinsics[:n_frames]
-    if not (np.isfinite(ext).all() and np.isfinite(ks).all()):
-        raise Ex4dError("the camera contains NaN or infinite values", where=where)
-    if np.any(np.abs(np.linalg.det(ext[:, :3, :3]) - 1.0) > 1e-3):
-        raise Ex4dError(
-            "a camera matrix is not a rotation (scale or shear in matrix_world?)",
-            where=where,
-            hint="remove scale from the camera object and its parents",
-        )
-    if np.any(ks[:, 0, 0] <= 0) or np.any(ks[:, 1, 1] <= 0) or not np.allclose(ks[:, 2], [0, 0, 1]):
-        raise Ex4dError(
-            "the camera's intrinsics must have positive focal lengths and a last row (0, 0, 1)", where=where
-        )
-    if np.any(ks[:, :2, :] > 1e7):
-        raise Ex4dError("the camera's focal length or centre is absurdly large", where=where)
+    check_extrinsics(ext, where)  # the checks the CLI, camera files and the service share (cameras.py)
+    check_intrinsics(ks, where)
     return CameraPath(ext, ks, width, height, name=path.name or "custom")
 
 
@@ -170,13 +140,15 @@ def _resolve(
                 )
         mw = np.asarray(b["matrix_world"], dtype=np.float64)
         lens = np.asarray(b["lens"], dtype=np.float64)
-        if lens.ndim == 1 and len(lens) not in (1, len(mw)):
-            raise Ex4dError(
-                f"{len(lens)} lens values for {len(mw)} camera matrices",
-                where=f"{where}.blender.lens",
-                hint="send one lens value, or one per matrix",
-            )
-        check_rigid(mw, f"{where}.blender.matrix_world", scale_ok=True)
+        for field in ("lens", "shift_x", "shift_y"):  # one value, or one per matrix (animated)
+            v = np.asarray(b.get(field, 0.0), dtype=np.float64)
+            if v.ndim == 1 and len(v) not in (1, len(mw)):
+                raise Ex4dError(
+                    f"{len(v)} {field} values for {len(mw)} camera matrices",
+                    where=f"{where}.blender.{field}",
+                    hint="send one value, or one per matrix",
+                )
+        check_extrinsics(mw, f"{where}.blender.matrix_world", scale_ok=True)
         return cameras.camera_path_from_blender(
             mw,
             lens,
@@ -195,7 +167,7 @@ def _resolve(
         ks = np.asarray(o["intrinsics"], dtype=np.float64) if "intrinsics" in o else k
         if ks.ndim == 3 and len(ks) != len(ext):
             raise Ex4dError(f"{len(ks)} intrinsics for {len(ext)} extrinsics", where=f"{where}.opencv")
-        check_rigid(ext, f"{where}.opencv.extrinsics", scale_ok=False)
+        check_extrinsics(ext, f"{where}.opencv.extrinsics")
         return CameraPath(ext, ks, width, height, name=name or "opencv")
     f = check_input(spec["file"], "camera file") if check_input else Path(spec["file"])
     path = cameras.load_camera_file(f, n_frames, width, height, default_k=k)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..cameras import CameraPath
 from ..errors import Ex4dError
-from ..service.jobstore import JobStore, make_key
+from ..service.jobstore import JobStore, make_key, preallocated_npy
 from ..service.resident import ResidentGenerator, free_memory
 from . import housekeeping
 from .camera import camera_hash, resolve_camera
@@ -293,8 +293,10 @@ def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSet
             step = chunk_frames(w, h, t, backend)
             total = -(-t // step)
             with ctx.store.write_stage("mesh", key, meta) as tmp:
-                occ = np.lib.format.open_memmap(tmp / "occlusion.npy", "w+", np.uint8, (t, n_faces))
+                occ = preallocated_npy(tmp / "occlusion.npy", np.uint8, (t, n_faces))  # never SIGBUS on a full disk
                 with open(tmp / "positions.pc2", "wb") as pc2:
+                    if hasattr(os, "posix_fallocate"):  # a full disk is ENOSPC now, before any work
+                        os.posix_fallocate(pc2.fileno(), 0, HEADER.size + t * h * w * 12)
                     pc2.write(HEADER.pack(MAGIC, 1, h * w, 0.0, 1.0, t))
                     for i, start in enumerate(range(0, t, step)):
                         stop = min(t, start + step)

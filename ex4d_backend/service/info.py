@@ -18,7 +18,6 @@ from .jobstore import JobStore
 
 def probe_footage(store: JobStore, p: dict) -> dict:
     """Size, rate and frame count of footage (without decoding it all) and the matching source camera."""
-    from .. import cameras
     from ..constants import MAX_SIDE
     from ..footage import list_image_sequence, processing_size, read_footage
 
@@ -33,7 +32,7 @@ def probe_footage(store: JobStore, p: dict) -> dict:
     intr = IntrinsicsSettings.from_params(p)
     pw, ph = processing_size(w, h, p.get("max_side", MAX_SIDE))
     k = intr.matrix(pw, ph)
-    blender = cameras.intrinsics_to_blender(k, pw, ph, float(intr.sensor_width), "HORIZONTAL")
+    blender = blender_source_camera(k, pw, ph, intr.sensor_width)
     return {
         "footage": str(path),
         "width": w,
@@ -45,6 +44,23 @@ def probe_footage(store: JobStore, p: dict) -> dict:
         "focal_px": float(k[0, 0]),
         "K": k.tolist(),
         **blender,
+    }
+
+
+def blender_source_camera(k, width: int, height: int, sensor_width: float = 36.0) -> dict:
+    """The source camera as Blender camera data, for the add-on (which holds no camera convention):
+    ``matrix_world`` (4x4, the pose of source frame 0 = the world origin) and lens/sensor/shift for ``k``
+    ((3, 3); frame 0's of per-frame intrinsics)."""
+    import numpy as np
+
+    from .. import cameras
+
+    k = np.asarray(k, dtype=np.float64)
+    k = k if k.ndim == 2 else k[0]
+    mw = cameras.opencv_to_blender_matrix_world(np.eye(4)[None])[0]
+    return {
+        "matrix_world": mw.tolist(),
+        **cameras.intrinsics_to_blender(k, width, height, float(sensor_width), "HORIZONTAL"),
     }
 
 

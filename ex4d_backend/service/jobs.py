@@ -97,6 +97,9 @@ def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
         "n_vertices": mesh.meta["n_vertices"],
         "n_faces": mesh.meta["n_faces"],
         "cv_to_blender": np.asarray(CV_TO_BLENDER).tolist(),
+        "source_camera": info.blender_source_camera(
+            np.asarray(mesh.meta["K"]), *clip.size, IntrinsicsSettings.from_params(p).sensor_width
+        ),
         "depth_npy": str(depth.dir / "depth.npy"),
         "frames_npy": str(clip.dir / "frames.npy"),
         **_clip_result(clip),

@@ -31,6 +31,7 @@ import logging
 import logging.handlers
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -38,8 +39,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from .. import safe_io
 from ..atomic import HOST_TAG, partial_owner, replace, temp_sibling, write_bytes
-from ..errors import NOT_FOUND, Ex4dError
+from ..errors import IO_ERROR, NOT_FOUND, Ex4dError, disk_full_error, is_disk_full
 from . import integrity, locks
 from .protocol import FORBIDDEN_PATH
 
@@ -93,25 +95,42 @@ class JobStore:
         self._lock = threading.Lock()
 
     # -- inputs -------------------------------------------------------------------------------
+    def read_roots(self) -> list[Path]:
+        """The folders inputs may be read from: the allowed folders and the store."""
+        return [*self.allowed, self.root]
+
     def check_input(self, path: str | os.PathLike, what: str = "input") -> Path:
-        """The resolved path of an input; it must exist and lie inside an allowed folder or the store."""
+        """The resolved path of an input; it must exist, lie inside an allowed folder or the store, and be a
+        regular file or a folder (an image sequence; each of its files must be inside too). FIFOs, devices
+        and sockets are refused here, before anything reads them. The readers check again on the handle
+        they read through (``safe_io``), so swapping the file afterwards gains nothing."""
         try:
             p = Path(path).expanduser()
             resolved = p.resolve()
         except (OSError, ValueError, RuntimeError) as exc:
-            raise Ex4dError(f"unusable {what} path: {exc}", where=str(path)[:300]) from None
-        self._check_inside(resolved, what, str(path))
-        if not resolved.exists():
-            raise Ex4dError(f"the {what} does not exist", where=str(path)[:300], hint="check the path", code=NOT_FOUND)
-        if resolved.is_dir():  # an image sequence: each of its files must be inside too (symlinks)
+            raise Ex4dError(f"unusable {what} path: {exc}", where=_where(path)) from None
+        self._check_inside(resolved, what, _where(path))
+        try:
+            st = resolved.stat()
+        except FileNotFoundError:
+            raise Ex4dError(
+                f"the {what} does not exist", where=_where(path), hint="check the path", code=NOT_FOUND
+            ) from None
+        except OSError as exc:  # a name component too long, a loop, no permission
+            raise Ex4dError(f"unusable {what} path: {exc.strerror or exc}", where=_where(path)) from None
+        if stat.S_ISDIR(st.st_mode):
             for entry in resolved.iterdir():
                 if entry.is_symlink():
                     self._check_inside(entry.resolve(), what, str(entry))
+                est = entry.stat() if entry.exists() else None
+                if est is not None and not (stat.S_ISREG(est.st_mode) or stat.S_ISDIR(est.st_mode)):
+                    raise safe_io.special_file_error(est.st_mode, what, str(entry))
+        elif not stat.S_ISREG(st.st_mode):
+            raise safe_io.special_file_error(st.st_mode, what, _where(path))
         return resolved
 
     def _check_inside(self, resolved: Path, what: str, where: str) -> None:
-        roots = [*self.allowed, self.root]
-        if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
+        if not safe_io.inside(resolved, self.read_roots()):
             raise Ex4dError(
                 f"the {what} lies outside the allowed folders",
                 where=where[:300],
@@ -120,19 +139,22 @@ class JobStore:
             )
 
     def input_hash(self, path: Path) -> str:
-        """Content hash of an input file or image-sequence folder (memoised by size and mtime)."""
+        """Content hash of an input file or image-sequence folder (memoised by size and mtime). Read through
+        ``safe_io`` inside this store's allowed folders; stops with ``Cancelled`` between chunks when the
+        current task is cancelled."""
         from ..footage import content_hash, list_image_sequence
 
-        files = list_image_sequence(path) if path.is_dir() else [path]
-        stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-        key = (str(path), stamp)
-        with self._lock:
-            if key in self._hashes:
-                return self._hashes[key]
-        if path.is_dir() and not files:
-            digest = make_key("folder", str(path), sorted(x.name for x in path.iterdir()))
-        else:
-            digest = content_hash(path)
+        with safe_io.sandbox(self.read_roots(), safe_io.current_cancel()):
+            files = list_image_sequence(path) if path.is_dir() else [path]
+            stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+            key = (str(path), stamp)
+            with self._lock:
+                if key in self._hashes:
+                    return self._hashes[key]
+            if path.is_dir() and not files:
+                digest = make_key("folder", str(path), sorted(x.name for x in path.iterdir()))
+            else:
+                digest = content_hash(path)
         with self._lock:
             self._hashes[key] = digest
         return digest
@@ -158,7 +180,7 @@ class JobStore:
         (renamed to a unique name, then removed). Waiting polls every ``poll`` s and raises
         ``errors.Cancelled`` when ``cancelled()`` is true. Re-entrant within one thread."""
         lock = locks.StageLock(locks.lock_path(self.root, stage, key), stale_after=stale_after, poll=poll)
-        return lock.hold(cancelled)
+        return lock.hold(cancelled if cancelled is not None else safe_io.current_cancel())
 
     def is_held(self, stage: str, key: str, *, stale_after: float = 30.0) -> bool:
         """A live (non-stale) lock exists for this stage result (held by any process, this one included)."""
@@ -219,7 +241,7 @@ class JobStore:
                     f"the temporary folder of the {stage} result was removed while it was being written",
                     where=str(tmp),
                     hint="another program deleted files in the job store; run the job again",
-                    code="io_error",
+                    code=IO_ERROR,
                 )
             (tmp / WRITER).unlink()
             full_meta = {**meta, "files": integrity.manifest(tmp, skip={META})}
@@ -230,9 +252,13 @@ class JobStore:
                     raise Ex4dError(
                         f"the temporary folder of the {stage} result was removed before it was committed",
                         where=str(tmp),
-                        code="io_error",
+                        code=IO_ERROR,
                     )
                 replace(tmp, final)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(exc, str(self.root), written=_du(tmp)) from None
+            raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -364,7 +390,11 @@ class JobStore:
     # -- log ----------------------------------------------------------------------------------
     def log_handler(self) -> logging.Handler:
         handler = logging.handlers.RotatingFileHandler(
-            self.root / "logs" / LOG_NAME, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+            self.root / "logs" / LOG_NAME,
+            maxBytes=LOG_MAX_BYTES,
+            backupCount=LOG_BACKUPS,
+            encoding="utf-8",
+            errors="backslashreplace",  # a lone surrogate in a request never loses a log line
         )
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         return handler
@@ -394,6 +424,42 @@ class TailHandler(logging.Handler):
 
 
 _pid_alive = locks.pid_alive
+
+
+def _du(folder: Path) -> int:
+    """Bytes in the files below ``folder`` (0 if it is gone)."""
+    total = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def preallocated_npy(path: Path, dtype, shape: tuple[int, ...]):
+    """A writable ``np.memmap`` of a new ``.npy`` file whose every byte is allocated on disk first
+    (``posix_fallocate``), so writing through the map can never hit a full disk (which would kill the
+    process with SIGBUS): a full disk is an ``ENOSPC`` OSError here, before any work."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    with open(path, "wb") as fh:
+        np.lib.format._write_array_header(fh, header)
+        offset = fh.tell()
+        size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        fh.flush()
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fh.fileno(), 0, size)
+        else:  # no fallocate (macOS): write the zeros (slower, same guarantee)
+            while fh.tell() < size:
+                fh.write(b"\0" * min(1 << 24, size - fh.tell()))
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _where(path: object) -> str:
+    """A path for an error message: at most 300 characters, lone surrogates escaped."""
+    return str(path)[:300].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _mtime(p: Path, default: float) -> float:

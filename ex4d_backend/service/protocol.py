@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import jsonschema
+import numpy as np
 
-from ..errors import BAD_INPUT, CANCELLED, DEVICE, INTERNAL, MODEL_INVALID, MODEL_MISSING, NOT_FOUND
+from ..errors import (
+    BAD_INPUT,
+    CANCELLED,
+    DEVICE,
+    DISK_FULL,
+    INTERNAL,
+    IO_ERROR,
+    MODEL_INVALID,
+    MODEL_MISSING,
+    NOT_FOUND,
+)
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 MAX_LINE_BYTES = 4 * 1024 * 1024  # a request longer than this is refused (large data goes by path)
+MAX_DEPTH = 32  # deepest nesting of arrays/objects a request may have (the schemas need 8)
 
 # Stable error codes of the protocol (never rename one). The first group comes from ``errors.py``.
 BAD_JSON = "bad_json"  # the line is not one JSON object (or holds NaN / Infinity / a huge line)
@@ -33,6 +46,8 @@ ERROR_CODES = (
     MODEL_INVALID,
     DEVICE,
     CANCELLED,
+    DISK_FULL,
+    IO_ERROR,
     INTERNAL,
     BAD_JSON,
     UNKNOWN_TYPE,
@@ -78,7 +93,7 @@ _MAX_CAMERA_FRAMES = 10000
 CLIP = {
     "footage": _PATH,
     "max_frames": {"type": "integer", "minimum": 0, "maximum": 100000},
-    "max_side": {"type": "integer", "minimum": 16, "maximum": 8192},
+    "max_side": {"type": "integer", "minimum": 16, "maximum": 2048},  # = footage.MAX_PROCESSING_SIDE
     "fps": {"anyOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}]},
 }
 DEPTH = {
@@ -108,6 +123,8 @@ MESH = {
     "mesh_filter": {"enum": list(MESH_FILTERS)},
     "border_depth": _POS,
 }
+_SHIFT_1 = {"type": "number", "minimum": -100, "maximum": 100}
+_SHIFT = {"anyOf": [_SHIFT_1, {"type": "array", "items": _SHIFT_1, "minItems": 1, "maxItems": _MAX_CAMERA_FRAMES}]}
 BLENDER_CAMERA = {
     "type": "object",
     "properties": {
@@ -116,8 +133,8 @@ BLENDER_CAMERA = {
         "sensor_width": _SENSOR,
         "sensor_height": _SENSOR,
         "sensor_fit": {"enum": ["AUTO", "HORIZONTAL", "VERTICAL"]},
-        "shift_x": {"type": "number", "minimum": -100, "maximum": 100},
-        "shift_y": {"type": "number", "minimum": -100, "maximum": 100},
+        "shift_x": _SHIFT,  # one value, or one per matrix (an animated lens shift)
+        "shift_y": _SHIFT,
         "resolution": {
             "type": "array",
             "items": {"type": "integer", "minimum": 1, "maximum": 16384},
@@ -320,9 +337,20 @@ EVENT = {
     ],
 }
 
-_REQUEST_VALIDATOR = jsonschema.Draft202012Validator(REQUEST)
-_EVENT_VALIDATOR = jsonschema.Draft202012Validator(EVENT)
-_PARAM_VALIDATORS = {name: jsonschema.Draft202012Validator(s) for name, s in PARAMS.items()}
+
+def _is_integer(checker, instance) -> bool:
+    """JSON Schema's "integer" accepts 3.0; the code behind the schema needs a real int (``range``,
+    indexing), so an integer field must be written without a fraction or exponent."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+_REQUEST_VALIDATOR = _Validator(REQUEST)
+_EVENT_VALIDATOR = _Validator(EVENT)
+_PARAM_VALIDATORS = {name: _Validator(s) for name, s in PARAMS.items()}
 for _schema in (REQUEST, EVENT, *PARAMS.values()):
     jsonschema.Draft202012Validator.check_schema(_schema)
 
@@ -365,11 +393,58 @@ def _lenient_id(line: str | bytes) -> str | None:
     return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_RAW_ID = re.compile(rb'"id"\s*:\s*"((?:[^"\\]|\\.){1,128})"')
+
+
+def nesting_depth(line: str | bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in a JSON text (strings ignored), in one vectorised pass."""
+    data = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line
+    bare = np.frombuffer(_STRING.sub(b'""', data), np.uint8)
+    step = (bare == ord("[")).astype(np.int32) + (bare == ord("{")) - (bare == ord("]")) - (bare == ord("}"))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _raw_id(line: str | bytes) -> str | None:
+    """The request id of a line too deep to parse (first ``"id": "..."``), so its error reaches its request."""
+    data = line.encode("utf-8", "surrogatepass") if isinstance(line, str) else line
+    m = _RAW_ID.search(data)
+    if not m:
+        return None
+    try:
+        rid = json.loads(b'"' + m.group(1) + b'"')
+    except ValueError:
+        return None
+    return rid if isinstance(rid, str) and 0 < len(rid) <= 128 else None
+
+
+def _has_lone_surrogate(obj: Any, depth: int = 0) -> bool:
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(obj, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v, depth + 1) for k, v in obj.items())
+    if isinstance(obj, list):
+        return any(_has_lone_surrogate(v, depth + 1) for v in obj)
+    return False
+
+
 def parse_request(line: str | bytes) -> dict:
     """Parse and validate one request line; raise :class:`ProtocolError` with a stable code."""
     if len(line) > MAX_LINE_BYTES:
         raise ProtocolError(
             BAD_JSON, f"the request line is longer than {MAX_LINE_BYTES} bytes", hint="pass large data as file paths"
+        )
+    depth = nesting_depth(line)
+    if depth > MAX_DEPTH:
+        raise ProtocolError(
+            INVALID_REQUEST,
+            f"the request is nested {depth} levels deep; at most {MAX_DEPTH} are allowed",
+            hint="see PROTOCOL.md for the fields of each request",
+            id=_raw_id(line),
         )
     try:
         msg = loads_strict(line)
@@ -383,6 +458,13 @@ def parse_request(line: str | bytes) -> dict:
     if not isinstance(msg, dict):
         raise ProtocolError(BAD_JSON, "a request must be a JSON object", hint='send {"id": ..., "type": ...}')
     rid = msg.get("id") if isinstance(msg.get("id"), str) and 0 < len(msg["id"]) <= 128 else None
+    if _has_lone_surrogate(msg):
+        raise ProtocolError(
+            INVALID_REQUEST,
+            "the request holds a string with a lone UTF-16 surrogate (not valid Unicode)",
+            hint="send valid Unicode text (file names: as the operating system spells them)",
+            id=rid,
+        )
     _check(_REQUEST_VALIDATOR, msg, rid, "request")
     if msg["type"] not in PARAMS:
         raise ProtocolError(
@@ -405,7 +487,7 @@ def validate_params(type_: str, params: dict) -> None:
     _check(_PARAM_VALIDATORS[type_], params, None, "params")
 
 
-def _check(validator: jsonschema.Draft202012Validator, obj: Any, rid: str | None, what: str) -> None:
+def _check(validator: jsonschema.protocols.Validator, obj: Any, rid: str | None, what: str) -> None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(obj))
     if error is None:
         return

@@ -10,16 +10,17 @@ request, bad input or failing job ends the process.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import os
 import queue
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ..errors import CANCELLED, DEVICE, INTERNAL, Cancelled, Ex4dError
+from .. import safe_io
+from ..errors import CANCELLED, DEVICE, INTERNAL, IO_ERROR, Cancelled, Ex4dError, disk_full_error, is_disk_full
 from . import jobs, protocol
 from .jobstore import JobStore, TailHandler
 from .resident import DEFAULT_KEEP_ALIVE_S, ResidentGenerator, free_memory
@@ -72,7 +73,9 @@ class _EventLogHandler(logging.Handler):
             return
         try:
             level = _LEVELS.get(record.levelno, "error")
-            self.server.emit({"id": rid, "event": "log", "level": level, "message": record.getMessage()[:2000]})
+            text = record.getMessage().splitlines()[0] if record.getMessage() else ""  # never a traceback
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+            self.server.emit({"id": rid, "event": "log", "level": level, "message": text[:2000]})
         except Exception:  # noqa: BLE001 - logging must never raise
             pass
 
@@ -172,7 +175,7 @@ class Server:
             try:
                 self._handle(line.strip())
             except Exception as exc:  # noqa: BLE001 - the service survives any request
-                log.error("internal error on a request: %s\n%s", exc, traceback.format_exc())
+                log.error("internal error on a request: %s", exc, exc_info=True)
                 self.emit_error(None, {"code": INTERNAL, "message": f"{type(exc).__name__}: {exc}"})
         self._join()
         return 0
@@ -348,7 +351,9 @@ class Server:
                 raise Cancelled()
 
         t0 = time.monotonic()
+        sandbox = safe_io.sandbox(self.store.read_roots(), task.cancel.is_set)
         try:
+            sandbox.__enter__()
             if task.type == "hello":
                 result = jobs.hello(self.store, self.models_dir, self.interrupted)
             elif task.type == "probe_footage":
@@ -362,6 +367,20 @@ class Server:
             level = logging.INFO if exc.code == CANCELLED else logging.WARNING
             log.log(level, "request %s (%s) failed: %s", task.id, task.type, exc)
             err = exc.to_dict()
+        except OSError as exc:
+            if is_disk_full(exc):
+                err = disk_full_error(exc, str(self.store.root)).to_dict()
+                log.warning("request %s (%s) failed: %s", task.id, task.type, err["message"])
+            elif exc.errno not in _IO_ERRNOS:
+                err = self._crash(task, exc)
+            else:
+                log.error("request %s (%s) failed on the file system: %s", task.id, task.type, exc, exc_info=True)
+                err = {
+                    "code": IO_ERROR,
+                    "message": f"the file system failed: {type(exc).__name__}: {str(exc)[:500]}",
+                    "where": str(getattr(exc, "filename", None) or "")[:300] or None,
+                    "hint": "check the disk and the permissions of the job store, then run the job again",
+                }
         except MemoryError:
             log.error("request %s ran out of memory", task.id)
             err = {
@@ -379,22 +398,31 @@ class Server:
                     "hint": "use a lower VRAM profile, fewer frames or a smaller size",
                 }
             else:
-                log.error("request %s (%s) crashed: %s\n%s", task.id, task.type, exc, traceback.format_exc())
-                err = {
-                    "code": INTERNAL,
-                    "message": f"{name}: {str(exc)[:1000]}",
-                    "hint": "this is a bug: please report it with the log file",
-                }
+                err = self._crash(task, exc)
         else:
             log.info("request %s (%s) done in %.2f s", task.id, task.type, time.monotonic() - t0)
             return {"id": task.id, "event": "result", "result": result}
         finally:
+            sandbox.__exit__(None, None, None)
             self._current.id = None
             try:
                 free_memory()
             except Exception:  # noqa: BLE001
                 pass
         return self.error_event(task.id, err)
+
+    @staticmethod
+    def _crash(task: Task, exc: BaseException) -> dict:
+        """A bug: the traceback goes to the log file only (never to the client), an ``internal`` error out."""
+        log.error("request %s (%s) crashed: %s", task.id, task.type, exc, exc_info=True)
+        return {
+            "code": INTERNAL,
+            "message": f"{type(exc).__name__}: {str(exc)[:1000]}",
+            "hint": "this is a bug: please report it with the log file",
+        }
+
+
+_IO_ERRNOS = {errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ESTALE, errno.ENOTCONN}
 
 
 def configure_logging(store: JobStore, server: Server, verbose: bool = False) -> None:

@@ -84,9 +84,10 @@ def _metrics(rgb: np.ndarray, blender_mask: np.ndarray, color: np.ndarray, mask:
     return float(iou), float(psnr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("footage", ["frames_dir", "video"])
 def test_workbench_render_matches_backend_guide(scene, clip, tmp_path, record_property, footage):
-    backend, data = addon_module("backend"), addon_module("data")
+    backend = addon_module("backend")
     scene.frame_start = 7  # not 1: the clip-frame <-> scene-frame mapping is part of the check
     assert bpy.ops.ex4d.import_footage(filepath=str(clip[footage]), focal_px=clip["focal_px"]) == {"FINISHED"}
     assert bpy.ops.ex4d.build_dwmesh(depth_filepath=str(clip["depth"])) == {"FINISHED"}, scene.ex4d.last_error
@@ -95,7 +96,7 @@ def test_workbench_render_matches_backend_guide(scene, clip, tmp_path, record_pr
     n, w, h = clip["n_frames"], clip["width"], clip["height"]
     frames = [scene.frame_start + i for i in range(n)]
     params, paths = backend.clip_params(bpy.context)
-    params["camera"] = {"blender": data.sample_camera(scene, cam, frames), "name": "render-match"}
+    params["camera"] = {"blender": addon_module("sampling").sample_all(scene, cam, frames), "name": "render-match"}
     params["renderer"] = "cpu"
     res = backend.run_blocking(bpy.context, "render_guide", params, paths, timeout=600)
     guide_color = [_load_png(f"{res['color_dir']}/frame_{i:05d}.png")[..., :3] for i in range(n)]

@@ -115,8 +115,8 @@ def test_import_footage_sets_scene(scene, clip, kind):
     np.testing.assert_allclose(np.array(cam.matrix_world), CV_TO_BLENDER @ np.diag([1.0, -1, -1, 1]), atol=1e-6)
     assert cam.data.sensor_fit == "HORIZONTAL"
     assert cam.data.lens == pytest.approx(clip["focal_px"] * 36.0 / 64)  # fx in px at the processing width
-    s.focal_px = 500.0  # editable: the lens follows
-    assert cam.data.lens == pytest.approx(500 * 36.0 / 64)
+    s.focal_px = 500.0  # editable: flagged until Build DW-Mesh applies it (never a silent lens change)
+    assert cam.data.lens == pytest.approx(clip["focal_px"] * 36.0 / 64) and s.mesh_stale
     bg = cam.data.background_images
     assert cam.data.show_background_images and len(bg) == 1
     assert (bg[0].clip is not None) if kind == "movie" else (bg[0].image is not None)
@@ -197,28 +197,19 @@ def test_camera_preset_from_backend_without_dwmesh(scene, clip, reference):
     np.testing.assert_allclose(lens, reference["lens_90"], rtol=1e-5)
 
 
-def test_replicated_camera_math_matches_backend(addon):
-    ops = addon_module("ops_scene")
-    rng = np.random.default_rng(0)
-    depth0 = rng.uniform(1.0, 9.0, (12, 16)).astype(np.float32)
-    code = """
-import numpy as np
-from ex4d_backend import cameras, footage
-d = np.array(ARGS["d"], dtype=np.float32)
-OUT = {p: cameras.opencv_to_blender_matrix_world(cameras.preset_path(p, 7, cameras.reference_intrinsics(16, 12),
-       d, 16, 12).extrinsics).tolist() for p in ARGS["presets"]}
-OUT["sizes"] = [footage.processing_size(*s) for s in ARGS["sizes"]]
-OUT["lens"] = cameras.intrinsics_to_blender(cameras.reference_intrinsics(1280, 720), 1280, 720)["lens"]
-"""
-    sizes = [(1920, 1080), (1080, 1920), (64, 48), (1001, 333), (4096, 2160)]
-    ref = backend_py(code, d=depth0.tolist(), presets=[p.lower() for p in PRESETS], sizes=sizes)
-    z = depth0.copy()
-    z[0, :] = z[-1, :] = z[:, 0] = z[:, -1] = 100.0
-    r = ops.preset_radius_from_z(z.ravel())
-    for p in PRESETS:
-        np.testing.assert_allclose(ops.preset_matrices(p, 7, r), ref[p.lower()], atol=1e-9)
-    assert [list(ops.processing_size(*s)) for s in sizes] == ref["sizes"]
-    assert ops.focal_px_to_lens(500.0, 1280) == pytest.approx(ref["lens"])
+def test_no_camera_convention_in_the_addon(addon):
+    """The add-on holds no camera convention (issue 12): no axis-swap matrix, no quarter-turn rotation, no
+    preset formula; all of it comes from the backend. Fails on a copy of CV_TO_BLENDER / FLIP_YZ, a
+    ``math.pi / 2`` source-camera rotation, a ``look_at`` or the presets' radius offset in the add-on."""
+    from pathlib import Path
+
+    src = Path(addon.__file__).parent
+    bad = ("CV_TO_BLENDER", "FLIP_YZ", "math.pi / 2", "np.pi / 2", "def look_at", "PRESET_RADIUS", "ZOOM_DISTANCE",
+           "[0.0, 0.0, 1.0, 0.0], [0.0, -1.0", "np.diag([1.0, -1.0, -1.0")  # fmt: skip
+    for f in sorted(src.glob("*.py")):
+        text = f.read_text(encoding="utf-8")
+        for b in bad:
+            assert b not in text, f"{f.name} holds a camera convention: {b}"
 
 
 def test_save_reload_round_trip(scene, clip, tmp_blend_dir):
@@ -257,7 +248,7 @@ SCRUB_SIZE = 512  # the issue: scrubbing at 512 x 512 must update at >= 24 fps
 def test_scrub_speed_512(scene, tmp_path, record_property):
     """Frame changes of a 512 x 512 DW-mesh (Mesh Cache on a PC2 + the occlusion handler), timed with
     ``frame_set`` and the evaluated mesh (what a viewport redraw needs; GPU drawing is not measured)."""
-    ops, data = addon_module("ops_scene"), addon_module("data")
+    data = addon_module("data")
     w = h = SCRUB_SIZE
     t = 8
     rng = np.random.default_rng(1)
@@ -281,7 +272,8 @@ def test_scrub_speed_512(scene, tmp_path, record_property):
         "occlusion_npy": str(tmp_path / "occ.npy"),
         "K": [[500, 0, w / 2], [0, 500, h / 2], [0, 0, 1]],
     }
-    obj = ops.build_dwmesh_object(scene, result)
+    result["cv_to_blender"] = CV_TO_BLENDER.tolist()
+    obj = addon_module("mesh_object").build_now(scene, result)
     dg = bpy.context.evaluated_depsgraph_get()
     for f in range(1, t + 1):  # warm up (page cache, first evaluation)
         scene.frame_set(f)
@@ -330,7 +322,7 @@ def test_build_dwmesh_errors_are_reported_and_the_backend_restarts(scene, clip, 
 
 def test_sample_camera_evaluates_parents_constraints_and_lens(scene):
     """The raw camera sent to the backend is the evaluated one (parent, constraint, animated lens)."""
-    data = addon_module("data")
+    sampling = addon_module("sampling")
     scene.frame_start, scene.frame_end = 1, 3
     parent = bpy.data.objects.new("rig", None)
     scene.collection.objects.link(parent)
@@ -352,7 +344,7 @@ def test_sample_camera_evaluates_parents_constraints_and_lens(scene):
     cam.data.keyframe_insert("lens", frame=1)
     cam.data.lens = 60.0
     cam.data.keyframe_insert("lens", frame=3)
-    out = data.sample_camera(scene, cam, [1, 2, 3])
+    out = sampling.sample_all(scene, cam, [1, 2, 3])
     assert out["lens"][0] == pytest.approx(30.0) and out["lens"][2] == pytest.approx(60.0)
     for i, m in enumerate(out["matrix_world"]):
         mw = np.array(m)
@@ -377,7 +369,8 @@ class _Layout:
 
     row = column = box
 
-    def label(self, text="", icon="NONE"):
+    def label(self, text="", icon="NONE", translate=True):
+        assert translate or text == text.strip(), text
         self.log.append(("label", text))
 
     def prop(self, data, name, **_kw):
@@ -403,85 +396,77 @@ def test_panel_draws_the_whole_path(scene, clip):
     assert ("prop", "focal_px") in log and any("something went wrong" in x for k, x in log if k == "label")
 
 
-def test_modal_job_reports_progress_and_finishes(scene, clip):
-    """The UI path of build_dwmesh (modal, timer-driven), driven here with timer events: progress reaches the
-    scene's job fields, the result is handed to ``_finish`` once, and the job state is cleared."""
+class _Harness:
+    """A JobOperator driven by hand with fake events, as the window manager would (headless has no window)."""
+
+    def __new__(cls):
+        class Harness(addon_module("runner").JobOperator):
+            def __init__(self):
+                self.reports = []
+
+            def report(self, level, text):
+                self.reports.append((level, text))
+
+        return Harness()
+
+
+def _drive(op, ctx, esc_first: bool = False, limit: float = 120.0):
     from types import SimpleNamespace
 
-    ops, backend = addon_module("ops_scene"), addon_module("backend")
-    _import(clip)
-    scene.ex4d.depth_filepath = str(clip["depth"])
-    params, paths = backend.clip_params(bpy.context)
-    params["force"] = True  # recompute, so that progress events come
-
-    class Job(ops._BackendJobMixin):
-        def __init__(self):
-            self.reports, self.results = [], []
-
-        def report(self, kind, text):
-            self.reports.append((kind, text))
-
-        def _finish(self, context, result):
-            self.results.append(result)
-            return {"FINISHED"}
-
-    job = Job()
-    job._client, job._req = backend.submit(bpy.context, "build_dwmesh", params, paths)
-    scene.ex4d.job_running = True
-    ctx = SimpleNamespace(scene=scene, screen=None, window_manager=bpy.context.window_manager)
-    stages, deadline = set(), time.monotonic() + 120
-    state = {"RUNNING_MODAL"}
-    while state == {"RUNNING_MODAL"} and time.monotonic() < deadline:
-        assert job.modal(ctx, SimpleNamespace(type="MOUSEMOVE", value="NOTHING")) == {"PASS_THROUGH"}
-        state = job.modal(ctx, SimpleNamespace(type="TIMER", value="NOTHING"))
-        stages.add(scene.ex4d.job_stage)
+    if esc_first:
+        assert op.modal(ctx, SimpleNamespace(type="ESC", value="PRESS")) == {"RUNNING_MODAL"}
+    state, deadline, stages = {"RUNNING_MODAL"}, time.monotonic() + limit, set()
+    while state not in ({"FINISHED"}, {"CANCELLED"}) and time.monotonic() < deadline:
+        assert op.modal(ctx, SimpleNamespace(type="MOUSEMOVE", value="NOTHING")) == {"PASS_THROUGH"}
+        state = op.modal(ctx, SimpleNamespace(type="TIMER", value="NOTHING"))
+        stages.add(bpy.context.scene.ex4d.job_stage)
         time.sleep(0.02)
-    assert state == {"FINISHED"}, job.reports
-    assert len(job.results) == 1 and job.results[0]["n_vertices"] == clip["width"] * clip["height"]
-    assert "mesh" in stages and not scene.ex4d.job_running
+    return state, stages
 
 
-def test_modal_job_escape_cancels(scene, clip):
+def test_modal_build_reports_progress_and_finishes(scene, clip):
+    """The UI path of build_dwmesh (the one job runner, timer-driven): progress reaches the scene's job
+    fields, the DW-mesh object is made once, and the job state is cleared."""
     from types import SimpleNamespace
 
-    ops, backend = addon_module("ops_scene"), addon_module("backend")
     _import(clip)
     scene.ex4d.depth_filepath = str(clip["depth"])
-    params, paths = backend.clip_params(bpy.context)
-    params["force"] = True
+    op = _Harness()
+    op.job = addon_module("ops_scene").build_job(bpy.context)
+    op.job.params["force"] = True  # recompute, so that progress events come
+    op.job.start(bpy.context)
+    ctx = SimpleNamespace(scene=scene, window_manager=bpy.context.window_manager)
+    state, stages = _drive(op, ctx)
+    assert state == {"FINISHED"}, op.reports
+    assert scene.ex4d.dwmesh is not None and len(scene.ex4d.dwmesh.data.vertices) == clip["width"] * clip["height"]
+    assert any("mesh" in st for st in stages) and not scene.ex4d.job_running
 
-    class Job(ops._BackendJobMixin):
-        def __init__(self):
-            self.reports = []
 
-        def report(self, kind, text):
-            self.reports.append((kind, text))
+def test_modal_build_escape_cancels(scene, clip):
+    from types import SimpleNamespace
 
-        def _finish(self, context, result):
-            raise AssertionError("a cancelled job must not finish")
-
-    job = Job()
-    job._client, job._req = backend.submit(bpy.context, "build_dwmesh", params, paths)
-    ctx = SimpleNamespace(scene=scene, screen=None, window_manager=bpy.context.window_manager)
-    assert job.modal(ctx, SimpleNamespace(type="ESC", value="PRESS")) == {"RUNNING_MODAL"}
-    state, deadline = {"RUNNING_MODAL"}, time.monotonic() + 60
-    while state == {"RUNNING_MODAL"} and time.monotonic() < deadline:
-        state = job.modal(ctx, SimpleNamespace(type="TIMER", value="NOTHING"))
-        time.sleep(0.02)
-    assert state == {"CANCELLED"}
-    assert "[cancelled]" in scene.ex4d.last_error and job.reports[-1][0] == {"ERROR"}
+    _import(clip)
+    scene.ex4d.depth_filepath = str(clip["depth"])
+    op = _Harness()
+    op.job = addon_module("ops_scene").build_job(bpy.context)
+    op.job.params["force"] = True
+    op.job.start(bpy.context)
+    ctx = SimpleNamespace(scene=scene, window_manager=bpy.context.window_manager)
+    state, _ = _drive(op, ctx, esc_first=True, limit=60)
+    assert state == {"CANCELLED"} and op.reports[-1][0] == {"WARNING"} and "cancelled" in op.reports[-1][1]
+    assert scene.ex4d.dwmesh is None and scene.ex4d.last_error == ""
 
 
 def test_compat_layer(scene, clip):
-    compat, data = addon_module("compat"), addon_module("data")
+    compat, strips = addon_module("compat"), addon_module("strips")
     scene.render.engine = compat.eevee_engine()  # the engine name of this Blender version
     assert scene.render.engine.startswith("BLENDER_EEVEE")
     compat.set_ffmpeg_output(scene)
     assert scene.render.image_settings.file_format == "FFMPEG" and scene.render.ffmpeg.codec == "H264"
     files = sorted(clip["frames_dir"].iterdir())
-    a = data.add_image_strip(scene, "guide", files, 1, {"camera_hash": "abc", "seed": 3, "K": [1, 2]})
-    b = data.add_image_strip(scene, "result", files, 4, {})
-    c = data.add_image_strip(scene, "later", files[:2], 1 + len(files), {})
+    a = strips.add_image_strip(scene, "guide", files, 1, {"camera_hash": "abc", "seed": 3, "K": [1, 2]})
+    b = strips.add_image_strip(scene, "result", files, 4, {})
+    c = strips.add_image_strip(scene, "later", files[:2], 1 + len(files), {})
     assert (a.channel, b.channel, c.channel) == (1, 2, 1)  # a free channel where strips overlap in time
     assert a.frame_final_duration == len(files) and a["ex4d_camera_hash"] == "abc" and a["ex4d_seed"] == 3
     assert a["ex4d_K"] == "[1, 2]"
