@@ -155,7 +155,8 @@ def open_store(path: str | None):
     """The job store the CLI computes in (``--store``; default the user cache's), any input allowed."""
     from ..service.jobstore import JobStore
 
-    return JobStore(path)
+    anywhere = sorted({Path(Path.cwd().anchor), Path(Path.home().anchor)})  # the file system's roots
+    return JobStore(path, allowed=anywhere)  # the CLI reads what its user names (the service sandboxes)
 
 
 def run(args: argparse.Namespace) -> int:
