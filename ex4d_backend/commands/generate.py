@@ -103,6 +103,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Every frame of the guide at its fps as chained windows (or ``--frame-sampling reference``):
     see :mod:`ex4d_backend.generation.windows`."""
+    from pathlib import Path
+
+    from ..errors import Ex4dError
     from ..generation import windows_cli
 
+    for flag, path in (("--output-video", args.output_video), ("--composite-video", args.composite_video)):
+        if path and Path(path).is_dir():
+            raise Ex4dError(f"{flag} is a folder", where=str(path), hint="give a file name ending in .mp4")
     return windows_cli.run(args)
