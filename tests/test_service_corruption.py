@@ -61,16 +61,16 @@ CORRUPTIONS = [  # (stage, file, damage)
     ("depth", "depth.npy", _flip),
     ("depth", "depth.npy", _delete),
     ("depth", "meta.json", _drop_manifest),
-    ("mesh", "positions.npy", _flip),
+    ("mesh", "positions.pc2", _zero),  # the one copy of the positions (issue 12: no positions.npy)
     ("mesh", "positions.pc2", _truncate),
     ("mesh", "positions.pc2", _flip),
     ("mesh", "faces.npy", _delete),
     ("mesh", "occlusion.npy", _flip),
-    ("mesh", "colors.npy", _truncate),
+    ("mesh", "occlusion.npy", _truncate),  # (no colors.npy: the vertex colours are the frames)
     ("mesh", "meta.json", _delete),
     ("guide", "color.mp4", _flip),
     ("guide", "mask.mp4", _truncate),
-    ("guide", "mask.npy", _truncate),
+    ("guide", "color/frame_00000.png", _truncate),  # (no mask.npy: the PNG frames are the exact guide)
     ("guide", "color/frame_00003.png", _delete),
     ("guide", "mask/frame_00001.png", _flip),
     ("guide", "camera.npz", _flip),
