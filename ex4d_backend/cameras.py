@@ -14,6 +14,7 @@ OpenGL: view matrix = ``diag(1, -1, -1, 1) @ E``; projection from ``K`` (``proje
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -26,6 +27,9 @@ import numpy as np
 from .atomic import atomic_path
 from .constants import BORDER_DEPTH, FOCAL_PX
 from .errors import NOT_FOUND, Ex4dError
+from .safe_io import read_bytes
+
+CAMERA_FILE_LIMIT = 64 << 20  # bytes: a camera or bundle file is small; larger ones are refused before reading
 
 CV_TO_BLENDER = np.array(
     [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
@@ -232,11 +236,11 @@ def load_camera_file(
         raise Ex4dError("camera file not found", where=where, code=NOT_FOUND)
     try:
         if p.suffix.lower() == ".npz":
-            with np.load(p) as data:
+            with np.load(io.BytesIO(read_bytes(p, "camera file", limit=CAMERA_FILE_LIMIT))) as data:
                 ext = np.asarray(data["extrinsics"], dtype=np.float64)
                 ks = np.asarray(data["intrinsics"], dtype=np.float64) if "intrinsics" in data else None
         elif p.suffix.lower() == ".json":
-            data = json.loads(p.read_text())
+            data = json.loads(read_bytes(p, "camera file", limit=CAMERA_FILE_LIMIT).decode("utf-8"))
             if not isinstance(data, dict):
                 raise Ex4dError(
                     "a JSON camera file must hold an object with 'extrinsics' (and optional 'intrinsics')",

@@ -26,6 +26,7 @@ Bundle files: .json ``{"bundles": [{"co": [x, y, z], "frames": [t, ...], "uv": [
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cameras import CV_TO_BLENDER, CameraPath
+from .cameras import CAMERA_FILE_LIMIT, CV_TO_BLENDER, CameraPath
 from .errors import NOT_FOUND, Ex4dError
+from .safe_io import read_bytes
 
 HUBER_K = 1.345  # Huber's threshold in sigmas (95 % efficiency for Gaussian residuals)
 IRLS_ITERATIONS = 30
@@ -116,7 +118,7 @@ def load_bundles(path: str | os.PathLike, n_frames: int) -> Bundles:
         raise Ex4dError("bundle file not found", where=where, code=NOT_FOUND)
     try:
         if p.suffix.lower() == ".npz":
-            with np.load(p) as data:
+            with np.load(io.BytesIO(read_bytes(p, "bundle file", limit=CAMERA_FILE_LIMIT))) as data:
                 points = np.asarray(data["points"], dtype=np.float64)
                 vis = np.asarray(data["visibility"], dtype=bool)
                 uv = np.asarray(data["uv"], dtype=np.float64) if "uv" in data else None
@@ -127,7 +129,9 @@ def load_bundles(path: str | os.PathLike, n_frames: int) -> Bundles:
             if uv is not None and uv.shape != vis.shape + (2,):
                 raise Ex4dError(f"uv must be (T, M, 2) = {vis.shape + (2,)}, got {uv.shape}", where=where)
         elif p.suffix.lower() == ".json":
-            points, vis, uv = bundles_from_json(json.loads(p.read_text()), n_frames, where)
+            points, vis, uv = bundles_from_json(
+                json.loads(read_bytes(p, "bundle file", limit=CAMERA_FILE_LIMIT).decode("utf-8")), n_frames, where
+            )
         else:
             raise Ex4dError("bundle files must be .json or .npz", where=where)
     except KeyError as exc:
