@@ -521,7 +521,7 @@ class EX4D_OT_farm_cancel(_SubmissionOperator, bpy.types.Operator):
     def poll(cls, context):
         if not super().poll(context):
             return False
-        if not any(_unfinished(context.scene)):
+        if not _unfinished(context.scene):
             runner.poll_message(cls, "No unfinished farm submission")
             return False
         return True

@@ -161,3 +161,27 @@ else:
         pytest.skip("openjd-model is not installed in the backend Python")
     assert res["steps"] and all(s.endswith(("-generate", "-guide")) for s in res["steps"]), res
     assert len(strips_of(sc, "generate")) == 0  # nothing was run or loaded
+
+
+@pytest.mark.slow
+def test_cancel_a_submission(scene, ops, card_clip, tmp_blend_dir, farm_prefs):  # noqa: F811
+    """Cancel right after submitting: the submission ends cancelled, its driver exits, nothing is loaded.
+    Catches a cancel that does not reach the farm (the step would run to done and load)."""
+    has_ray = backend_py("import importlib.util\nOUT = {'ray': importlib.util.find_spec('ray') is not None}")
+    if not has_ray["ray"]:
+        pytest.skip("`import ray` fails in the backend Python: install the farm extra (ex4d-backend[farm])")
+    sc = scene
+    _shot(sc, card_clip)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "cancel.blend"))
+    assert bpy.ops.ex4d.submit_farm(generator="PREVIEW") == {"FINISHED"}
+    assert bpy.ops.ex4d.farm_cancel(index=0) == {"FINISHED"}
+    assert sc.ex4d_farm.submissions[0].state == "cancelling"
+    deadline = time.monotonic() + 120
+    while sc.ex4d_farm.submissions[0].state != "cancelled":
+        assert time.monotonic() < deadline, sc.ex4d_farm.submissions[0].message
+        assert bpy.ops.ex4d.farm_refresh() == {"FINISHED"}
+        assert sc.ex4d_farm.submissions[0].state != "done"
+        time.sleep(0.5)
+    driver = addon_module("farm")._drivers.get(sc.ex4d_farm.submissions[0].sub_id)
+    assert driver is None or driver.wait(60) == 130  # `farm submit` exits 130 when cancelled
+    assert not sc.ex4d_farm.submissions[0].loaded and not strips_of(sc, "generate")
