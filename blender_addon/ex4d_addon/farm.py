@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import bpy
+from bpy.app.translations import pgettext_iface as iface_
 from bpy.props import EnumProperty, IntProperty
 
 from . import ops_jobs, outputs, props, runner
@@ -347,7 +348,23 @@ class RefreshJob(ProcessJob):
         return {"loads": loads}
 
 
+def status_bar(scene) -> None:
+    """The unfinished submissions' progress in the status bar (UI only; left alone while a job of the
+    runner shows its own progress there); cleared when none is left."""
+    if bpy.app.background or (runner.active_job() is not None and not runner.active_job().done):
+        return
+    subs = scene.ex4d_farm.submissions
+    parts = [f"{subs[i].sub_id} {subs[i].state} {int(subs[i].progress * 100)}%" for i in _unfinished(scene)]
+    text = str(iface_("EX-4D farm: {}")).format(", ".join(parts)) if parts else None
+    for window in getattr(bpy.context.window_manager, "windows", []):
+        try:
+            window.workspace.status_text_set(text)
+        except (AttributeError, ReferenceError):
+            pass
+
+
 def _finish_refresh(job: Job, result: dict):
+    status_bar(job.scene)
     texts = []
     for i, res in result["loads"]:
         item = job.scene.ex4d_farm.submissions[i]

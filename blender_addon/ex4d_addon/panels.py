@@ -159,7 +159,7 @@ class EX4D_PT_farm(bpy.types.Panel):
             name = item.sub_id or item.engine
             box.label(text=str(iface_("{}: {}")).format(name, item.state), translate=False)
             if item.engine == "ray":
-                box.prop(item, "progress", text=item.message[:60] or "Progress", slider=True, translate=False)
+                box.prop(item, "progress", text=item.message[:60] or iface_("Progress"), slider=True, translate=False)
                 row = box.row(align=True)
                 if item.state == "done":
                     row.operator(

@@ -185,3 +185,23 @@ def test_cancel_a_submission(scene, ops, card_clip, tmp_blend_dir, farm_prefs): 
     driver = addon_module("farm")._drivers.get(sc.ex4d_farm.submissions[0].sub_id)
     assert driver is None or driver.wait(60) == 130  # `farm submit` exits 130 when cancelled
     assert not sc.ex4d_farm.submissions[0].loaded and not strips_of(sc, "generate")
+
+
+def test_errors_are_one_clear_report(scene, ops, card_clip, tmp_blend_dir, farm_prefs, tmp_path):  # noqa: F811
+    """An unsaved .blend without a project folder, and footage that is gone when `farm collect` runs, each
+    give one ERROR report (kept in last_error) and record no submission. Catches a silent failure, a
+    submission recorded for a job that never reached the farm, a traceback instead of the CLI's message."""
+    sc = scene
+    _shot(sc, card_clip)
+    with pytest.raises(RuntimeError, match="not saved"):
+        bpy.ops.ex4d.submit_farm(generator="PREVIEW")
+    assert "not saved" in sc.ex4d.last_error and not sc.ex4d_farm.submissions
+    gone = tmp_path / "gone_frames"
+    gone.mkdir()
+    sc.ex4d.footage_path = str(gone)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "err.blend"))
+    gone.rmdir()
+    with pytest.raises(RuntimeError, match=r"farm collect: .*does not exist"):
+        bpy.ops.ex4d.submit_farm(generator="PREVIEW")
+    assert "does not exist" in sc.ex4d.last_error and "Traceback" not in sc.ex4d.last_error
+    assert not sc.ex4d_farm.submissions and not sc.ex4d.job_running
