@@ -424,7 +424,8 @@ def _timer() -> float | None:
         _timer_job.tick()
         return runner.TIMER_STEP
     _timer_job = None
-    for sc in bpy.data.scenes:
+    scenes: list[Any] = list(bpy.data.scenes)  # the add-on's property groups (ex4d_farm) are registered at run time
+    for sc in scenes:
         indices = _unfinished(sc)
         if indices:
             ctx = types.SimpleNamespace(scene=sc, preferences=bpy.context.preferences)
