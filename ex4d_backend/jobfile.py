@@ -297,16 +297,18 @@ def collect(
     shot: str | None = None,
     path_maps: Iterable[str] = (),
     project_root: str | None = None,
+    job_name: str | None = None,
 ) -> Path:
     """Copy a job's inputs (footage file or image-sequence folder, depth file or folder, camera file)
     into ``<project_dir>/shots/<shot>/<footage|depth|camera>/`` and write the portable job
     ``<project_dir>/jobs/<shot>.json`` (inputs relative to ``project_dir``). Inputs already inside
     ``project_dir`` stay where they are. Never overwrites: an existing file with other content is an
-    error; identical content is reused. Returns the new job file's path."""
+    error; identical content is reused. ``job_name``: the job file's name (default: the shot's), so several
+    jobs of one shot (other cameras, settings) share the shot's input copies. Returns the new job file's path."""
     loaded = load_job(job_file, path_maps=path_maps, project_root=project_root)
     project = Path(project_dir).expanduser().resolve()
     name = shot_name(shot or loaded.path.stem)
-    dest_job = project / "jobs" / f"{name}.json"
+    dest_job = project / "jobs" / f"{shot_name(job_name) if job_name else name}.json"
     sources = input_paths(loaded.params)
     for field, src in sources.items():
         if not Path(src).exists():

@@ -8,7 +8,8 @@ and does all camera maths (the add-on sends raw Blender camera values and receiv
 
 Modules: ``props`` (settings), ``backend`` (the service process), ``runner`` (the one job runner),
 ``sampling`` (camera samples), ``mesh_object`` (the DW-mesh object), ``outputs`` (result folders),
-``strips`` (VSE and camera backgrounds), ``ops_scene`` / ``ops_jobs`` (operators), ``panels`` (UI),
+``strips`` (VSE and camera backgrounds), ``ops_scene`` / ``ops_jobs`` / ``farm`` (operators; ``farm``:
+submissions to a render farm), ``panels`` (UI),
 ``data`` / ``compat`` (Blender data helpers, version differences). Registered in that order, unregistered
 in reverse.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULE_NAMES = ("props", "runner", "mesh_object", "ops_scene", "ops_jobs", "panels")
+_MODULE_NAMES = ("props", "runner", "mesh_object", "ops_scene", "ops_jobs", "farm", "panels")
 _registered: list = []
 
 

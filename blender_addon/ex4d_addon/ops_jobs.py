@@ -47,11 +47,13 @@ def _clip_frames(context) -> int:
     return min(n, s.max_frames) if s.max_frames else n
 
 
-def _camera_job(context, type_: str, params: dict, paths: list, finish, label: str, require=None) -> Job:
+def _camera_job(
+    context, type_: str, params: dict, paths: list, finish, label: str, require=None, job_cls: type[Job] = Job
+) -> Job:
     cam = sampling.novel_camera(context)
     n = _clip_frames(context)
     params["renderer"] = context.scene.ex4d_job.renderer
-    job = Job(context, type_, params, paths, finish, label=label, require=require,
+    job = job_cls(context, type_, params, paths, finish, label=label, require=require,
               prepare=sampling.camera_job_prepare(context, cam, n))  # fmt: skip
     root, warning = outputs.output_root(context)
     job.extra.update(camera_name=cam.name, n_frames=n, out_dir=root / outputs.shot_name(context), warning=warning)
@@ -81,8 +83,10 @@ def require_ex4d_generator(info: dict) -> None:
         )  # fmt: skip
 
 
-def generate_job(context, generator: str) -> Job:
-    """The (not yet started) generate job (``generator``: 'EX4D' or 'PREVIEW') of the scene's novel camera."""
+def generate_job(context, generator: str, job_cls: type[Job] | None = None, finish=None, label: str = "") -> Job:
+    """The (not yet started) generate job (``generator``: 'EX4D' or 'PREVIEW') of the scene's novel camera.
+    ``job_cls``/``finish``: another runner of the same request (``farm.SubmitJob`` writes it as a job file
+    for a farm instead of sending it to the local backend; no local GPU check then)."""
     s, js = context.scene.ex4d, context.scene.ex4d_job
     params, paths = backend.clip_params(context)
     params.update(
@@ -102,6 +106,8 @@ def generate_job(context, generator: str) -> Job:
     )
     if js.negative_prompt:
         params["negative_prompt"] = js.negative_prompt
+    if job_cls is not None:
+        return _camera_job(context, "generate", params, paths, finish, label, None, job_cls)
     require = require_ex4d_generator if generator == "EX4D" else None
     return _camera_job(context, "generate", params, paths, _finish_generate, f"Generate ({generator.lower()})", require)
 

@@ -117,14 +117,12 @@ def retime_indices(source_frames: list[int], n_clip: int) -> list[int]:
 PATH_KEYS = (("footage",), ("depth", "path"), ("camera", "file"))
 
 
-def portable_job_file(job_file: str, dest: Path) -> Path | None:
-    """Copy the backend's ``job.json`` to ``dest/job.json`` with its input paths relative to ``dest``
-    (PROTOCOL.md: relative paths in a job file are relative to its folder); None if there is none."""
-    try:
-        job = json.loads(Path(job_file).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    params = job.get("params", {})
+def write_job_file(type_: str, params: dict, dest: Path) -> Path:
+    """Write the job ``{"type", "params"}`` (a backend request without its id: what ``ex4d run`` and
+    ``ex4d farm collect`` read) to ``dest/job.json``, its input paths relative to ``dest`` (PROTOCOL.md:
+    relative paths in a job file are relative to its folder). The one writer of job files: the copy
+    beside a local result and the job a farm submission collects."""
+    params = json.loads(json.dumps(params))  # a deep copy: the caller's params keep their paths
     for keys in PATH_KEYS:
         holder = params
         for k in keys[:-1]:
@@ -134,6 +132,17 @@ def portable_job_file(job_file: str, dest: Path) -> Path | None:
                 holder[keys[-1]] = os.path.relpath(holder[keys[-1]], dest)
             except ValueError:  # another drive (Windows): keep it absolute
                 pass
+    dest.mkdir(parents=True, exist_ok=True)
     out = dest / "job.json"
-    out.write_text(json.dumps(job, indent=1), encoding="utf-8")
+    out.write_text(json.dumps({"type": type_, "params": params}, indent=1), encoding="utf-8")
     return out
+
+
+def portable_job_file(job_file: str, dest: Path) -> Path | None:
+    """Copy the backend's ``job.json`` to ``dest/job.json`` through :func:`write_job_file`; None if there
+    is none."""
+    try:
+        job = json.loads(Path(job_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return write_job_file(job.get("type", ""), job.get("params", {}), dest)

@@ -124,7 +124,54 @@ class EX4D_PT_jobs(bpy.types.Panel):
             col.operator("ex4d.cancel_job", icon="CANCEL")
 
 
-CLASSES = (EX4D_PT_main, EX4D_PT_jobs)
+class EX4D_PT_farm(bpy.types.Panel):
+    """Submit to Farm beside Generate, and the scene's last submissions (state, progress, Load / Cancel)."""
+
+    bl_label = "Farm"
+    bl_idname = "EX4D_PT_farm"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "EX-4D"
+    bl_parent_id = "EX4D_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+    SHOWN = 5  # the newest submissions listed
+
+    def draw(self, context):
+        s, farm = context.scene.ex4d, context.scene.ex4d_farm
+        layout = self.layout
+        row = layout.row(align=True)
+        row.prop(s, "generator", text="")
+        op = row.operator("ex4d.submit_farm", icon="NETWORK_DRIVE")
+        op.generator = s.generator
+        pref = props.prefs(context)
+        if pref is not None:
+            text = str(iface_("Engine: {}, project: {}")).format(
+                pref.farm_engine, pref.farm_project_dir or iface_("the .blend's folder")
+            )
+            layout.label(text=text, translate=False)
+        row = layout.row()
+        row.prop(farm, "auto_load")
+        row.operator("ex4d.farm_refresh", text="", icon="FILE_REFRESH").index = -1
+        n = len(farm.submissions)
+        for i in range(n - 1, max(-1, n - 1 - self.SHOWN), -1):
+            item = farm.submissions[i]
+            box = layout.box()
+            name = item.sub_id or item.engine
+            box.label(text=str(iface_("{}: {}")).format(name, item.state), translate=False)
+            if item.engine == "ray":
+                box.prop(item, "progress", text=item.message[:60] or iface_("Progress"), slider=True, translate=False)
+                row = box.row(align=True)
+                if item.state == "done":
+                    row.operator(
+                        "ex4d.farm_load", text="Load" if not item.loaded else "Reload", icon="SEQUENCE"
+                    ).index = i
+                elif item.state not in ("failed", "cancelled"):
+                    row.operator("ex4d.farm_cancel", text="Cancel", icon="CANCEL").index = i
+            elif item.message:
+                _lines(box, item.message, "FILE")
+
+
+CLASSES = (EX4D_PT_main, EX4D_PT_jobs, EX4D_PT_farm)
 
 
 def register() -> None:

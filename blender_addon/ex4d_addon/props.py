@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
 
 from . import compat
 
@@ -171,6 +179,38 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         soft_max=3600,
     )
     backend_info: StringProperty(name="Backend", default="")  # type: ignore[valid-type]
+    # farm submission (ex4d.submit_farm; docs/farm.md)
+    farm_project_dir: StringProperty(  # type: ignore[valid-type]
+        name="Farm Project Folder",
+        description="Where a submission collects the shot (footage, depth, job file) for the farm to read "
+        "(empty: the .blend's folder)",
+        subtype="DIR_PATH",
+        default="",
+    )
+    farm_store: StringProperty(  # type: ignore[valid-type]
+        name="Shared Store",
+        description="The job store every farm worker shares (empty: the Job Store above, else the backend's default)",
+        subtype="DIR_PATH",
+        default="",
+    )
+    farm_engine: EnumProperty(  # type: ignore[valid-type]
+        name="Farm Engine",
+        items=[
+            ("ray", "Ray", "Submit to a Ray cluster (a local one without an address)"),
+            (
+                "openjd",
+                "OpenJD (export)",
+                "Write an Open Job Description template (Deadline Cloud, openjd run); no submission",
+            ),
+        ],  # fmt: skip
+        default="ray",
+    )
+    farm_ray_address: StringProperty(  # type: ignore[valid-type]
+        name="Ray Address", description="e.g. ray://head:10001 (empty: start a local Ray cluster)", default=""
+    )
+    farm_max_retries: IntProperty(  # type: ignore[valid-type]
+        name="Max Retries", description="Retries of a farm step whose worker died", default=3, min=0, max=20
+    )
 
     def draw(self, context):
         layout = self.layout
@@ -185,6 +225,15 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         layout.prop(self, "depth_model")
         layout.prop(self, "keep_model_loaded")
         layout.operator("ex4d.check_backend", icon="CHECKMARK")
+        box = layout.box()
+        box.label(text="Farm", icon="NETWORK_DRIVE")
+        box.prop(self, "farm_engine")
+        box.prop(self, "farm_project_dir")
+        box.prop(self, "farm_store")
+        if self.farm_engine == "ray":
+            row = box.row()
+            row.prop(self, "farm_ray_address")
+            row.prop(self, "farm_max_retries")
         for line in self.backend_info.split("\n"):
             if line:
                 layout.label(text=line, translate=False)
@@ -257,6 +306,34 @@ class EX4D_SceneSettings(bpy.types.PropertyGroup):
     last_warning: StringProperty(default="")  # type: ignore[valid-type]
 
 
+class EX4D_FarmSubmission(bpy.types.PropertyGroup):
+    """One farm submission of this scene (``scene.ex4d_farm.submissions``), saved in the .blend."""
+
+    sub_id: StringProperty(name="Submission")  # type: ignore[valid-type]
+    engine: StringProperty(name="Engine")  # type: ignore[valid-type]
+    store: StringProperty(name="Store", subtype="DIR_PATH")  # type: ignore[valid-type]
+    job_file: StringProperty(name="Job File", subtype="FILE_PATH")  # type: ignore[valid-type]
+    result_dir: StringProperty(name="Result Folder", subtype="DIR_PATH")  # type: ignore[valid-type]
+    out_dir: StringProperty(name="Output Folder", subtype="DIR_PATH", options=REL)  # type: ignore[valid-type]
+    camera_name: StringProperty(name="Camera")  # type: ignore[valid-type]
+    generator: StringProperty(name="Generator")  # type: ignore[valid-type]
+    n_frames: IntProperty(name="Frames")  # type: ignore[valid-type]
+    state: StringProperty(name="State", default="submitted")  # type: ignore[valid-type]
+    progress: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")  # type: ignore[valid-type]
+    message: StringProperty(name="Message")  # type: ignore[valid-type]
+    loaded: BoolProperty(name="Loaded", default=False)  # type: ignore[valid-type]
+    strip_name: StringProperty(name="Strip")  # type: ignore[valid-type]
+
+
+class EX4D_FarmSettings(bpy.types.PropertyGroup):
+    """``scene.ex4d_farm``: this scene's farm submissions, newest last."""
+
+    submissions: CollectionProperty(type=EX4D_FarmSubmission)  # type: ignore[valid-type]
+    auto_load: BoolProperty(  # type: ignore[valid-type]
+        name="Load When Done", description="Load a finished submission into the sequencer on refresh", default=True
+    )
+
+
 class EX4D_JobSettings(bpy.types.PropertyGroup):
     """Job settings beyond ``scene.ex4d`` (``scene.ex4d_job``)."""
 
@@ -302,7 +379,7 @@ class EX4D_JobSettings(bpy.types.PropertyGroup):
     )
 
 
-CLASSES = (EX4D_AddonPreferences, EX4D_SceneSettings, EX4D_JobSettings)
+CLASSES = (EX4D_AddonPreferences, EX4D_SceneSettings, EX4D_FarmSubmission, EX4D_FarmSettings, EX4D_JobSettings)
 
 
 def register() -> None:
@@ -310,6 +387,7 @@ def register() -> None:
     scene_type: Any = bpy.types.Scene
     scene_type.ex4d = PointerProperty(type=EX4D_SceneSettings)
     scene_type.ex4d_job = PointerProperty(type=EX4D_JobSettings)
+    scene_type.ex4d_farm = PointerProperty(type=EX4D_FarmSettings)
     pref = prefs()
     if pref is not None:  # what the preferences show (found once here, not in draw)
         _backend_python_changed(pref, None)
@@ -317,6 +395,7 @@ def register() -> None:
 
 def unregister() -> None:
     scene_type: Any = bpy.types.Scene
+    del scene_type.ex4d_farm
     del scene_type.ex4d_job
     del scene_type.ex4d
     unregister_classes(CLASSES)

@@ -60,7 +60,10 @@ def active_job() -> Job | None:
 
 
 class Job:
-    """One backend request followed to its end (see the module docstring)."""
+    """One backend request followed to its end (see the module docstring). A subclass with
+    ``uses_backend = False`` runs something else in its running phase (``farm.ProcessJob``: CLI processes)."""
+
+    uses_backend = True
 
     def __init__(
         self,
@@ -110,7 +113,7 @@ class Job:
         """Take the scene's progress fields (exclusive jobs) and begin; raises BackendError before that
         when the backend cannot be started."""
         global _active_job
-        self.client = backend.get_client(context, self.paths)
+        self.client = backend.get_client(context, self.paths) if self.uses_backend else None
         self.started_at = time.monotonic()
         self.state = "preparing" if self.prepare is not None else "running"
         if self.exclusive:
@@ -251,8 +254,12 @@ class Job:
         if req.error is not None:
             self._request_failed(req.error)
             return
+        self._use_result(req.result or {})
+
+    def _use_result(self, result: dict) -> None:
+        """Hand the request's result to ``finish`` (a text, or a generator run one slice per tick)."""
         try:
-            out = self.finish_fn(self, req.result or {})
+            out = self.finish_fn(self, result)
         except Exception as exc:  # noqa: BLE001 - an add-on bug must still end the job cleanly
             self._finish_error(exc)
             return

@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("job", metavar="JOB.json")
     k.add_argument("project", metavar="PROJECT_DIR")
     k.add_argument("--shot", help="shot name (default: the job file's name)")
+    k.add_argument("--job-name", help="name of the written job file (default: the shot name)")
     _common(k, store=False)
     k.set_defaults(func=collect)
     p.set_defaults(func=lambda a: p.print_help() or 1)
@@ -166,7 +167,8 @@ def collect(args: argparse.Namespace) -> int:
     from ..jobfile import collect as do_collect
 
     path = do_collect(
-        args.job, args.project, shot=args.shot, path_maps=args.path_map, project_root=args.project_root
+        args.job, args.project, shot=args.shot, path_maps=args.path_map, project_root=args.project_root,
+        job_name=args.job_name,
     )  # fmt: skip
     print(json.dumps({"job_file": str(path)}))
     return 0
