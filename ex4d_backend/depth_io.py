@@ -41,7 +41,10 @@ def _check_npy_header(fh, available: int, where: str) -> None:
     start = fh.tell()
     try:
         version = np.lib.format.read_magic(fh)
-        shape, _, dtype = np.lib.format._read_array_header(fh, version, max_header_size=10000)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:  # 3.0 (utf-8 field names) has no public reader; numpy writes 1.0/2.0
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        shape, _, dtype = readers[version](fh, max_header_size=10000)  # public API (numpy 1.26 .. 2.x)
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         raise Ex4dError(f"cannot read the depth file: {exc}", where=where, hint="the file is corrupt") from None
     header = fh.tell() - start

@@ -445,7 +445,7 @@ def preallocated_npy(path: Path, dtype, shape: tuple[int, ...]):
     dtype = np.dtype(dtype)
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
     with open(path, "wb") as fh:
-        np.lib.format._write_array_header(fh, header)
+        np.lib.format.write_array_header_1_0(fh, header)  # public API (numpy 1.26 .. 2.x)
         offset = fh.tell()
         size = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         fh.flush()
