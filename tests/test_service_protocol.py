@@ -179,8 +179,8 @@ CASES = {
     ),
     "deep_nesting": (
         lambda c, o: '{"id": "h6", "type": "hello", "params": ' + "[" * 100000 + "]" * 100000 + "}",
-        None,
-        "bad_json",
+        "h6",  # refused before parsing (protocol.MAX_DEPTH), the id kept (issue 17 item 7)
+        "invalid_request",
         None,
     ),
     "nan_in_camera": (

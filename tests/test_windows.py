@@ -335,7 +335,7 @@ def test_window_keys_follow_the_previous_output(tmp_path):
     again; a window file corrupted behind its meta's back is generated again. Fails if the key
     misses the chained frames or a reused result is not verified."""
     from ex4d_backend.generation.windows import WINDOW_STAGE, array_hash
-    from ex4d_backend.service.jobstore import JobStore, write_json
+    from ex4d_backend.service.jobstore import JobStore
 
     c, m, _, _ = write_guide(tmp_path / "g", 15)
     s = ShotSettings(window=9, overlap=3, size="64x64")
@@ -344,10 +344,9 @@ def test_window_keys_follow_the_previous_output(tmp_path):
     d0 = store.stage_dir(WINDOW_STAGE, first.windows[0]["key"])
     frames = np.load(d0 / "frames.npy")
     other = (255 - frames).astype(np.uint8)
-    np.save(d0 / "frames.npy", other)
-    write_json(
-        d0 / "meta.json", {**store.stage_meta(WINDOW_STAGE, first.windows[0]["key"]), "sha256": array_hash(other)}
-    )
+    meta = {k: v for k, v in store.stage_meta(WINDOW_STAGE, first.windows[0]["key"]).items() if k != "files"}
+    with store.write_stage(WINDOW_STAGE, first.windows[0]["key"], {**meta, "sha256": array_hash(other)}) as tmp:
+        np.save(tmp / "frames.npy", other)  # a valid entry (store manifest and window hash) with other frames
     again = generate_shot(SeedTinted(), c, m, s, ShotOutputs(frames=tmp_path / "b"), store=store)
     assert [w["cached"] for w in again.windows] == [True, False]
     assert again.windows[1]["key"] != first.windows[1]["key"]
