@@ -108,6 +108,22 @@ def model_folder(spec: ModelSpec, root: str | os.PathLike | None = None) -> Path
     return models_dir(root) / spec.repo_id
 
 
+def weights_fingerprint(names: list[str], models_dir: str | os.PathLike | None = None) -> list:
+    """[repo, file, size, mtime_ns] of every weight file of the models ``names`` and what they require
+    (files absent are left out). Part of cache keys, so replacing weights never reuses old results."""
+    out = []
+    for name in names:
+        for spec in with_requirements(name):
+            folder = model_folder(spec, models_dir)
+            for f in spec.files:
+                try:
+                    st = (folder / f.path).stat()
+                except OSError:
+                    continue
+                out.append([spec.repo_id, f.path, st.st_size, st.st_mtime_ns])
+    return out
+
+
 def missing_files(spec: ModelSpec, root: str | os.PathLike | None = None) -> list[str]:
     folder = model_folder(spec, root)
     return [f.path for f in spec.files if not (folder / f.path).is_file()]

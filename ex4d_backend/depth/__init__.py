@@ -287,18 +287,7 @@ def model_fingerprint(model: str, models_dir: str | os.PathLike | None = None) -
     from .. import modelstore
 
     name = canonical_model(model)
-    if name == "file":
-        return []
-    out = []
-    for spec in modelstore.with_requirements(name):
-        folder = modelstore.model_folder(spec, models_dir)
-        for f in spec.files:
-            try:
-                st = (folder / f.path).stat()
-            except OSError:
-                continue
-            out.append([spec.repo_id, f.path, st.st_size, st.st_mtime_ns])
-    return out
+    return [] if name == "file" else modelstore.weights_fingerprint([name], models_dir)
 
 
 def cache_key(

@@ -70,17 +70,7 @@ def weights_fingerprint(models_dir=None) -> list:
     from .. import modelstore
     from . import specs
 
-    out = []
-    for name in (specs.WAN_NAME, specs.EX4D_NAME):
-        for spec in modelstore.with_requirements(name):
-            folder = modelstore.model_folder(spec, models_dir)
-            for f in spec.files:
-                try:
-                    st = (folder / f.path).stat()
-                except OSError:
-                    continue
-                out.append([spec.repo_id, f.path, st.st_size, st.st_mtime_ns])
-    return out
+    return modelstore.weights_fingerprint([specs.WAN_NAME, specs.EX4D_NAME], models_dir)
 
 
 def run(args: argparse.Namespace) -> int:
