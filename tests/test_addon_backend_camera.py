@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ex4d_backend import cameras
-from ex4d_backend.service import jobs, protocol
+from ex4d_backend.service import info, protocol
 
 
 def test_per_frame_shift_reaches_each_frames_intrinsics() -> None:
@@ -41,7 +41,7 @@ def test_protocol_accepts_a_shift_per_frame_and_refuses_junk() -> None:
 
 def test_source_camera_as_blender_values() -> None:
     k = cameras.reference_intrinsics(64, 48, 50.0)
-    cam = jobs.blender_source_camera(k, 64, 48)
+    cam = info.blender_source_camera(k, 64, 48)
     mw = np.array(cam["matrix_world"])
     np.testing.assert_allclose(mw[:3, 3], 0.0, atol=1e-12)
     np.testing.assert_allclose(-mw[:3, 2], [0.0, 1.0, 0.0], atol=1e-12)  # looks along +Y

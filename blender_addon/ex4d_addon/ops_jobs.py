@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import bpy
-import numpy as np
 from bpy.props import BoolProperty, EnumProperty
 
 from . import backend, data, outputs, props, runner, sampling, strips
@@ -117,13 +115,11 @@ def _pref(context, name: str, default: str) -> str:
     return getattr(pref, name, default) if pref is not None else default
 
 
-def masked_share(mask_npy: Path, n: int) -> float:
-    """The share of guide pixels the source never saw (mask 0), over the first ``n`` frames."""
-    try:
-        mask = np.load(mask_npy, mmap_mode="r")[:n]
-    except (OSError, ValueError):
-        return 0.0
-    return float((np.asarray(mask) == 0).mean()) if mask.size else 0.0
+def masked_share(per_frame: list, n: int) -> float:
+    """The share of guide pixels the source never saw (mask 0) over the first ``n`` frames, from the
+    backend's per-frame shares (``render_guide``'s ``masked_share``)."""
+    shares = [float(v) for v in per_frame[:n]]
+    return sum(shares) / len(shares) if shares else 0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +148,7 @@ def _finish_guide(job: Job, result: dict):
     s.guide_color_dir = outputs.rel(dest / "color")
     s.guide_mask_dir = outputs.rel(dest / "mask")
     s.camera_hash = result["camera_hash"]
-    share = masked_share(Path(result["color_dir"]).parent / "mask.npy", n)
+    share = masked_share(result.get("masked_share", []), n)
     text = f"EX-4D: guide of '{x['camera_name']}' ({n} frames, {share:.0%} unseen) in {job.seconds()} -> {dest}"
     notes = [x["warning"]] if x["warning"] else []
     if share > MASKED_WARNING:

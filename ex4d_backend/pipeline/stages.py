@@ -427,6 +427,7 @@ def guide_stage(
             "use_dwmesh": bool(render.use_dwmesh),
             "frame0_is_source": guide.frame0_is_source,
             "depth_scale_fit": {} if source is None else source.fit,
+            "masked_share": [round(float(v), 6) for v in (guide.mask == 0).mean(axis=(1, 2))],  # unseen, per frame
             "n_frames": t,
             "width": w,
             "height": h,

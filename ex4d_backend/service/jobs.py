@@ -140,6 +140,7 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
         "camera": guide.meta["camera"],
         "frame0_is_source": guide.meta.get("frame0_is_source", True),
         "depth_scale_fit": guide.meta.get("depth_scale_fit", {}),
+        "masked_share": guide.meta.get("masked_share", []),
         **_clip_result(clip),
     }
 
