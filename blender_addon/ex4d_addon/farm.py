@@ -469,12 +469,12 @@ class EX4D_OT_submit_farm(ops_jobs._CameraJobOperator, bpy.types.Operator):
 
     generator: EnumProperty(  # type: ignore[valid-type]
         name="Generator",
-        items=[("EX4D", "EX-4D", "Wan2.1 + EX-4D (GPU)"), ("PREVIEW", "Preview", "Inpainting preview, no model (CPU)")],
+        items=ops_jobs.GENERATOR_ITEMS,
         default="EX4D",
     )
 
     def make_job(self, context) -> Job:
-        generator = self.generator if self.properties.is_property_set("generator") else context.scene.ex4d.generator
+        generator = ops_jobs.chosen_generator(self, context)
         cli, farm = backend_cli(context), farm_settings(context)
         job = ops_jobs.generate_job(context, generator, job_cls=SubmitJob, finish=_finish_submit, label="Farm submit")
         job.stages = ["camera", "collect", "submit"]

@@ -312,6 +312,17 @@ class EX4D_OT_render_guide(_CameraJobOperator, bpy.types.Operator):
         return guide_job(context)
 
 
+GENERATOR_ITEMS = [
+    ("EX4D", "EX-4D", "Wan2.1 + EX-4D (GPU)"),
+    ("PREVIEW", "Preview", "Inpainting preview, no model (CPU)"),
+]
+
+
+def chosen_generator(op, context) -> str:
+    """The operator's ``generator`` when the caller set it, else the scene's choice."""
+    return op.generator if op.properties.is_property_set("generator") else context.scene.ex4d.generator
+
+
 class EX4D_OT_generate(_CameraJobOperator, bpy.types.Operator):
     """Depth (if needed), guide and generation as one backend job; the frames land as a PNG sequence
     next to the .blend and as an image strip in the sequencer"""
@@ -322,12 +333,12 @@ class EX4D_OT_generate(_CameraJobOperator, bpy.types.Operator):
 
     generator: EnumProperty(  # type: ignore[valid-type]
         name="Generator",
-        items=[("EX4D", "EX-4D", "Wan2.1 + EX-4D (GPU)"), ("PREVIEW", "Preview", "Inpainting preview, no model (CPU)")],
+        items=GENERATOR_ITEMS,
         default="EX4D",
     )
 
     def make_job(self, context) -> Job:
-        generator = self.generator if self.properties.is_property_set("generator") else context.scene.ex4d.generator
+        generator = chosen_generator(self, context)
         return generate_job(context, generator)
 
 
