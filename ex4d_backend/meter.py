@@ -32,7 +32,7 @@ import torch
 from . import raster_cpu
 from .cameras import CameraPath
 from .dwmesh import ANGLE_THRESHOLD_DEG, BORDER_DEPTH, _min_angle_below, face_invalid, grid_faces, vertex_invalid
-from .render import MASK_THRESHOLD, clip_positions
+from .render import MASK_THRESHOLD, clip_positions, guide_masked_share  # noqa: F401 (re-exported)
 
 TARGET_SIDE = 170  # the meter's long side in pixels (512 px footage: every 3rd pixel)
 
@@ -199,8 +199,3 @@ def masked_share(
         if guide_starts_at_source(camera, source, k0):
             share[0] = 0.0
     return share
-
-
-def guide_masked_share(mask: np.ndarray) -> np.ndarray:
-    """(T,) the masked share of a full guide's mask frames (T, H, W) uint8 {0, 255}."""
-    return (np.asarray(mask) == 0).reshape(len(mask), -1).mean(1)

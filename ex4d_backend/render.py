@@ -20,6 +20,13 @@ from .dwmesh import DWMesh
 from .errors import DEVICE, Ex4dError
 
 MASK_THRESHOLD = 125  # alpha (0..255) above which a rendered pixel counts as seen
+
+
+def guide_masked_share(mask: np.ndarray) -> np.ndarray:
+    """(T,) the masked (unseen) share of a full guide's mask frames (T, H, W) uint8 {0, 255}."""
+    return (np.asarray(mask) == 0).reshape(len(mask), -1).mean(1)
+
+
 RENDERERS = ("auto", "cuda", "cpu")
 
 

@@ -393,7 +393,7 @@ def guide_stage(
     """Frames + depth + K + camera (+ a moving source: its path and the depth scales) -> the guide
     (``pipeline.guide.render_guide``), stored as ``color/``, ``mask/`` (PNG frames, exact), ``color.mp4``,
     ``mask.mp4`` and ``camera.npz``; the meta says whether frame 0 is the source frame."""
-    from ..render import resolve_renderer
+    from ..render import guide_masked_share, resolve_renderer
     from .guide import render_guide
 
     backend = resolve_renderer(render.renderer)
@@ -427,7 +427,7 @@ def guide_stage(
             "use_dwmesh": bool(render.use_dwmesh),
             "frame0_is_source": guide.frame0_is_source,
             "depth_scale_fit": {} if source is None else source.fit,
-            "masked_share": [round(float(v), 6) for v in (guide.mask == 0).mean(axis=(1, 2))],  # unseen, per frame
+            "masked_share": [round(float(v), 6) for v in guide_masked_share(guide.mask)],  # unseen, per frame
             "n_frames": t,
             "width": w,
             "height": h,
