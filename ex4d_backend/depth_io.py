@@ -1,7 +1,7 @@
 """Depth input from files: depth or disparity videos, validated and resampled to the footage.
 
 Accepted: ``.npy`` / ``.npz`` arrays of shape (T, H, W) (npz key ``depth``, ``disparity`` or the only
-array), or a folder of per-frame EXR (float, first of Z/depth/Y/R channels) or 16-bit PNG files.
+array), or a folder of per-frame EXR (float: the Z pass, ``read_exr_depth``; else Y/R) or 16-bit PNG files.
 ``kind="depth"``: values are distances along the optical axis (z), in scene units, multiplied by
 ``scale`` (e.g. 0.001 for millimetre PNGs). ``kind="disparity"``: any affine-invariant disparity (like
 DepthCrafter's output); it is min-max normalised over the clip and mapped to depth exactly like the
@@ -102,7 +102,7 @@ def _read_frame_folder(folder: Path) -> np.ndarray:
     import cv2
 
     from . import safe_io
-    from .footage import _natural_key, decode_image, read_exr
+    from .footage import _natural_key, decode_image
 
     folder = safe_io.check_folder(folder, "depth folder")
 
@@ -115,8 +115,7 @@ def _read_frame_folder(folder: Path) -> np.ndarray:
     frames = []
     for f in files:
         if f.suffix.lower() == ".exr":
-            arr = read_exr(f)
-            arr = arr if arr.ndim == 2 else arr[..., 0]
+            arr = read_exr_depth(f)  # the Z pass, also in an RGBA(Z) render
         else:
             arr = decode_image(f, cv2.IMREAD_UNCHANGED)
             if arr is None:
@@ -245,3 +244,65 @@ def load_depth(
     if not (np.isfinite(scale) and scale > 0):
         raise Ex4dError(f"depth scale must be positive, got {scale}", where="--depth-scale")
     return np.clip(arr * np.float32(scale), DEPTH_MIN, DEPTH_MAX).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# EXR Z passes (a CG plate's render, another depth tool): the Z channel even where RGBA is present
+# ----------------------------------------------------------------------------------------------
+def exr_depth_channel(names) -> str | None:
+    """The Z pass among an EXR's channel names: ``Z``, then a layer's ``*.Z`` (Blender's multilayer
+    ``ViewLayer.Depth.Z``), then ``depth`` / ``*.depth.V`` / ``*.Depth.V``; None if there is none."""
+    names = list(names)
+    for pick in (
+        lambda n: n == "Z",
+        lambda n: n.endswith(".Z"),
+        lambda n: n.lower() in ("depth", "depth.v", "depth.z") or n.lower().endswith((".depth.v", ".depth")),
+    ):
+        hits = sorted(n for n in names if pick(n))
+        if hits:
+            return hits[0]
+    return None
+
+
+def read_exr_depth(path: Path) -> np.ndarray:
+    """(H, W) float32 of one EXR depth frame: its Z pass (``exr_depth_channel``) if it has one, else the single
+    channel ``footage.read_exr`` picks (Y, R, ...). Z is the distance along the optical axis, as Blender's
+    Z pass; Blender writes 1e10 where nothing was hit, which the reference range clips to 1e4 (``far``
+    clips it nearer: ``depth_adjust``)."""
+    import tempfile
+
+    import OpenEXR
+
+    from . import safe_io
+    from .footage import _Sizer, read_exr
+
+    def read(name: str):
+        with OpenEXR.File(name, header_only=True) as f:
+            header = f.header()
+        box = header.get("dataWindow")
+        if box is not None:
+            (x0, y0), (x1, y1) = np.asarray(box[0]).tolist(), np.asarray(box[1]).tolist()
+            _Sizer(None, str(path)).check_source(x1 - x0 + 1, y1 - y0 + 1)
+        with OpenEXR.File(name, separate_channels=True) as f:
+            channels = f.channels()
+            pick = exr_depth_channel(channels)
+            return None if pick is None else np.asarray(channels[pick].pixels, dtype=np.float32)
+
+    try:
+        if safe_io.current_roots() is None:
+            with safe_io.open_regular(path, "EXR file"):  # a regular file (a FIFO would block OpenEXR)
+                pass
+            z = read(str(path))
+        else:
+            with tempfile.NamedTemporaryFile(suffix=".exr") as tmp:
+                tmp.write(safe_io.read_bytes(path, "EXR file"))
+                tmp.flush()
+                z = read(tmp.name)
+    except Ex4dError:
+        raise
+    except Exception as exc:  # OpenEXR raises plain exceptions for corrupt files
+        raise Ex4dError(f"cannot read the EXR file: {exc}", where=str(path), hint="the file is corrupt") from None
+    if z is None:
+        z = read_exr(path)
+        z = z if z.ndim == 2 else z[..., 0]
+    return z

@@ -39,7 +39,7 @@ class FrameSettings(_FromParams):
 @dataclass(frozen=True)
 class DepthSettings(_FromParams):
     """frames -> depth: ``model`` "file" (``path``, ``kind``, ``repair``, ``scale``) or a depth model
-    (``options``), run on ``device``."""
+    (``options``), run on ``device``; then ``adjust`` (``depth_adjust``: ``clip(scale * d + offset, near, far)``)."""
 
     model: str = "file"
     path: str | None = None
@@ -48,6 +48,7 @@ class DepthSettings(_FromParams):
     scale: float = 1.0
     device: str = C.DEVICE
     options: dict = field(default_factory=dict)
+    adjust: dict = field(default_factory=dict)  # scale, offset, near, far (``depth_adjust``), any model
 
 
 @dataclass(frozen=True)

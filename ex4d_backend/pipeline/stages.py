@@ -34,6 +34,7 @@ from ..service.jobstore import JobStore, make_key, preallocated_npy
 from ..service.resident import ResidentGenerator, free_memory
 from . import housekeeping
 from .camera import camera_hash, resolve_camera
+from .depth_adjust import adjusted
 from .guide_files import GUIDE_FILES, read_png_folder, write_guide_files  # noqa: F401 (re-exported)
 from .settings import (
     DepthSettings,
@@ -239,7 +240,7 @@ def depth_stage(ctx: Context, clip: Clip, s: DepthSettings) -> Depth:
             ctx.progress("depth", 1, 1, "done")
     _reused(ctx, "depth", key, cached)
     d = ctx.store.stage_dir("depth", key)
-    return Depth(key, d, np.load(d / "depth.npy", mmap_mode="r"), meta)
+    return adjusted(ctx, Depth(key, d, np.load(d / "depth.npy", mmap_mode="r"), meta), s.adjust)  # scale/offset/clip
 
 
 # ----------------------------------------------------------------------------------------------

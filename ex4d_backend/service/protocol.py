@@ -96,6 +96,17 @@ CLIP = {
     "max_side": {"type": "integer", "minimum": 16, "maximum": 2048},  # = footage.MAX_PROCESSING_SIDE
     "fps": {"anyOf": [{"type": "null"}, {"type": "number", "exclusiveMinimum": 0, "maximum": 1000}]},
 }
+_OPT_POS = {"anyOf": [{"type": "null"}, _POS]}
+DEPTH_ADJUST = {
+    "type": "object",
+    "properties": {
+        "scale": _POS,
+        "offset": {"type": "number", "minimum": -1e4, "maximum": 1e4},
+        "near": _OPT_POS,
+        "far": _OPT_POS,
+    },
+    "additionalProperties": False,
+}
 DEPTH = {
     "type": "object",
     "properties": {
@@ -106,6 +117,7 @@ DEPTH = {
         "scale": _POS,
         "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
         "options": {"type": "object", "maxProperties": 32},
+        "adjust": DEPTH_ADJUST,  # depth' = clip(scale * depth + offset, near, far) (ex4d_backend.depth_adjust)
     },
     "required": ["model"],
     "additionalProperties": False,

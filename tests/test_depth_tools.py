@@ -1,0 +1,106 @@
+"""Depth tools through a real ``ex4d serve``: the depth adjustments (scale, offset, near/far clip) and an
+EXR Z pass folder as the depth source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import service_fixtures as sf
+
+from ex4d_backend import depth_adjust, depth_io
+from ex4d_backend.errors import Ex4dError
+from ex4d_backend.service.pointcache import read_pc2
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("depthtools")
+    clip = sf.make_clip(root / "data", width=32, height=24, n_frames=3)
+    client = sf.start_client(root / "store", [clip.root])
+    yield clip, client
+    client.close()
+
+
+def _unprojected(depth: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """(T, H*W, 3): every pixel (u, v) times its depth along its ray K^-1 [u, v, 1]; the outer ring at the
+    reference's border depth 100 (set after the adjustment)."""
+    t, h, w = depth.shape
+    d = depth.astype(np.float64).copy()
+    d[:, [0, -1], :] = 100.0
+    d[:, :, [0, -1]] = 100.0
+    v, u = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    return np.stack([(u - k[0, 2]) / k[0, 0] * d, (v - k[1, 2]) / k[1, 1] * d, d], -1).reshape(t, h * w, 3)
+
+
+def test_adjusted_depth_moves_every_vertex_along_its_ray(env):
+    """The DW-mesh of an adjusted depth is clip(scale * d + offset, near, far) * ray, the formula written
+    here. Fails if the adjustment is skipped, applied after meshing, in the wrong order (offset before
+    scale), or if the clip is missing; the cache keys (depth and mesh folders) change with the adjustment
+    and the same adjustment again is reused."""
+    clip, client = env
+    near, far = 4.5, 8.0  # the scene spans 2.65 .. 6, adjusted 3.7 .. 8.75
+    adjust = {"scale": 1.5, "offset": -0.25, "near": near, "far": far}
+    raw = sf.run(client, "build_dwmesh", clip.params())[0].raise_for_error()
+    r = sf.run(client, "build_dwmesh", clip.params(depth={"model": "file", "path": str(clip.depth_path), "adjust": adjust}))[0].raise_for_error()  # fmt: skip
+    want_depth = np.clip(1.5 * clip.depth.astype(np.float64) - 0.25, near, far)
+    assert (want_depth == near).any() and (want_depth == far).any()  # both clips act in this scene
+    np.testing.assert_allclose(np.load(r["depth_npy"]), want_depth, rtol=1e-6)
+    pos, _, _ = read_pc2(Path(r["positions_pc2"]))
+    np.testing.assert_allclose(pos, _unprojected(want_depth, clip.k), rtol=1e-5, atol=1e-4)
+    # the cache keys hold the adjustment: new depth and mesh entries; the raw depth entry is kept
+    assert r["depth_npy"] != raw["depth_npy"] and r["positions_pc2"] != raw["positions_pc2"]
+    np.testing.assert_allclose(np.load(raw["depth_npy"]), clip.depth, rtol=1e-6)
+    other = sf.run(client, "build_dwmesh", clip.params(depth={"model": "file", "path": str(clip.depth_path), "adjust": {**adjust, "far": 7.0}}))[0].raise_for_error()  # fmt: skip
+    assert other["positions_pc2"] != r["positions_pc2"]
+    again = sf.run(client, "build_dwmesh", clip.params(depth={"model": "file", "path": str(clip.depth_path), "adjust": adjust}))[0].raise_for_error()  # fmt: skip
+    assert again["positions_pc2"] == r["positions_pc2"] and all(again["cached"].values())
+
+
+def test_bad_adjustment_is_one_clear_error(env):
+    """near >= far and a non-positive scale are refused (the schema or the check), nothing is built."""
+    clip, client = env
+    for adjust in ({"near": 3.0, "far": 2.0}, {"scale": 0}, {"scale": 1, "bogus": 1}):
+        req, _ = sf.run(client, "build_dwmesh", clip.params(depth={"model": "file", "path": str(clip.depth_path), "adjust": adjust}))  # fmt: skip
+        assert req.error is not None, adjust
+
+
+def write_exr(path: Path, channels: dict[str, np.ndarray]) -> None:
+    import OpenEXR
+
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    with OpenEXR.File(header, {k: np.ascontiguousarray(v, np.float32) for k, v in channels.items()}) as f:
+        f.write(str(path))
+
+
+@pytest.mark.parametrize("layout", ["Z", "RGBA+Z", "ViewLayer.Depth.Z"])
+def test_exr_z_folder_is_the_depth(env, layout):
+    """A folder of EXR frames holding a Z pass (alone, next to RGBA as a render writes it, or in Blender's
+    multilayer naming) as the depth source gives exactly the depth written into it. Fails if the reader
+    takes R of an RGBA render as depth, or ignores layer-named Z channels."""
+    clip, client = env
+    folder = clip.root / f"z_{layout.replace('+', '_').replace('.', '_')}"
+    folder.mkdir(exist_ok=True)
+    for i, z in enumerate(clip.depth):
+        ch = {"ViewLayer.Depth.Z": z} if layout.startswith("ViewLayer") else {"Z": z}
+        if layout == "RGBA+Z":
+            ch = {"R": z * 0 + 7, "G": z * 0, "B": z * 0, "A": z * 0 + 1, **ch}
+        write_exr(folder / f"depth_{i:04d}.exr", ch)
+    params = {"footage": str(clip.footage), "depth": {"model": "file", "path": str(folder)}}
+    r = sf.run(client, "estimate_depth", params)[0].raise_for_error()
+    np.testing.assert_array_equal(np.load(r["depth_npy"]), clip.depth.astype(np.float32))
+
+
+def test_adjust_depth_formula_and_checks():
+    """The pure core: the formula, the reference's floor for a negative result, and its refusals."""
+    d = np.array([[[0.5, 1.0, 4.0]]], np.float32)
+    np.testing.assert_allclose(depth_adjust.adjust_depth(d, {"scale": 2, "offset": -2}), [[[1e-4, 1e-4, 6.0]]], rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(depth_adjust.adjust_depth(d, {"near": 0.8, "far": 2}), [[[0.8, 1.0, 2.0]]], rtol=1e-6)
+    assert depth_adjust.is_identity({}) and not depth_adjust.is_identity({"offset": 0.1})
+    for bad in ({"scale": -1}, {"near": 0}, {"near": 2, "far": 1}, {"offset": float("nan")}, {"x": 1}):
+        with pytest.raises(Ex4dError):
+            depth_adjust.normalized(bad)
+    assert depth_io.exr_depth_channel(["R", "G", "B", "A", "Z"]) == "Z"
+    assert depth_io.exr_depth_channel(["ViewLayer.Combined.R", "ViewLayer.Depth.Z"]) == "ViewLayer.Depth.Z"
+    assert depth_io.exr_depth_channel(["R", "G", "B"]) is None
