@@ -18,7 +18,17 @@ from __future__ import annotations
 
 import importlib
 
-_MODULE_NAMES = ("props", "runner", "mesh_object", "ops_scene", "ops_jobs", "farm", "panels")
+_MODULE_NAMES = (
+    "props",
+    "runner",
+    "mesh_object",
+    "ops_scene",
+    "ops_jobs",
+    "farm",
+    "panels",
+    "depth_tools",
+    "history_ui",
+)
 _registered: list = []
 
 

@@ -183,6 +183,10 @@ def clip_params(context) -> tuple[dict, list[str]]:
             "model": pref.depth_model if pref else "depthcrafter",
             "device": pref.device if pref else "auto",
         }
+    from .depth_tools import adjust_params
+
+    if adjust_params(context.scene):  # the depth tools' scale/offset/clip, applied by the backend
+        params["depth"]["adjust"] = adjust_params(context.scene)
     return params, paths
 
 

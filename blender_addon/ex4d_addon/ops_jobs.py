@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from types import SimpleNamespace
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty
 
-from . import backend, data, outputs, props, runner, sampling, strips
+from . import backend, data, history, history_ui, outputs, props, runner, sampling, strips
 from .backend_client import BackendError
 from .runner import Job
 
@@ -203,6 +204,7 @@ def _finish_generate(job: Job, result: dict):
         "footage": scene.ex4d.footage_path,
         "frames_dir": outputs.rel(dest),
     }
+    history.record_version(dest, meta, scene, job.client.python if job.client is not None else None)  # sidecar
     (dest / "settings.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     yield
     strip = strips.add_image_strip(scene, f"EX4D {dest.name}", files, scene.frame_start, meta)
@@ -214,6 +216,7 @@ def _finish_generate(job: Job, result: dict):
         job.report_level = "WARNING"
         text += f" -- {x['warning']}"
     scene.ex4d.last_warning = x["warning"]
+    history_ui.after_generate(SimpleNamespace(scene=scene))  # the Shot History list shows the new version
     return text
 
 

@@ -16,7 +16,7 @@ from bpy.app.translations import pgettext_tip as tip_
 from bpy.props import EnumProperty, FloatProperty, StringProperty
 from mathutils import Matrix
 
-from . import backend, data, mesh_object, props, runner
+from . import backend, data, depth_tools, mesh_object, props, runner
 from .backend_client import BackendError
 from .outputs import rel
 
@@ -210,6 +210,7 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
             src = apply_source_camera(scene, result["source_camera"])
             src.data.clip_end = max(src.data.clip_end, 2.0 * float(obj.get("ex4d_extent", 0.0)))
         s.built_focal_px, s.mesh_stale = focal, False
+        depth_tools.record_build(scene, params)  # the stale flag compares the scene's params with these
         notes = ""
         if not scene.render.use_lock_interface:  # the occlusion handler edits the mesh during renders
             scene.render.use_lock_interface = True

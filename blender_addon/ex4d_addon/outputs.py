@@ -59,7 +59,8 @@ def shot_name(context) -> str:
 
 def version_dir(shot_dir: Path, prefix: str, job_key: str) -> tuple[Path, bool]:
     """(folder, existing) for a result: the existing version made by the same backend job (identical
-    settings: reused, nothing duplicated), else the next free ``<prefix>_v<NNN>``."""
+    settings: reused, nothing duplicated), else the next free ``<prefix>_v<NNN>``, created empty here
+    (``os.mkdir`` of the next number in a loop: two writers never get the same folder)."""
     versions = sorted(shot_dir.glob(f"{prefix}_v" + "[0-9]" * VERSION_DIGITS)) if shot_dir.is_dir() else []
     for v in versions:
         try:
@@ -69,11 +70,25 @@ def version_dir(shot_dir: Path, prefix: str, job_key: str) -> tuple[Path, bool]:
         if job_key and meta.get("job") == job_key:
             return v, True
     n = max([int(v.name.rsplit("_v", 1)[1]) for v in versions] + [0]) + 1
-    return shot_dir / f"{prefix}_v{n:0{VERSION_DIGITS}d}", False
+    shot_dir.mkdir(parents=True, exist_ok=True)
+    while True:  # reserve the folder atomically: another Blender writing at once takes the next number
+        folder = shot_dir / f"{prefix}_v{n:0{VERSION_DIGITS}d}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            n += 1
+            continue
+        return folder, False
 
 
 def _install_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the complete folder ``tmp`` (the old one is removed only afterwards)."""
+    """Replace ``final`` by the complete folder ``tmp`` (the old one is removed only afterwards); an empty
+    ``final`` (a version folder reserved by ``version_dir``) stays in place and receives ``tmp``'s files."""
+    if final.is_dir() and not any(final.iterdir()):
+        for f in tmp.iterdir():
+            os.replace(f, final / f.name)
+        tmp.rmdir()
+        return
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.translations import pgettext_iface as iface_
 
-from . import props, runner
+from . import depth_tools, props, runner
 
 
 def _op(layout, idname: str, **kw):
@@ -57,6 +57,7 @@ class EX4D_PT_main(bpy.types.Panel):
         _op(box, "ex4d.build_dwmesh", icon="MOD_REMESH")
         if s.dwmesh is not None:
             box.prop(s, "dwmesh", text="")
+        depth_tools.draw_stale(box, context)  # any mesh-relevant setting changed since the build
         if s.mesh_stale:
             col = box.column()
             col.alert = True
