@@ -31,6 +31,10 @@ def _changed(self, context) -> None:  # noqa: ARG001 - property update: nothing 
         update_preview_ramp(context.scene)
 
 
+def _preview_changed(self, context) -> None:
+    set_preview(context.scene, self.preview)
+
+
 class EX4D_DepthTools(bpy.types.PropertyGroup):
     """``scene.ex4d_depth``: the depth adjustments sent with every request, and the build's hash."""
 
@@ -47,7 +51,7 @@ class EX4D_DepthTools(bpy.types.PropertyGroup):
         name="Depth Preview",
         description="Show the DW-mesh's depth as a colour ramp (Material Preview / Rendered shading)",
         default=False,
-        update=lambda self, context: set_preview(context.scene, self.preview),
+        update=_preview_changed,
     )
     built_hash: StringProperty(name="Mesh Settings Hash", default="")  # type: ignore[valid-type]
 
@@ -129,7 +133,8 @@ def preview_material() -> bpy.types.Material:
     if mat is not None:
         return mat
     mat = bpy.data.materials.new(PREVIEW_MATERIAL)
-    mat.use_nodes = True
+    if bpy.app.version < (5, 0, 0):  # always node-based (and deprecated) in 5.0
+        mat.use_nodes = True
     nt = mat.node_tree
     nt.nodes.clear()
     coords = nt.nodes.new("ShaderNodeTexCoord")
