@@ -46,7 +46,7 @@ def test_two_generates_are_two_versions_with_history(scene, ops, card_clip, tmp_
     assert [v.name.rsplit("_v", 1)[1] for v in versions] == ["001", "002"]
     shot = Path(versions[0].path).parent
     assert shot == history_ui.shot_dir(bpy.context)
-    for v, seed, steps, prompt in zip(versions, (11, 22), (2, 3), ("history one", "history two")):
+    for v, seed, steps, prompt in zip(versions, (11, 22), (2, 3), ("history one", "history two"), strict=True):
         folder = Path(v.path)
         side = json.loads((shot / f"{folder.name}.json").read_text())
         assert (side["seed"], side["steps"], side["prompt"], side["generator"]) == (seed, steps, prompt, "preview")
