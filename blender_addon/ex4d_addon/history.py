@@ -97,7 +97,7 @@ def list_versions(shot_dir: Path) -> list[dict]:
     """The shot's versions, oldest first: each sidecar's dict plus ``path`` (the version folder, absolute)
     and ``thumbnail_file`` ("" until the thumbnail exists). Folders without a sidecar (a generation that did
     not finish: a reserved, empty folder) are not versions. Reads the disk: call from an operator, never from ``draw``."""
-    out = []
+    out: list[dict] = []
     if not shot_dir.is_dir():
         return out
     for folder in sorted(shot_dir.iterdir()):

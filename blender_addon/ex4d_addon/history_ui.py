@@ -206,7 +206,9 @@ class EX4D_OT_history_delete(_VersionOperator, bpy.types.Operator):
 
 
 class EX4D_UL_versions(bpy.types.UIList):
-    def draw_item(self, context, layout, data_, item, icon, active_data, active_propname, index):  # noqa: ARG002
+    def draw_item(  # noqa: PLR0913 - Blender's signature
+        self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0
+    ):  # noqa: ARG002
         row = layout.row(align=True)
         icon_value = icon_id(item)
         label = f"{item.name}  seed {item.seed}  {item.date[:16].replace('T', ' ')}"
