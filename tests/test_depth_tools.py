@@ -19,6 +19,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("depthtools")
     clip = sf.make_clip(root / "data", width=32, height=24, n_frames=3)
     client = sf.start_client(root / "store", [clip.root])
+    client.store_dir = root / "store"
     yield clip, client
     client.close()
 
@@ -104,3 +105,24 @@ def test_adjust_depth_formula_and_checks():
     assert depth_io.exr_depth_channel(["R", "G", "B", "A", "Z"]) == "Z"
     assert depth_io.exr_depth_channel(["ViewLayer.Combined.R", "ViewLayer.Depth.Z"]) == "ViewLayer.Depth.Z"
     assert depth_io.exr_depth_channel(["R", "G", "B"]) is None
+
+
+@pytest.mark.slow
+def test_cli_and_service_share_the_adjusted_depth(env, tmp_path, ex4d_cmd, subprocess_env):
+    """``ex4d recon --adjust-*`` computes the same adjusted depth entry (same cache key) that the service
+    then reuses: one definition for the CLI and the service. Fails if the CLI drops the flags or keys the
+    adjustment differently."""
+    import subprocess
+
+    clip, client = env
+    adjust = {"scale": 1.25, "offset": 0.5, "far": 7.0}
+    args = ["recon", "--input", str(clip.footage), "--depth", str(clip.depth_path), "--cam", "30",
+            "--fx", str(float(clip.k[0, 0])), "--output-dir", str(tmp_path / "out"), "--frames", "0",
+            "--store", str(client.store_dir), "--renderer", "cpu", "--adjust-scale", "1.25",
+            "--adjust-offset", "0.5", "--adjust-far", "7"]  # fmt: skip
+    proc = subprocess.run(ex4d_cmd + args, capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = clip.params(depth={"model": "file", "path": str(clip.depth_path), "adjust": adjust})
+    r = sf.run(client, "estimate_depth", {k: v for k, v in params.items() if k != "focal_px"})[0].raise_for_error()
+    assert r["cached"]["depth"] is True  # computed by the CLI
+    np.testing.assert_allclose(np.load(r["depth_npy"]), np.clip(1.25 * clip.depth + 0.5, 1e-4, 7.0), rtol=1e-6)

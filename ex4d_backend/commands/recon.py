@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-kind", choices=("depth", "disparity"), default="depth", help="what --depth holds")
     p.add_argument("--depth-scale", type=float, default=1.0, help="multiply file depth by this (e.g. 0.001 for mm)")
     p.add_argument("--repair-depth", action="store_true", help="fill NaN/inf/non-positive depth from neighbours")
+    for flag, what in (("scale", "depth' = SCALE * depth + OFFSET"), ("offset", "(see --adjust-scale)"),
+                       ("near", "clip nearer depths to NEAR"), ("far", "clip farther depths to FAR")):  # fmt: skip
+        p.add_argument(f"--adjust-{flag}", type=float, default=None, help=f"depth tools: {what} (any depth source)")
     p.add_argument(
         "--cam",
         default="90",
@@ -181,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             depth_s = DepthSettings(args.depth_model)
+        adjust = {k: getattr(args, f"adjust_{k}") for k in ("scale", "offset", "near", "far")}
+        depth_s = dataclasses.replace(depth_s, adjust={k: v for k, v in adjust.items() if v is not None})
         shot = stages.guide_for_shot(
             ctx,
             args.input,
