@@ -93,6 +93,17 @@ def after_generate(context) -> None:
     bpy.app.timers.register(poll, first_interval=POLL_S)
 
 
+def backend_python(job) -> str | None:
+    """The Python that runs the backend (the job's client's, else the preferences'; farm results have no
+    local client): it writes the thumbnail."""
+    client = getattr(job, "client", None)
+    if client is not None and getattr(client, "python", None):
+        return client.python
+    pref = props.prefs()
+    python, _ = props.find_backend_python(pref.backend_python if pref else "")
+    return python or None
+
+
 def _item(context, index: int):
     versions = context.scene.ex4d_history.versions
     if not 0 <= index < len(versions):

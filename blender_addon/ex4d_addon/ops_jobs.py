@@ -204,7 +204,7 @@ def _finish_generate(job: Job, result: dict):
         "footage": scene.ex4d.footage_path,
         "frames_dir": outputs.rel(dest),
     }
-    history.record_version(dest, meta, scene, job.client.python if job.client is not None else None)  # sidecar
+    history.record_version(dest, meta, scene, history_ui.backend_python(job))  # sidecar, thumbnail
     (dest / "settings.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     yield
     strip = strips.add_image_strip(scene, f"EX4D {dest.name}", files, scene.frame_start, meta)
