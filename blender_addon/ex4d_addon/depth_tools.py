@@ -5,7 +5,7 @@ The add-on only sends the raw values: ``adjust_params`` goes into every request'
 (``backend.clip_params``), and the backend applies ``depth' = clip(scale * depth + offset, near, far)`` in
 its depth stage (``ex4d_backend/depth_adjust.py``), so the CLI, the service and the farm agree.
 
-Stale flag: Build DW-Mesh stores a hash of the mesh-relevant request params (footage, depth source and
+Stale flag: Build DW-Mesh stores (at submission) a hash of the mesh-relevant request params (footage, depth source and
 adjustments, focal and sensor, size and frame range, mesh filter); ``mesh_is_stale`` compares it with the
 params the scene gives now (string work only, no file I/O: safe in ``draw``).
 """
@@ -80,7 +80,8 @@ def params_hash(params: dict) -> str:
 
 
 def current_params(context) -> dict | None:
-    """The params Build DW-Mesh would send now (None: no footage)."""
+    """The params Build DW-Mesh would send now (None: no footage), with the footage and depth paths as the
+    scene stores them (relative to the .blend: moving the project folder does not make the mesh stale)."""
     from . import backend, ops_scene
     from .backend_client import BackendError
 
@@ -89,12 +90,17 @@ def current_params(context) -> dict | None:
     except BackendError:
         return None
     params.update(ops_scene._sensor_params(context.scene))
+    s = context.scene.ex4d
+    params["footage"] = s.footage_path
+    if params["depth"].get("model") == "file":
+        params["depth"]["path"] = s.depth_filepath
     return params
 
 
-def record_build(scene, params: dict) -> None:
-    """Build DW-Mesh finished with ``params``: the mesh is current."""
-    scene.ex4d_depth.built_hash = params_hash(params)
+def settings_hash(context) -> str:
+    """The hash of the mesh-relevant settings now ("" without footage); Build DW-Mesh stores it."""
+    params = current_params(context)
+    return "" if params is None else params_hash(params)
 
 
 def mesh_is_stale(context) -> bool:
@@ -102,8 +108,7 @@ def mesh_is_stale(context) -> bool:
     built = context.scene.ex4d_depth.built_hash
     if not built or context.scene.ex4d.dwmesh is None:
         return False
-    params = current_params(context)
-    return params is not None and params_hash(params) != built
+    return settings_hash(context) != built
 
 
 def draw_stale(layout, context) -> None:

@@ -200,6 +200,7 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
     params.update(_sensor_params(context.scene))
     focal = float(s.focal_px)
     scene = context.scene
+    built = depth_tools.settings_hash(context)  # the mesh-relevant settings at submission
 
     def finish(job: runner.Job, result: dict):
         python = job.client.python if job.client is not None else None
@@ -210,7 +211,7 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
             src = apply_source_camera(scene, result["source_camera"])
             src.data.clip_end = max(src.data.clip_end, 2.0 * float(obj.get("ex4d_extent", 0.0)))
         s.built_focal_px, s.mesh_stale = focal, False
-        depth_tools.record_build(scene, params)  # the stale flag compares the scene's params with these
+        scene.ex4d_depth.built_hash = built  # the stale flag compares the scene's settings with these
         notes = ""
         if not scene.render.use_lock_interface:  # the occlusion handler edits the mesh during renders
             scene.render.use_lock_interface = True
