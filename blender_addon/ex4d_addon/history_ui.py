@@ -34,7 +34,7 @@ class EX4D_HistoryItem(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt")  # type: ignore[valid-type]
     date: StringProperty(name="Date")  # type: ignore[valid-type]
     camera_hash: StringProperty(name="Camera Hash")  # type: ignore[valid-type]
-    thumbnail: StringProperty(name="Thumbnail", subtype="FILE_PATH")  # type: ignore[valid-type]
+    thumbnail: StringProperty(name="Thumbnail")  # type: ignore[valid-type]  # "<png path>?<mtime ns>": the preview key
     sidecar: StringProperty(name="Settings")  # type: ignore[valid-type]  # the sidecar as JSON text
 
 
@@ -63,9 +63,11 @@ def refresh(context) -> int:
         item.prompt, item.date = str(meta.get("prompt", "")), str(meta.get("date", ""))
         item.camera_hash = str(meta.get("camera_hash", ""))
         item.thumbnail = meta.get("thumbnail_file", "")
+        if item.thumbnail:  # the preview's key changes when the file does (never a stale icon)
+            item.thumbnail += f"?{Path(item.thumbnail).stat().st_mtime_ns}"
         item.sidecar = json.dumps({k: v for k, v in meta.items() if k not in ("path", "thumbnail_file")})
         if item.thumbnail and _previews is not None and item.thumbnail not in _previews:
-            _previews.load(item.thumbnail, item.thumbnail, "IMAGE")
+            _previews.load(item.thumbnail, item.thumbnail.rsplit("?", 1)[0], "IMAGE")
     h.index = min(max(h.index, 0), max(len(h.versions) - 1, 0))
     return len(h.versions)
 

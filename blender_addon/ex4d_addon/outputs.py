@@ -69,7 +69,8 @@ def version_dir(shot_dir: Path, prefix: str, job_key: str) -> tuple[Path, bool]:
             continue
         if job_key and meta.get("job") == job_key:
             return v, True
-    n = max([int(v.name.rsplit("_v", 1)[1]) for v in versions] + [0]) + 1
+    trashed = [t.name.rsplit("-", 1)[0] for t in shot_dir.glob(f".trash/{prefix}_v*-*")]  # history.trash_version
+    n = max([int(v.name.rsplit("_v", 1)[1]) for v in versions] + [_number(t) for t in trashed] + [0]) + 1
     shot_dir.mkdir(parents=True, exist_ok=True)
     while True:  # reserve the folder atomically: another Blender writing at once takes the next number
         folder = shot_dir / f"{prefix}_v{n:0{VERSION_DIGITS}d}"
@@ -79,6 +80,12 @@ def version_dir(shot_dir: Path, prefix: str, job_key: str) -> tuple[Path, bool]:
             n += 1
             continue
         return folder, False
+
+
+def _number(name: str) -> int:
+    """The version number of ``<prefix>_v<NNN>`` (0 if it is none): a deleted number is never reused."""
+    tail = name.rsplit("_v", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _install_dir(tmp: Path, final: Path) -> None:

@@ -59,7 +59,7 @@ def test_two_generates_are_two_versions_with_history(scene, ops, card_clip, tmp_
         frames = sorted(folder.glob("frame_*.png"))
         assert len(frames) == 6
         thumb = shot / f"{folder.name}.png"
-        assert v.thumbnail == str(thumb) and thumb.is_file()
+        assert v.thumbnail.rsplit("?", 1)[0] == str(thumb) and thumb.is_file()
         np.testing.assert_array_equal(read_png(thumb), read_png(frames[3]))  # the middle frame (64 px: as is)
     # Re-run with edits: the scene changes, then the first version's settings come back.
     sc.ex4d.seed, sc.ex4d.steps, sc.ex4d.prompt = 99, 9, "changed"
@@ -88,6 +88,13 @@ def test_two_generates_are_two_versions_with_history(scene, ops, card_clip, tmp_
     history.wait_thumbnails(60)
     bpy.ops.ex4d.history_refresh()
     assert [v.name.rsplit("_v", 1)[1] for v in sc.ex4d_history.versions] == ["002", "003"]
+    # Deleting the newest never frees its number: the next one is v004.
+    assert bpy.ops.ex4d.history_delete(index=1) == {"FINISHED"}
+    _generate(sc, 44)
+    history.wait_thumbnails(60)
+    bpy.ops.ex4d.history_refresh()
+    assert [v.name.rsplit("_v", 1)[1] for v in sc.ex4d_history.versions] == ["002", "004"]
+    assert all(history_ui.icon_id(v) >= 0 for v in sc.ex4d_history.versions)
 
 
 def test_versions_never_overwrite_each_other(addon, tmp_path):
