@@ -126,3 +126,28 @@ def test_cli_and_service_share_the_adjusted_depth(env, tmp_path, ex4d_cmd, subpr
     r = sf.run(client, "estimate_depth", {k: v for k, v in params.items() if k != "focal_px"})[0].raise_for_error()
     assert r["cached"]["depth"] is True  # computed by the CLI
     np.testing.assert_allclose(np.load(r["depth_npy"]), np.clip(1.25 * clip.depth + 0.5, 1e-4, 7.0), rtol=1e-6)
+
+
+def test_a_new_adjustment_reuses_the_raw_depth(tmp_path, monkeypatch):
+    """Changing only the adjustment derives a new depth entry from the stored raw depth: the depth source
+    (a model, or here the file reader) runs once for three adjustments; no adjustment keeps the raw entry's
+    key (old caches stay valid). Fails if the adjustment is folded into the raw depth's key."""
+    from ex4d_backend import depth as depth_pkg
+    from ex4d_backend.pipeline import stages
+    from ex4d_backend.pipeline.settings import DepthSettings, FrameSettings
+    from ex4d_backend.service.jobstore import JobStore
+
+    clip = sf.make_clip(tmp_path / "data", width=32, height=24, n_frames=2)
+    ctx = stages.Context(JobStore(tmp_path / "store", [tmp_path]))
+    calls = []
+    real = depth_pkg.estimate
+    monkeypatch.setattr(depth_pkg, "estimate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = stages.frames_stage(ctx, clip.footage, FrameSettings())
+    raw = stages.depth_stage(ctx, c, DepthSettings(path=str(clip.depth_path)))
+    keys = {raw.key}
+    for adjust in ({"scale": 2.0}, {"offset": 1.0}, {"far": 3.0}):
+        d = stages.depth_stage(ctx, c, DepthSettings(path=str(clip.depth_path), adjust=adjust))
+        np.testing.assert_allclose(d.depth, depth_adjust.adjust_depth(clip.depth, adjust), rtol=1e-6)
+        keys.add(d.key)
+    assert len(calls) == 1 and len(keys) == 4
+    assert stages.depth_stage(ctx, c, DepthSettings(path=str(clip.depth_path), adjust={"scale": 1.0})).key == raw.key
