@@ -170,3 +170,47 @@ def test_side_by_side_is_left_then_right() -> None:
     assert sbs.shape == (2, 4, 10, 3) and (sbs[:, :, :5] == 0).all() and (sbs[:, :, 5:] == 200).all()
     with pytest.raises(Ex4dError):
         side_by_side(left, right[:, :, :4])
+
+
+@pytest.mark.slow
+def test_second_eye_reuses_the_first_eyes_result(env):
+    """``second_eye: reuse_first``: where the right guide is unseen but the left eye's result (warped by
+    its Z pass) lands, the right result holds the left's content, so the eyes agree there. Measured on the
+    two planes with the novel pair moved right of the source (both eyes see a disocclusion right of the
+    near plane's edge): the mismatch |R - warp(L)| over those pixels, independent vs reused. With the
+    preview generator (which keeps seen guide pixels) this checks the mechanism; the model's own consistency
+    needs the GPU benchmark (``benchmarks/bench_stereo_reuse.py``). Catches: the warp going the wrong way
+    (eyes swapped: no overlap with the hole), Z in the wrong units, the reuse not reaching the generator."""
+    from ex4d_backend.pipeline.stereo_stage import warp_to_eye
+
+    client, params = env
+    tx = 0.6
+    mw = CV_TO_BLENDER @ FLIP_YZ
+    mw[:3, 3] = CV_TO_BLENDER[:3, :3] @ np.array([tx, 0.0, 0.0])
+    cam = {"blender": {**params["camera"]["blender"], "matrix_world": [mw.tolist()] * T}}
+    base = {**params, "camera": cam, "generator": "preview", "width": W, "height": H, "num_frames": 5}
+    out = {}
+    for mode in ("independent", "reuse_first"):
+        req, _ = sf.run(client, "generate", {**base, "stereo": {**params["stereo"], "second_eye": mode}, "exr": True})
+        r = req.raise_for_error()
+        left, right = read_png_folder(r["left_frames_dir"], 3), read_png_folder(r["right_frames_dir"], 3)
+        lz = np.stack([read_exr_channels(f)["Z"] for f in sorted(Path(r["left_exr_dir"]).glob("*.exr"))])
+        with (
+            np.load(Path(r["eyes"]["left"]["guide_dir"]) / "camera.npz") as lc,
+            np.load(Path(r["eyes"]["right"]["guide_dir"]) / "camera.npz") as rc,
+        ):
+            lk, le, rk, re_ = (np.broadcast_to(a, (T, *a.shape[-2:])) for a in
+                               (lc["intrinsics"], lc["extrinsics"], rc["intrinsics"], rc["extrinsics"]))  # fmt: skip
+        rmask = read_png_folder(Path(r["eyes"]["right"]["guide_dir"]) / "mask", 1)
+        errs, n = [], 0
+        for j, t in enumerate(r["source_frames"]):
+            warped, hit = warp_to_eye(left[j], lz[j], lk[t], le[t], rk[t], re_[t])
+            sel = hit & (rmask[t] == 0)
+            sel[:, :25] = sel[:, -25:] = False  # away from the border ring ...
+            sel[:40] = False  # ... and from the preview's label (top rows)
+            n += int(sel.sum())
+            errs.append(np.abs(right[j].astype(float) - warped)[sel])
+        out[mode] = (float(np.concatenate(errs).mean()), n)
+    print("\nsecond eye |R - warp(L)| on the shared disocclusion:", out)
+    assert out["independent"][1] > 100  # there is a region both eyes invent
+    assert out["reuse_first"][0] < 0.4 * out["independent"][0], out

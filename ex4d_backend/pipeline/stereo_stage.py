@@ -38,6 +38,7 @@ class StereoSettings:
     convergence: float = 1.95
     mode: str = "OFFAXIS"
     pivot: str = "CENTER"
+    second_eye: str = "independent"  # or "reuse_first": the right eye conditioned on the left eye's result
 
     @classmethod
     def from_params(cls, p: dict) -> StereoSettings | None:
@@ -45,7 +46,7 @@ class StereoSettings:
         if s is None:
             return None
         return cls(float(s["interocular"]), float(s.get("convergence", 1.95)), s.get("mode", "OFFAXIS"),
-                   s.get("pivot", "CENTER"))  # fmt: skip
+                   s.get("pivot", "CENTER"), s.get("second_eye", "independent"))  # fmt: skip
 
 
 @dataclass
@@ -165,3 +166,80 @@ def check_eye(p: dict) -> str | None:
             code=stages.INVALID_REQUEST,
         )
     return eye
+
+
+# ----------------------------------------------------------------------------------------------
+# The second eye conditioned on the first eye's result (the issue's idea; ``stereo.second_eye``)
+# ----------------------------------------------------------------------------------------------
+def warp_to_eye(
+    colour: np.ndarray, z: np.ndarray, k_from: np.ndarray, e_from: np.ndarray, k_to: np.ndarray, e_to: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Forward-warp one eye's frame into the other eye: ``colour`` (H, W, 3) uint8 with its novel-camera Z
+    (H, W) world units (``passes``: Z_EMPTY where nothing is) seen by (``k_from`` (3, 3), ``e_from`` (4, 4)
+    world-to-camera) -> (colour (H, W, 3) uint8, hit (H, W) bool) in the camera (``k_to``, ``e_to``). Pixel
+    (i, j) is the point at its centre (i + 0.5, j + 0.5), as the rasteriser samples; the nearest point wins
+    where several land on one pixel (a z-buffer)."""
+    from ..passes import Z_EMPTY
+
+    h, w = z.shape
+    jj, ii = np.mgrid[0:h, 0:w]
+    ok = z < Z_EMPTY * 0.5
+    zz = z[ok].astype(np.float64)
+    uv1 = np.stack([ii[ok] + 0.5, jj[ok] + 0.5, np.ones_like(zz)], 0)
+    cam = np.linalg.inv(k_from) @ uv1 * zz  # (3, N) in the first eye's camera
+    rel = e_to @ np.linalg.inv(e_from)  # first eye's camera -> second eye's camera
+    p = rel[:3, :3] @ cam + rel[:3, 3:4]
+    front = p[2] > 1e-6
+    proj = k_to @ p[:, front]
+    u, v = np.floor(proj[0] / proj[2]).astype(np.int64), np.floor(proj[1] / proj[2]).astype(np.int64)
+    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    src = np.flatnonzero(ok.ravel())[front][inside]
+    dst = v[inside] * w + u[inside]
+    depth = p[2, front][inside]
+    order = np.argsort(-depth)  # far first: the nearest point is written last and wins
+    out = np.zeros((h * w, 3), np.uint8)
+    hit = np.zeros(h * w, bool)
+    out[dst[order]] = colour.reshape(-1, 3)[src[order]]
+    hit[dst[order]] = True
+    return out.reshape(h, w, 3), hit.reshape(h, w)
+
+
+def reuse_first_eye(
+    ctx: stages.Context,
+    shot: stages.Shot,
+    first: Eye,
+    first_gen: stages.GenerateEntry,
+    second: Eye,
+    render: RenderSettings,
+) -> stages.GuideEntry:
+    """The second eye's guide with the first eye's RESULT warped into it where the second guide is unseen
+    (mask 0) and the warp lands (those pixels become seen, mask 255): the generator then keeps what the first
+    eye made there, so both eyes show the same invented content. Frames the first eye did not generate stay
+    as they are. The first result is resized to the guide size; its depth is the first eye's Z pass from
+    the DW-mesh (occlusion sheets where it invented content). Key: both inputs' keys."""
+    import cv2
+
+    from .guide import Guide
+
+    color, mask = (a.copy() for a in second.guide.arrays())
+    z = _passes(shot, first.camera, first.guide, render).z
+    frames = read_png_folder(first_gen.dir / "frames", 3)
+    h, w = mask.shape[1:]
+    cf, cs = first.camera.path, second.camera.path
+    filled = 0
+    done: set[int] = set()
+    for j, t in enumerate(first_gen.meta["source_frames"]):
+        if t in done or j >= len(frames):
+            continue
+        done.add(t)
+        img = (
+            cv2.resize(frames[j], (w, h), interpolation=cv2.INTER_AREA) if frames[j].shape[:2] != (h, w) else frames[j]
+        )
+        warped, hit = warp_to_eye(img, z[t], cf.intrinsics[t], cf.extrinsics[t], cs.intrinsics[t], cs.extrinsics[t])
+        fill = hit & (mask[t] == 0)
+        color[t][fill] = warped[fill]
+        mask[t][fill] = 255
+        filled += int(fill.sum())
+    meta = {**second.guide.meta, "reused_first_eye": first_gen.key, "reused_pixels": filled}
+    key = make_key(stages.STAGE_VERSION, "guide_second_eye", second.guide.key, first_gen.key)
+    return stages.GuideEntry(key, second.guide.dir, meta, Guide(color, mask, cs))

@@ -239,6 +239,7 @@ STEREO = {  # issue 18: Blender's camera.data.stereo, sent raw (ex4d_backend.ste
             "convergence": _POS,
             "mode": {"enum": ["OFFAXIS", "PARALLEL", "TOE"]},
             "pivot": {"enum": ["CENTER", "LEFT", "RIGHT"]},
+            "second_eye": {"enum": ["independent", "reuse_first"]},  # generate: right conditioned on left
         },
         "required": ["interocular"],
         "additionalProperties": False,

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from ..pipeline import stages
 from ..pipeline.settings import GenerateSettings, RenderSettings
-from ..pipeline.stereo_stage import EYES, StereoSettings, check_eye, exr_stage, eye_guides, sbs_stage
+from ..pipeline.stereo_stage import (
+    EYES,
+    StereoSettings,
+    check_eye,
+    exr_stage,
+    eye_guides,
+    reuse_first_eye,
+    sbs_stage,
+)
 
 
 def _guide_fields(guide: stages.GuideEntry) -> dict:
@@ -68,9 +76,13 @@ def exec_generate(ctx: stages.Context, p: dict, shot: stages.Shot, payload) -> d
     else:
         eyes = eye_guides(ctx, shot, s, render)
         targets = {e: (eyes[e].camera, eyes[e].guide) for e in ([eye] if eye else EYES)}
+    reuse = s is not None and s.second_eye == "reuse_first" and "right" in targets
     fields = {}
     gens = {}
     for name, (cam, guide) in targets.items():
+        if reuse and name == "right":  # the right eye conditioned on the left eye's result
+            left = gens.get("left") or stages.generate_stage(ctx, shot.clip, eyes["left"].guide, gs)
+            guide = reuse_first_eye(ctx, shot, eyes["left"], left, eyes["right"], render)
         gen = stages.generate_stage(ctx, shot.clip, guide, gs)
         gens[name] = gen
         fields[name] = payload(gen, guide)
