@@ -400,6 +400,16 @@ class EX4D_JobSettings(bpy.types.PropertyGroup):
         default=0, min=0, max=128,
     )  # fmt: skip
     results_scene: PointerProperty(name="Results Scene", type=bpy.types.Scene)  # type: ignore[valid-type]
+    stereo_second_eye: EnumProperty(  # type: ignore[valid-type]
+        name="Second Eye",
+        description="Stereo 3D generation: how the right eye is generated",
+        items=[
+            ("independent", "Independent", "Each eye from its own guide"),
+            ("reuse_first", "Reuse Left Eye", "The right eye's guide takes the left eye's result (warped by its "
+             "depth) where only the left eye's generation filled it: both eyes invent the same content"),
+        ],
+        default="independent",
+    )  # fmt: skip
     export_exr: BoolProperty(  # type: ignore[valid-type]
         name="EXR Passes",
         description="Also write an EXR sequence per guide and result: RGB, the guide mask as alpha, the novel "

@@ -47,6 +47,8 @@ def extend(context, job):
     stereo = stereo_params(scene, sampling.novel_camera(context))
     if stereo is not None:
         job.params["stereo"] = stereo
+        if job.type == "generate" and scene.ex4d_job.stereo_second_eye != "independent":
+            stereo["second_eye"] = scene.ex4d_job.stereo_second_eye
     if scene.ex4d_job.export_exr:
         job.params["exr"] = True
     if stereo is None and not job.params.get("exr") and job.type != "generate":
@@ -177,3 +179,4 @@ def draw_settings(layout, context) -> None:
             else "Stereo 3D: choose a novel camera"
         )
         layout.label(text=text, icon="CAMERA_STEREO", translate=False)
+        layout.prop(js, "stereo_second_eye")
