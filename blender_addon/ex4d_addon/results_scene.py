@@ -23,7 +23,7 @@ RESULTS_SCENE = "EX4D Results"
 RESULT_BG_KIND = "result"  # the ``ex4d_kind`` of an image shown as a camera background for a result
 
 
-def target(scene: bpy.types.Scene) -> bpy.types.Scene:
+def target(scene) -> bpy.types.Scene:
     """The scene result strips go into (see the module docstring), created and synced on first use."""
     js = scene.ex4d_job
     if js.results_in == "CHANNEL":
@@ -50,7 +50,7 @@ def sync(main: bpy.types.Scene, res: bpy.types.Scene) -> None:
         res.sequence_editor_create()
 
 
-def place(scene: bpy.types.Scene, strip) -> None:
+def place(scene, strip) -> None:
     """In CHANNEL mode: move ``strip`` to the first free channel at or above ``results_channel``."""
     js = scene.ex4d_job
     if js.results_in != "CHANNEL" or js.results_channel <= 0:
@@ -67,7 +67,7 @@ def place(scene: bpy.types.Scene, strip) -> None:
     strip.channel = ch
 
 
-def strips_scene(scene: bpy.types.Scene) -> bpy.types.Scene:
+def strips_scene(scene) -> bpy.types.Scene:
     """Where to LOOK for this scene's result strips (no scene is created)."""
     js = scene.ex4d_job
     if js.results_in == "CHANNEL" or js.results_scene is None:
