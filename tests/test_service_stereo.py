@@ -214,3 +214,29 @@ def test_second_eye_reuses_the_first_eyes_result(env):
     print("\nsecond eye |R - warp(L)| on the shared disocclusion:", out)
     assert out["independent"][1] > 100  # there is a region both eyes invent
     assert out["reuse_first"][0] < 0.4 * out["independent"][0], out
+
+
+def test_warp_to_eye_moves_a_plane_by_its_disparity() -> None:
+    """Pure: a fronto-parallel plane at depth Z seen by a camera, warped into one translated by +b along x,
+    moves by -fx b / Z pixels (the pinhole formula, written here); the nearer of two points landing on one
+    pixel wins. Catches the transform inverted (moves the wrong way), pixel centres off by half a pixel,
+    a z-buffer keeping the far point."""
+    from ex4d_backend.pipeline.stereo_stage import warp_to_eye
+
+    h, w, z, b = 20, 60, 5.0, 0.25  # fx b / z = 200 * 0.25 / 5 = 10 px
+    k = np.array([[FX, 0, w / 2], [0, FX, h / 2], [0, 0, 1.0]])
+    colour = np.zeros((h, w, 3), np.uint8)
+    colour[..., 0] = np.arange(w)[None, :]  # the column index as colour
+    e_to = np.eye(4)
+    e_to[0, 3] = -b  # world-to-camera of a camera at x = +b
+    out, hit = warp_to_eye(colour, np.full((h, w), z, np.float32), k, np.eye(4), k, e_to)
+    shift = FX * b / z
+    cols = np.arange(w)
+    src = cols + int(shift)  # the point of source column c lands on column c - shift
+    ok = src < w
+    assert hit[:, cols[ok]].all() and not hit[:, cols[~ok]].any()
+    np.testing.assert_array_equal(out[5, cols[ok], 0], src[ok])
+    z2 = np.full((h, w), z, np.float32)
+    z2[:, 40] = 2.5  # a nearer point at column 40 lands at 40 - 20 = 20 over the far point of column 30
+    out2, _ = warp_to_eye(colour, z2, k, np.eye(4), k, e_to)
+    assert out2[5, 20, 0] == 40
