@@ -151,11 +151,13 @@ def recon_passes(
     depth_scale: float | np.ndarray = 1.0,
     renderer: str = "auto",
     mesh_filter: str = "angle",
+    border_depth: float | None = None,
     chunk: int = 8,
 ) -> Passes:
     """:func:`render_passes` over a whole shot, building the DW-meshes ``chunk`` frames at a time (as
-    ``recon.run_recon``). ``k``: the source intrinsics (3, 3) or (T, 3, 3)."""
-    from .dwmesh import build_dwmesh
+    ``recon.run_recon``). ``k``: the source intrinsics (3, 3) or (T, 3, 3); ``border_depth``: the border
+    ring's depth (None: ``dwmesh.BORDER_DEPTH``), as the guide's ``MeshSettings``."""
+    from .dwmesh import BORDER_DEPTH, build_dwmesh
 
     backend = resolve_renderer(renderer)
     device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
@@ -166,10 +168,11 @@ def recon_passes(
     for start in range(0, t, chunk):
         sl = slice(start, min(t, start + chunk))
         mesh = build_dwmesh(
-            torch.from_numpy(np.ascontiguousarray(depth[sl])).to(device),
+            torch.from_numpy(np.array(depth[sl], dtype=np.float32)).to(device),
             k if k.ndim == 2 else k[sl],
-            torch.from_numpy(np.ascontiguousarray(frames[sl])).to(device),
+            torch.from_numpy(np.array(frames[sl])).to(device),
             mesh_filter=mesh_filter,
+            border_depth=BORDER_DEPTH if border_depth is None else border_depth,
         )
         parts.append(
             render_passes(

@@ -112,3 +112,12 @@ def expected_disparity(fx: float, interocular: float, convergence: float, depth:
     if mode.upper() == "OFFAXIS":
         return fx * interocular * (1.0 / depth - 1.0 / convergence)
     raise Ex4dError("the disparity of a toe-in pair depends on the position in the image", where="stereo")
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Left | right frames: (T, H, W, C) twice -> (T, H, 2 W, C), the left eye in the left half (the
+    "side-by-side" layout of Blender's stereo 3D, not cross-eyed)."""
+    left, right = np.asarray(left), np.asarray(right)
+    if left.shape != right.shape or left.ndim != 4:
+        raise Ex4dError(f"the eyes' frames disagree: left {left.shape}, right {right.shape}", where="stereo")
+    return np.concatenate([left, right], axis=2)

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import bpy
 from bpy.props import BoolProperty, EnumProperty
 
-from . import backend, data, history, history_ui, outputs, props, runner, sampling, strips
+from . import backend, data, history, history_ui, outputs, props, results_scene, runner, sampling, stereo_ui, strips
 from .backend_client import BackendError
 from .runner import Job
 
@@ -62,7 +62,7 @@ def _camera_job(
 def guide_job(context) -> Job:
     """The (not yet started) render_guide job of the scene's novel camera."""
     params, paths = backend.clip_params(context)
-    return _camera_job(context, "render_guide", params, paths, _finish_guide, "Guide")
+    return stereo_ui.extend(context, _camera_job(context, "render_guide", params, paths, _finish_guide, "Guide"))
 
 
 def require_ex4d_generator(info: dict) -> None:
@@ -108,7 +108,8 @@ def generate_job(context, generator: str, job_cls: type[Job] | None = None, fini
     if job_cls is not None:
         return _camera_job(context, "generate", params, paths, finish, label, None, job_cls)
     require = require_ex4d_generator if generator == "EX4D" else None
-    return _camera_job(context, "generate", params, paths, _finish_generate, f"Generate ({generator.lower()})", require)
+    job = _camera_job(context, "generate", params, paths, _finish_generate, f"Generate ({generator.lower()})", require)
+    return stereo_ui.extend(context, job)  # issue 18: stereo eyes, EXR passes, the camera background
 
 
 def _pref(context, name: str, default: str) -> str:
@@ -140,11 +141,14 @@ def _finish_guide(job: Job, result: dict):
     yield
     if cam is not None:
         strips.show_on_camera(cam, image, scene.frame_start, n)
-    strips.remove_strips(scene, strips.GUIDE_KIND, x["camera_name"])
+    target = results_scene.target(scene)  # issue 18: strips never in the main scene's F12 render (a setting)
+    strips.remove_strips(target, strips.GUIDE_KIND, x["camera_name"])
     yield
     settings = {"kind": strips.GUIDE_KIND, "camera": x["camera_name"], "camera_hash": result["camera_hash"],
                 "job": result.get("job", ""), "footage": s.footage_path}  # fmt: skip
-    strips.add_image_strip(scene, f"EX4D Guide {x['camera_name']}", files, scene.frame_start, settings)
+    results_scene.place(
+        scene, strips.add_image_strip(target, f"EX4D Guide {x['camera_name']}", files, scene.frame_start, settings)
+    )
     yield
     s.guide_color_dir = outputs.rel(dest / "color")
     s.guide_mask_dir = outputs.rel(dest / "mask")
@@ -169,7 +173,7 @@ def _finish_generate(job: Job, result: dict):
     prefix = f"{settings.get('generator', 'gen')}_{result['camera_hash'][:10]}"
     dest, existing = outputs.version_dir(x["out_dir"], prefix, result.get("job", ""))
     if existing:
-        for st in strips.strips_where(scene, kind=strips.RESULT_KIND):
+        for st in strips.strips_where(results_scene.strips_scene(scene), kind=strips.RESULT_KIND):
             if strips.strip_folder(st) == str(dest.resolve()):
                 job.extra["strip_name"] = st.name
                 return f"EX-4D: this result is already loaded: strip '{st.name}' ({dest})"
@@ -207,7 +211,8 @@ def _finish_generate(job: Job, result: dict):
     history.record_version(dest, meta, scene, history_ui.backend_python(job))  # sidecar, thumbnail
     (dest / "settings.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     yield
-    strip = strips.add_image_strip(scene, f"EX4D {dest.name}", files, scene.frame_start, meta)
+    strip = strips.add_image_strip(results_scene.target(scene), f"EX4D {dest.name}", files, scene.frame_start, meta)
+    results_scene.place(scene, strip)
     job.extra["strip_name"] = strip.name
     text = (
         f"EX-4D: {len(files)} frames ({settings.get('generator')}) in {job.seconds()} -> {dest} (strip '{strip.name}')"

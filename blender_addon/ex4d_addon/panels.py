@@ -10,7 +10,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.translations import pgettext_iface as iface_
 
-from . import depth_tools, props, runner
+from . import depth_tools, props, runner, stereo_ui
 
 
 def _op(layout, idname: str, **kw):
@@ -120,6 +120,7 @@ class EX4D_PT_jobs(bpy.types.Panel):
         col.prop(js, "negative_prompt")
         col.prop(js, "renderer")
         col.prop(js, "output_dir")
+        stereo_ui.draw_settings(col, context)  # issue 18: result strips, EXR, stereo
         job = runner.active_job()
         if job is not None and not job.done:
             col.operator("ex4d.cancel_job", icon="CANCEL")

@@ -377,6 +377,45 @@ class EX4D_JobSettings(bpy.types.PropertyGroup):
         default=0.0,
         min=0.0,
     )
+    # -- compositing results (issue 18: results_scene.py, stereo_ui.py) --
+    results_in: EnumProperty(  # type: ignore[valid-type]
+        name="Result Strips",
+        description="Where guide and result strips go",
+        items=[
+            (
+                "SCENE",
+                "Results Scene",
+                "Their own sequencer scene ('EX4D Results'): this scene's F12 render stays the 3D scene",
+            ),
+            (
+                "CHANNEL",
+                "This Scene",
+                "This scene's sequencer, from the chosen channel up (F12 then renders the sequencer)",
+            ),
+        ],
+        default="SCENE",
+    )
+    results_channel: IntProperty(  # type: ignore[valid-type]
+        name="Channel", description="First channel for result strips in this scene (0: the first free one)",
+        default=0, min=0, max=128,
+    )  # fmt: skip
+    results_scene: PointerProperty(name="Results Scene", type=bpy.types.Scene)  # type: ignore[valid-type]
+    stereo_second_eye: EnumProperty(  # type: ignore[valid-type]
+        name="Second Eye",
+        description="Stereo 3D generation: how the right eye is generated",
+        items=[
+            ("independent", "Independent", "Each eye from its own guide"),
+            ("reuse_first", "Reuse Left Eye", "The right eye's guide takes the left eye's result (warped by its "
+             "depth) where only the left eye's generation filled it: both eyes invent the same content"),
+        ],
+        default="independent",
+    )  # fmt: skip
+    export_exr: BoolProperty(  # type: ignore[valid-type]
+        name="EXR Passes",
+        description="Also write an EXR sequence per guide and result: RGB, the guide mask as alpha, the novel "
+        "view's depth (from the DW-mesh) as Z",
+        default=False,
+    )
 
 
 CLASSES = (EX4D_AddonPreferences, EX4D_SceneSettings, EX4D_FarmSubmission, EX4D_FarmSettings, EX4D_JobSettings)

@@ -25,7 +25,7 @@ from ..pipeline.settings import (
     SourceSettings,
 )
 from ..pipeline.stages import STAGE_VERSION, Context
-from . import info, protocol
+from . import info, protocol, stereo_jobs
 from .info import hello, probe_footage
 from .jobstore import JobStore, make_key
 
@@ -46,7 +46,12 @@ def _clip_depth(ctx: Context, p: dict) -> tuple[stages.Clip, stages.Depth]:
 
 
 def _guide(ctx: Context, p: dict) -> tuple[stages.Clip, stages.GuideEntry]:
-    shot = stages.guide_for_shot(
+    shot = _shot(ctx, p)
+    return shot.clip, shot.guide
+
+
+def _shot(ctx: Context, p: dict) -> stages.Shot:
+    return stages.guide_for_shot(
         ctx,
         p["footage"],
         FrameSettings.from_params(p),
@@ -57,7 +62,6 @@ def _guide(ctx: Context, p: dict) -> tuple[stages.Clip, stages.GuideEntry]:
         RenderSettings.from_params(p),
         SourceSettings.from_params(p),  # a moving source camera and the depth scale (issue 15)
     )
-    return shot.clip, shot.guide
 
 
 def _clip_result(clip: stages.Clip) -> dict:
@@ -128,8 +132,10 @@ def exec_camera_preset(ctx: Context, p: dict) -> dict:
 
 
 def exec_render_guide(ctx: Context, p: dict) -> dict:
-    clip, guide = _guide(ctx, p)
+    shot = _shot(ctx, p)
+    clip, guide = shot.clip, shot.guide
     d = guide.dir
+    extras = stereo_jobs.guide_extras(ctx, p, shot) if ("stereo" in p or p.get("exr")) else {}  # issue 18
     return {
         "color_mp4": str(d / "color.mp4"),
         "mask_mp4": str(d / "mask.mp4"),
@@ -142,12 +148,20 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
         "depth_scale_fit": guide.meta.get("depth_scale_fit", {}),
         "masked_share": guide.meta.get("masked_share", []),
         **_clip_result(clip),
+        **extras,
     }
 
 
 def exec_generate(ctx: Context, p: dict) -> dict:
+    if "stereo" in p or "eye" in p or p.get("exr"):  # issue 18: per eye, side by side, EXR passes
+        return stereo_jobs.exec_generate(ctx, p, _shot(ctx, p), generate_payload)
     clip, guide = _guide(ctx, p)
     gen = stages.generate_stage(ctx, clip, guide, GenerateSettings.from_params(p))
+    return generate_payload(gen, guide)
+
+
+def generate_payload(gen: stages.GenerateEntry, guide: stages.GuideEntry) -> dict:
+    """The result fields of one generate stage entry."""
     d, meta = gen.dir, gen.meta
     return {
         "frames_dir": str(d / "frames"),

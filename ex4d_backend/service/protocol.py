@@ -243,6 +243,22 @@ GENERATE = {
     "vram_profile": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
     "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
 }
+STEREO = {  # issue 18: Blender's camera.data.stereo, sent raw (ex4d_backend.stereo does the maths)
+    "stereo": {
+        "type": "object",
+        "properties": {
+            "interocular": {"type": "number", "minimum": 0, "maximum": 1e6},
+            "convergence": _POS,
+            "mode": {"enum": ["OFFAXIS", "PARALLEL", "TOE"]},
+            "pivot": {"enum": ["CENTER", "LEFT", "RIGHT"]},
+            "second_eye": {"enum": ["independent", "reuse_first"]},  # generate: right conditioned on left
+        },
+        "required": ["interocular"],
+        "additionalProperties": False,
+    },
+    "exr": {"type": "boolean"},  # also the EXR passes (colour, mask as A, the novel view's Z)
+}
+EYE = {"eye": {"enum": ["left", "right"]}}  # generate: only this eye of ``stereo``
 COMMON = {"force": {"type": "boolean"}}  # recompute this job's own result even if it is in the store
 
 
@@ -274,11 +290,23 @@ PARAMS: dict[str, dict] = {
         ["footage", "depth", "preset"],
     ),
     "render_guide": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **SOURCE, **COMMON},
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **SOURCE, **STEREO, **COMMON},
         ["footage", "depth", "camera"],
     ),
     "generate": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **SOURCE, **GENERATE, **COMMON},
+        {
+            **CLIP,
+            "depth": DEPTH,
+            **INTRINSICS,
+            **MESH,
+            **RENDER,
+            "camera": CAMERA,
+            **SOURCE,
+            **GENERATE,
+            **STEREO,
+            **EYE,
+            **COMMON,
+        },  # fmt: skip
         ["footage", "depth", "camera"],
     ),
 }

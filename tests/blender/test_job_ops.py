@@ -124,8 +124,11 @@ def read_png(path: Path) -> np.ndarray:
 
 
 def strips_of(sc, kind: str) -> list:
+    """The EX-4D strips of ``kind`` of scene ``sc``: in its results scene (issue 18: never in the main scene's
+    F12 render) unless the artist put them in the scene itself."""
     compat = addon_module("compat")
-    return [s for s in compat.vse_strips_all(sc) if s.get("ex4d_kind") == kind]
+    where = addon_module("results_scene").strips_scene(sc)
+    return [s for s in compat.vse_strips_all(where) if s.get("ex4d_kind") == kind]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,8 +275,8 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     js = sc.ex4d_job
     js.width, js.height, js.num_frames = 64, 48, 5  # 4k + 1 frames sampled over the clip: 0, 1, 2, 3, 5
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "gen.blend"))
-    # Occupy channel 1 over the clip: the result must go to a free channel.
-    strips = addon_module("compat").vse_strips(sc)
+    # Occupy channel 1 over the clip: the result must go to a free channel (of the results scene).
+    strips = addon_module("compat").vse_strips(addon_module("results_scene").target(sc))
     if "length" in strips.bl_rna.functions["new_effect"].parameters:  # 5.0
         strips.new_effect(name="blocker", type="COLOR", channel=1, frame_start=5, length=25)
     else:
