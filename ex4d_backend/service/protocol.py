@@ -70,7 +70,7 @@ LIGHT_TYPES = (
     "store_info",
     "store_clean",
 )  # cheap, CPU only: run beside the GPU job, never wait behind it
-JOB_TYPES = ("estimate_depth", "build_dwmesh", "camera_preset", "render_guide", "generate")
+JOB_TYPES = ("estimate_depth", "build_dwmesh", "camera_preset", "render_guide", "generate", "meter")
 REQUEST_TYPES = CONTROL_TYPES + LIGHT_TYPES + JOB_TYPES
 EVENT_TYPES = ("queued", "started", "progress", "log", "result", "error")
 
@@ -267,6 +267,19 @@ PARAMS: dict[str, dict] = {
     ),
     "generate": _params(
         {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **SOURCE, **GENERATE, **COMMON},
+        ["footage", "depth", "camera"],
+    ),
+    "meter": _params(  # the disocclusion meter: render_guide's inputs, a low-resolution mask pass (meter_job.py)
+        {
+            **CLIP,
+            "depth": DEPTH,
+            **INTRINSICS,
+            **MESH,
+            "renderer": RENDER["renderer"],
+            "camera": CAMERA,
+            **SOURCE,
+            **COMMON,
+        },
         ["footage", "depth", "camera"],
     ),
 }
