@@ -19,7 +19,17 @@ from __future__ import annotations
 
 import importlib
 
-_MODULE_NAMES = ("props", "runner", "mesh_object", "ops_scene", "ops_jobs", "farm", "panels", "meter_ui", "viewport_aids")
+_MODULE_NAMES = (
+    "props",
+    "runner",
+    "mesh_object",
+    "ops_scene",
+    "ops_jobs",
+    "farm",
+    "panels",
+    "meter_ui",
+    "viewport_aids",
+)
 _registered: list = []
 
 

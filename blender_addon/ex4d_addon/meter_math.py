@@ -28,12 +28,12 @@ def unseen_ranges(shares: Sequence[float], threshold: float, frame_start: int = 
 
 
 def format_ranges(ranges: Sequence[tuple[int, int]]) -> str:
-    """"31-49", "7", "3-5, 9" for the ranges."""
+    """ "31-49", "7", "3-5, 9" for the ranges."""
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 def warning_text(shares: Sequence[float], threshold: float, frame_start: int = 1) -> str:
-    """"frames 31-49 are more than 40% unseen" ("frame 7 is ..." for one frame), "" when no frame is over."""
+    """ "frames 31-49 are more than 40% unseen" ("frame 7 is ..." for one frame), "" when no frame is over."""
     ranges = unseen_ranges(shares, threshold, frame_start)
     if not ranges:
         return ""

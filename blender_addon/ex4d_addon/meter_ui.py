@@ -19,10 +19,11 @@ main-thread call is timed (``stats["max_call"]``, seconds): the budget is 100 ms
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import bpy
-from bpy.props import BoolProperty, FloatProperty, StringProperty
 from bpy.app.handlers import persistent
+from bpy.props import BoolProperty, FloatProperty, StringProperty
 
 from . import backend, meter_math, ops_jobs, props, runner, sampling
 from .backend_client import BackendError
@@ -251,12 +252,12 @@ def _draw_timeline() -> None:
     import gpu
     from gpu_extras.batch import batch_for_shader
 
-    v2d = region.view2d
+    v2d: Any = region.view2d
     pos, col = meter_math.bar_geometry(
         info["shares"], scene.ex4d_meter.threshold, info["frame_start"],
         lambda f: v2d.view_to_region(f, 0, clip=False)[0], 0.0, BAR_HEIGHT_PX,
     )  # fmt: skip
-    shader = gpu.shader.from_builtin("SMOOTH_COLOR")
+    shader: Any = gpu.shader.from_builtin("SMOOTH_COLOR")
     batch = batch_for_shader(shader, "TRIS", {"pos": pos, "color": col})
     gpu.state.blend_set("ALPHA")
     shader.bind()
@@ -330,7 +331,8 @@ _classes = (EX4D_MeterSettings, EX4D_OT_update_meter, EX4D_PT_meter)
 def register() -> None:
     global _draw_handle
     props.register_classes(_classes)
-    bpy.types.Scene.ex4d_meter = bpy.props.PointerProperty(type=EX4D_MeterSettings)
+    scene_type: Any = bpy.types.Scene
+    scene_type.ex4d_meter = bpy.props.PointerProperty(type=EX4D_MeterSettings)
     runner.add_handler(bpy.app.handlers.depsgraph_update_post, _on_depsgraph)
     if not bpy.app.background and _draw_handle is None:
         _draw_handle = bpy.types.SpaceDopeSheetEditor.draw_handler_add(_draw_timeline, (), "WINDOW", "POST_PIXEL")
@@ -348,5 +350,6 @@ def unregister() -> None:
         job.cancel()
     _state.update(due=None, job=None, scene=None, timer=False)
     runner.remove_handler(bpy.app.handlers.depsgraph_update_post, _on_depsgraph)
-    del bpy.types.Scene.ex4d_meter
+    scene_type: Any = bpy.types.Scene
+    del scene_type.ex4d_meter
     props.unregister_classes(_classes)

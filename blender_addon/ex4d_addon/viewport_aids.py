@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import bpy
 import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty
@@ -50,19 +52,20 @@ def _node_group() -> bpy.types.NodeTree:
     gin, gout = n.new("NodeGroupInput"), n.new("NodeGroupOutput")
     terms = []
     for attr, socket in ((data.OCCLUSION_ATTRIBUTE, IN_OCC), (BORDER_ATTRIBUTE, IN_BORDER)):
-        named = n.new("GeometryNodeInputNamedAttribute")
+        named: Any = n.new("GeometryNodeInputNamedAttribute")
         named.data_type = "BOOLEAN"
-        named.inputs["Name"].default_value = attr
-        both = n.new("FunctionNodeBooleanMath")
+        name_in: Any = named.inputs["Name"]
+        name_in.default_value = attr
+        both: Any = n.new("FunctionNodeBooleanMath")
         both.operation = "AND"
         link(named.outputs["Attribute"], both.inputs[0])
         link(gin.outputs[socket], both.inputs[1])
         terms.append(both)
-    either = n.new("FunctionNodeBooleanMath")
+    either: Any = n.new("FunctionNodeBooleanMath")
     either.operation = "OR"
     link(terms[0].outputs[0], either.inputs[0])
     link(terms[1].outputs[0], either.inputs[1])
-    delete = n.new("GeometryNodeDeleteGeometry")
+    delete: Any = n.new("GeometryNodeDeleteGeometry")
     delete.domain = "FACE"
     link(gin.outputs["Geometry"], delete.inputs["Geometry"])
     link(either.outputs[0], delete.inputs["Selection"])
@@ -75,9 +78,9 @@ def _socket_id(ng: bpy.types.NodeTree, name: str) -> str:
                 and i.in_out == "INPUT")  # fmt: skip
 
 
-def apply_face_aids(obj: bpy.types.Object, hide_occlusion: bool, hide_border: bool) -> bpy.types.Modifier | None:
+def apply_face_aids(obj: bpy.types.Object, hide_occlusion: bool, hide_border: bool) -> Any:
     """Set up (or update) the DW-mesh's aid modifier; the border attribute is computed on first use."""
-    mod = obj.modifiers.get(MODIFIER)
+    mod: Any = obj.modifiers.get(MODIFIER)
     if mod is None and not (hide_occlusion or hide_border):
         return None
     mesh = obj.data
@@ -243,9 +246,11 @@ _classes = (EX4D_AidSettings, EX4D_PT_aids)
 
 def register() -> None:
     props.register_classes(_classes)
-    bpy.types.Scene.ex4d_aids = bpy.props.PointerProperty(type=EX4D_AidSettings)
+    scene_type: Any = bpy.types.Scene
+    scene_type.ex4d_aids = bpy.props.PointerProperty(type=EX4D_AidSettings)
 
 
 def unregister() -> None:
-    del bpy.types.Scene.ex4d_aids
+    scene_type: Any = bpy.types.Scene
+    del scene_type.ex4d_aids
     props.unregister_classes(_classes)
