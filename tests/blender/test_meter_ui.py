@@ -144,7 +144,8 @@ def test_live_meter_equals_the_full_guide_for_three_moves(shot):
 def test_aids_toggle_what_they_say(shot, tmp_path):
     """Hide occlusion faces / border sheets: the evaluated mesh loses exactly the flagged faces (the occlusion
     attribute of this frame, the faces touching the border ring by vertex index); off brings them back. The
-    guide overlay is a FRONT background at the set alpha; A/B shows the plate. Catches an aid that deletes
+    guide overlay is a FRONT background at the set alpha; A/B switches one front background between the
+    latest result strip's frames and the plate. Catches an aid that deletes
     the wrong faces, edits the mesh data itself, or sets the overlay behind the mesh."""
     sc = shot
     obj = sc.ex4d.dwmesh
@@ -198,3 +199,17 @@ def test_aids_toggle_what_they_say(shot, tmp_path):
     assert Path(bpy.path.abspath(ab[0].image.filepath)).parent == Path(bpy.path.abspath(sc.ex4d.footage_path))
     aids.ab_view = "OFF"
     assert not ab[0].show_background_image
+
+    js = sc.ex4d_job  # a small preview result of this camera, then A/B onto it
+    js.width, js.height, js.num_frames = 64, 48, 5
+    assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}, sc.ex4d.last_error
+    strip = [st for st in addon_module("compat").vse_strips_all(sc) if st.get("ex4d_kind") == "generate"][-1]
+    aids.ab_view = "RESULT"
+    ab = [b for b in cam.data.background_images if b.image and b.image.name == cam.data[va.AB_KEY]]
+    assert len(ab) == 1 and ab[0].show_background_image and ab[0].display_depth == "FRONT"
+    folder = Path(bpy.path.abspath(ab[0].image.filepath)).parent
+    assert folder.resolve() == Path(bpy.path.abspath(strip.directory)).resolve()
+    assert ab[0].image_user.frame_start == strip.frame_start
+    aids.ab_view = "PLATE"  # the same background, switched to the plate
+    assert [b.image.name for b in cam.data.background_images if b.image].count(cam.data[va.AB_KEY]) == 1
+    assert Path(bpy.path.abspath(ab[0].image.filepath)).parent == Path(bpy.path.abspath(sc.ex4d.footage_path))
