@@ -1,8 +1,8 @@
 """The disocclusion meter in Blender: the backend's ``meter`` request for the novel camera, kept live.
 
 1. ``depsgraph_update_post``: a change of the novel camera (its transform, its camera data or its action)
-   while "Live meter" is on arms a debounce (``DEBOUNCE_S``); changes during camera sampling, playback or
-   another job's sampling are ignored (they are frame changes, not edits);
+   while "Live meter" is on arms a debounce (``DEBOUNCE_S``); updates during camera sampling, playback or
+   another job's sampling, and frame changes, are ignored (``camera_changed``: not edits);
 2. a timer (``bpy.app.timers``, every ``TICK_S``) starts the meter through the add-on's one job runner
    (``runner.Job``, non-exclusive: beside a running job, leaving its progress fields alone) once the camera
    has been still for ``DEBOUNCE_S``, and ticks it (sampling the camera in slices, polling the backend);
@@ -203,17 +203,24 @@ def _ignoring() -> bool:
 
 
 def camera_changed(cam_obj, depsgraph) -> bool:
-    """Whether the depsgraph's updates touch ``cam_obj``: its transform, its camera data or its action."""
+    """Whether the depsgraph's updates are an edit of ``cam_obj``: its transform, its camera data or its action.
+    A batch that also updates the scene itself (a frame change: animation re-evaluated) counts only for a
+    change of the camera data."""
     cam_data = cam_obj.data
     ad = cam_obj.animation_data
     action = ad.action if ad is not None else None
+    moved = data_changed = scene_changed = False
     for upd in depsgraph.updates:
         idd = getattr(upd.id, "original", upd.id)
-        if idd == cam_obj and upd.is_updated_transform:
-            return True
-        if idd == cam_data or (action is not None and idd == action):
-            return True
-    return False
+        if isinstance(idd, bpy.types.Scene):
+            scene_changed = True
+        elif idd == cam_obj and upd.is_updated_transform:
+            moved = True
+        elif idd == cam_data and upd.is_updated_geometry:
+            data_changed = True
+        elif action is not None and idd == action:
+            moved = True
+    return data_changed or (moved and not scene_changed)
 
 
 @persistent

@@ -103,7 +103,7 @@ def test_warning_ranges(addon):
 def test_live_meter_equals_the_full_guide_for_three_moves(shot):
     """Three keyed camera moves (the presets an orbit, a sweep and a dolly, keyed on the novel camera by the
     add-on): the camera change alone (depsgraph handler -> debounce -> the runner's job) meters the camera,
-    within 2 points per frame of the full guide's mask; quick edits give one request (the debounce); every main-thread call stays under 100 ms; a second
+    within 2 points per frame of the full guide's mask; quick edits give one request (the debounce), a frame change none; every main-thread call stays under 100 ms; a second
     meter of an unchanged camera is a backend cache hit. Catches a meter on another camera or frame range
     (scene vs clip frames), a handler that never fires or blocks, results stored on the wrong camera."""
     sc = shot
@@ -114,9 +114,18 @@ def test_live_meter_equals_the_full_guide_for_three_moves(shot):
         cam = sc.ex4d.novel_camera
         meter_ui.stats.update(max_call=0.0, calls=0)
         before = meter_ui.stats["requests"]
+        _drive(meter_ui)  # whatever adding the camera armed
+        sc.frame_current = FRAME_START + 2  # scrubbing is not an edit
+        bpy.context.view_layer.update()
+        assert meter_ui._state["due"] is None, "a frame change started the meter"
+        before = meter_ui.stats["requests"]
         for _ in range(3):  # three quick edits of the camera (the preset's own keys stay): one request
-            cam.data.lens = cam.data.lens
-            cam.update_tag()
+            if preset == "30":  # the lens
+                cam.data.lens = cam.data.lens
+            elif preset == "180":  # a key re-inserted (the action)
+                cam.keyframe_insert("location", frame=FRAME_START)
+            else:  # the transform
+                cam.matrix_world = cam.matrix_world.copy()
             bpy.context.view_layer.update()  # depsgraph_update_post -> the debounce
         assert meter_ui._state["due"] is not None, "the camera change was not seen"
         secs = _drive(meter_ui)
