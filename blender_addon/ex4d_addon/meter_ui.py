@@ -236,6 +236,15 @@ def _on_depsgraph(scene, depsgraph=None) -> None:
         schedule()
 
 
+@persistent
+def _on_load_pre(*_args) -> None:
+    """A new file: the running meter's scene goes away (its result would land nowhere)."""
+    job = _state["job"]
+    if job is not None and not job.done:
+        job.cancel()
+    _state.update(due=None, job=None, scene=None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Drawing: the timeline bar
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +350,7 @@ def register() -> None:
     scene_type: Any = bpy.types.Scene
     scene_type.ex4d_meter = bpy.props.PointerProperty(type=EX4D_MeterSettings)
     runner.add_handler(bpy.app.handlers.depsgraph_update_post, _on_depsgraph)
+    runner.add_handler(bpy.app.handlers.load_pre, _on_load_pre)
     if not bpy.app.background and _draw_handle is None:
         _draw_handle = bpy.types.SpaceDopeSheetEditor.draw_handler_add(_draw_timeline, (), "WINDOW", "POST_PIXEL")
 
@@ -357,6 +367,7 @@ def unregister() -> None:
         job.cancel()
     _state.update(due=None, job=None, scene=None, timer=False)
     runner.remove_handler(bpy.app.handlers.depsgraph_update_post, _on_depsgraph)
+    runner.remove_handler(bpy.app.handlers.load_pre, _on_load_pre)
     scene_type: Any = bpy.types.Scene
     del scene_type.ex4d_meter
     props.unregister_classes(_classes)
