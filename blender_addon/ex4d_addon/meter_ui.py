@@ -33,6 +33,7 @@ DEBOUNCE_S = 0.3
 TICK_S = 0.05
 SHARE_KEY, HASH_KEY, START_KEY = "ex4d_meter_share", "ex4d_meter_hash", "ex4d_meter_frame_start"
 BAR_HEIGHT_PX = 14.0
+QUEUED_TEXT = "the meter waits for the backend's running job"
 
 stats = {"max_call": 0.0, "calls": 0, "requests": 0}  # main-thread timings (tests, the budget check)
 _state: dict = {"due": None, "job": None, "scene": None, "timer": False}
@@ -159,6 +160,13 @@ def _tick() -> float | None:
             job.tick()
         except ReferenceError:  # the scene went away (file loaded)
             job = _state["job"] = None
+        if job is not None and not job.done and job.events and job.events[-1].get("event") == "queued":
+            try:
+                m = job.scene.ex4d_meter
+                if m.status != QUEUED_TEXT:
+                    m.status = QUEUED_TEXT
+            except ReferenceError:
+                pass
         if job is not None and job.done:
             if job.state != "done" and job.report:
                 try:
