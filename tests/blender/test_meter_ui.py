@@ -223,3 +223,54 @@ def test_aids_toggle_what_they_say(shot, tmp_path):
     aids.ab_view = "PLATE"  # the same background, switched to the plate
     assert [b.image.name for b in cam.data.background_images if b.image].count(cam.data[va.AB_KEY]) == 1
     assert Path(bpy.path.abspath(ab[0].image.filepath)).parent == Path(bpy.path.abspath(sc.ex4d.footage_path))
+
+
+class _Layout:
+    """Records a panel's draw calls; checks every property and operator it names exists."""
+
+    def __init__(self, log):
+        self.log, self.alert, self.enabled = log, False, True
+
+    def box(self, **_kw):
+        return _Layout(self.log)
+
+    row = column = box
+
+    def label(self, text="", icon="NONE", translate=True):
+        self.log.append(("label", text))
+
+    def prop(self, data, name, **_kw):
+        assert name in data.bl_rna.properties, f"{data} has no property {name}"
+        self.log.append(("prop", name))
+
+    def operator(self, idname, **_kw):
+        mod, name = idname.split(".")
+        getattr(getattr(bpy.ops, mod), name).get_rna_type()
+        self.log.append(("operator", idname))
+
+
+def test_panels_show_the_stored_meter(scene):
+    """Known shares on the novel camera (clip frames from scene frame 5): the meter panel names the worst frame
+    and the frames over the threshold; the aids panel's toggles exist. Catches a panel that reads another
+    camera, ignores the frame offset or the threshold setting."""
+    cam = bpy.data.objects.new("Novel", bpy.data.cameras.new("Novel"))
+    scene.collection.objects.link(cam)
+    scene.ex4d.novel_camera = cam
+    meter_ui = addon_module("meter_ui")
+    cam[meter_ui.SHARE_KEY] = [0.1, 0.5, 0.6, 0.2]
+    cam[meter_ui.START_KEY] = 5
+    labels = []
+    for threshold, expected in (
+        (0.4, "frames 6-7 are more than 40% unseen"),
+        (0.55, "frame 7 is more than 55% unseen"),
+    ):
+        scene.ex4d_meter.threshold = threshold
+        log: list = []
+        bpy.types.EX4D_PT_meter.draw(type("P", (), {"layout": _Layout(log)})(), bpy.context)
+        labels = [x for kind, x in log if kind == "label"]
+        assert "Worst: frame 7, 60% unseen" in labels and expected in labels, labels
+        assert ("operator", "ex4d.update_meter") in log and ("prop", "live") in log
+    log = []
+    bpy.types.EX4D_PT_aids.draw(type("P", (), {"layout": _Layout(log)})(), bpy.context)
+    assert {x for kind, x in log if kind == "prop"} == {
+        "hide_occlusion", "hide_border", "guide_overlay", "guide_opacity", "ab_view"}  # fmt: skip
