@@ -9,7 +9,8 @@ and does all camera maths (the add-on sends raw Blender camera values and receiv
 Modules: ``props`` (settings), ``backend`` (the service process), ``runner`` (the one job runner),
 ``sampling`` (camera samples), ``mesh_object`` (the DW-mesh object), ``outputs`` (result folders),
 ``strips`` (VSE and camera backgrounds), ``ops_scene`` / ``ops_jobs`` / ``farm`` (operators; ``farm``:
-submissions to a render farm), ``panels`` (UI),
+submissions to a render farm), ``panels`` (UI), ``meter_ui`` (the live disocclusion meter: timeline bar and
+sub-panel; ``meter_math`` its pure part), ``viewport_aids`` (hide occlusion / border faces, guide overlay, A/B),
 ``data`` / ``compat`` (Blender data helpers, version differences). Registered in that order, unregistered
 in reverse.
 """
@@ -28,6 +29,8 @@ _MODULE_NAMES = (
     "panels",
     "depth_tools",
     "history_ui",
+    "meter_ui",
+    "viewport_aids",
 )
 _registered: list = []
 

@@ -28,6 +28,7 @@ from ..pipeline.stages import STAGE_VERSION, Context
 from . import info, protocol, stereo_jobs
 from .info import hello, probe_footage
 from .jobstore import JobStore, make_key
+from .meter_job import exec_meter
 
 log = logging.getLogger("ex4d_backend.service")
 
@@ -183,6 +184,7 @@ EXECUTORS = {
     "camera_preset": exec_camera_preset,
     "render_guide": exec_render_guide,
     "generate": exec_generate,
+    "meter": exec_meter,  # the disocclusion meter (meter_job.py)
 }
 FORCED_STAGE = {
     "estimate_depth": "depth",
@@ -190,6 +192,7 @@ FORCED_STAGE = {
     "camera_preset": "camera",
     "render_guide": "guide",
     "generate": "generate",
+    "meter": "meter",
 }
 
 

@@ -70,7 +70,7 @@ LIGHT_TYPES = (
     "store_info",
     "store_clean",
 )  # cheap, CPU only: run beside the GPU job, never wait behind it
-JOB_TYPES = ("estimate_depth", "build_dwmesh", "camera_preset", "render_guide", "generate")
+JOB_TYPES = ("estimate_depth", "build_dwmesh", "camera_preset", "render_guide", "generate", "meter")
 REQUEST_TYPES = CONTROL_TYPES + LIGHT_TYPES + JOB_TYPES
 EVENT_TYPES = ("queued", "started", "progress", "log", "result", "error")
 
@@ -307,6 +307,19 @@ PARAMS: dict[str, dict] = {
             **EYE,
             **COMMON,
         },  # fmt: skip
+        ["footage", "depth", "camera"],
+    ),
+    "meter": _params(  # the disocclusion meter: render_guide's inputs, a low-resolution mask pass (meter_job.py)
+        {
+            **CLIP,
+            "depth": DEPTH,
+            **INTRINSICS,
+            **MESH,
+            "renderer": RENDER["renderer"],
+            "camera": CAMERA,
+            **SOURCE,
+            **COMMON,
+        },
         ["footage", "depth", "camera"],
     ),
 }
