@@ -81,10 +81,11 @@ def exec_estimate_depth(ctx: Context, p: dict) -> dict:
 def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
     from ..cameras import CV_TO_BLENDER
 
-    # the source camera's intrinsics (when given), as render_guide's mesh; the depth scale does not matter here
+    # the source camera's intrinsics (when given), as render_guide's mesh; the depth scale (manual or fitted to
+    # the bundles) only comes back for the add-on, which scales the DW-mesh object by it (the mesh stays in depth units)
     src = stages.source_for_shot(
         ctx, p["footage"], FrameSettings.from_params(p), DepthSettings.from_params(p["depth"]),
-        IntrinsicsSettings.from_params(p), SourceSettings(p.get("source_camera")),
+        IntrinsicsSettings.from_params(p), SourceSettings(p.get("source_camera"), p.get("depth_scale", 1.0)),
     )  # fmt: skip
     clip, depth = src.clip, src.depth
     mesh = stages.mesh_stage(ctx, clip, depth, src.setup.k, MeshSettings.from_params(p))
@@ -102,6 +103,8 @@ def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
         ),
         "depth_npy": str(depth.dir / "depth.npy"),
         "frames_npy": str(clip.dir / "frames.npy"),
+        "depth_scales": [float(v) for v in src.setup.scales],
+        "depth_scale_fit": src.setup.fit,
         **_clip_result(clip),
     }
 

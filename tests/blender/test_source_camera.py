@@ -1,0 +1,195 @@
+"""A moving source camera in real headless Blender (issue 15): a keyed, jittering "EX4D Source" sent to the
+backend, the DW-mesh riding on it, the depth scale fitted to bundles, and the frame-0 check with Snap / Blend In.
+
+A camera solve cannot be made headless: ``MovieTrackingTrack.bundle`` / ``has_bundle`` and the reconstruction
+are read-only and ``clip.solve_camera`` needs a Clip Editor, so the source here is keyed (the sampling
+evaluates a Camera Solver constraint like any other) and the bundles are Empties (``bundle_collection``).
+
+Ground truth: the Blender -> OpenCV formula written out here (``CV_TO_BLENDER``, ``FLIP_YZ`` literally), the
+synthetic clip's exact depth, Blender's own ``world_to_camera_view``, and analytic bundles of a known scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import bpy
+import numpy as np
+import pytest
+from bpy_extras.object_utils import world_to_camera_view
+from conftest import addon_module, backend_py
+from mathutils import Matrix, Vector
+
+CV_TO_BLENDER = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # X = x, Y = z, Z = -y
+FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def _opencv_extrinsics(mw: np.ndarray) -> np.ndarray:
+    """Blender camera matrix_world -> OpenCV world-to-camera, literally: inv(inv(C) @ mw @ F)."""
+    return np.linalg.inv(np.linalg.inv(CV_TO_BLENDER) @ mw @ FLIP_YZ)
+
+
+def _import(clip, depth=None):
+    assert bpy.ops.ex4d.import_footage(filepath=str(clip["frames_dir"]), focal_px=clip["focal_px"]) == {"FINISHED"}
+    if depth is not None:
+        bpy.context.scene.ex4d.depth_filepath = str(depth)
+
+
+def _key_source(scene, offsets) -> bpy.types.Object:
+    """Key EX4D Source on every clip frame at its imported pose moved by ``offsets[i]`` = (dx, dy, dz, rx, ry, rz)
+    in its own axes (metres, degrees)."""
+    src = scene.ex4d.source_camera
+    mw0 = src.matrix_world.copy()
+    for i, (dx, dy, dz, rx, ry, rz) in enumerate(offsets):
+        rot = Matrix.Rotation(math.radians(rz), 4, "Z") @ Matrix.Rotation(math.radians(ry), 4, "Y")
+        rot = rot @ Matrix.Rotation(math.radians(rx), 4, "X")
+        src.matrix_world = mw0 @ Matrix.Translation((dx, dy, dz)) @ rot
+        src.keyframe_insert("location", frame=scene.frame_start + i)
+        src.keyframe_insert("rotation_euler", frame=scene.frame_start + i)
+    return src
+
+
+def _jitter(n: int) -> list:
+    rng = np.random.default_rng(15)
+    return [tuple(rng.uniform(-0.05, 0.05, 3)) + tuple(rng.uniform(-2.0, 2.0, 3)) for _ in range(n)]
+
+
+def _evaluated_mw(obj, frame: int) -> np.ndarray:
+    bpy.context.scene.frame_set(frame)
+    return np.array(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).matrix_world)
+
+
+def test_keyed_source_round_trips_and_the_dwmesh_lines_up(scene, clip):
+    """The source path the backend receives is the Blender camera's: the backend's extrinsics of the sent payload
+    = inv(inv(C) @ matrix_world @ F) on every frame (fails on a frame offset, an unevaluated/static matrix, a
+    missing source in the payload). The DW-mesh parented to the source lands on its pixels from the source
+    camera of that frame at depth x scale (fails on a static mesh, a wrong local matrix, a lost scale)."""
+    src_mod = addon_module("source_camera")
+    data = addon_module("data")
+    _import(clip, clip["depth"])
+    n, w, h = clip["n_frames"], clip["width"], clip["height"]
+    src = _key_source(scene, _jitter(n))
+    st = scene.ex4d_source
+    st.use_moving_source, st.scale_mode, st.manual_scale = True, "MANUAL", 1.7
+    payload = data.run_to_end(src_mod.source_params(bpy.context, n))
+    assert payload["depth_scale"] == pytest.approx(1.7)
+    res = backend_py(
+        """
+import numpy as np
+from ex4d_backend.pipeline.source import resolve_source
+path, k = resolve_source(ARGS["spec"], ARGS["n"], np.array(ARGS["K"]), ARGS["w"], ARGS["h"])
+OUT = {"E": path.extrinsics.tolist(), "K": np.asarray(k).tolist()}
+""",
+        spec=payload["source_camera"], n=n, K=clip["K"], w=w, h=h,
+    )  # fmt: skip
+    mws = [_evaluated_mw(src, scene.frame_start + i) for i in range(n)]
+    np.testing.assert_allclose(np.array(res["E"]), [_opencv_extrinsics(m) for m in mws], atol=1e-5)
+    k_back = np.array(res["K"]).reshape(-1, 3, 3)
+    np.testing.assert_allclose(k_back, np.broadcast_to(clip["K"], k_back.shape), rtol=1e-5, atol=1e-4)
+
+    assert bpy.ops.ex4d.build_dwmesh() == {"FINISHED"}, scene.ex4d.last_error
+    mesh = scene.ex4d.dwmesh
+    assert mesh.parent == src and np.allclose(np.array(mesh.matrix_parent_inverse), np.eye(4))
+    assert st.fit_scale == pytest.approx(1.7)
+    depth = np.load(clip["depth"]).astype(np.float64)
+    v, u = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    for i in range(n):
+        scene.frame_set(scene.frame_start + i)
+        dg = bpy.context.evaluated_depsgraph_get()
+        mw = np.array(mesh.evaluated_get(dg).matrix_world)
+        co = data.evaluated_positions(mesh, dg).astype(np.float64) @ mw[:3, :3].T + mw[:3, 3]
+        cam = src.evaluated_get(dg)
+        ndc = np.array([tuple(world_to_camera_view(scene, cam, Vector(p))) for p in co])
+        d = depth[i].copy()
+        d[0, :] = d[-1, :] = d[:, 0] = d[:, -1] = 100.0  # the DW-mesh's border ring
+        # pixel (col, row)'s vertex at image coordinate (col, row) (the reference's K: u = fx x / z + cx puts
+        # the vertex of pixel i at u = i; docs/moving_camera.md's half-pixel note), the same on every frame
+        np.testing.assert_allclose(ndc[:, 0] * w, u.ravel(), atol=2e-3, err_msg=f"frame {i}")
+        np.testing.assert_allclose((1.0 - ndc[:, 1]) * h, v.ravel(), atol=2e-3, err_msg=f"frame {i}")
+        np.testing.assert_allclose(ndc[:, 2], 1.7 * d.ravel(), rtol=1e-5, err_msg=f"frame {i}")
+
+
+def test_bundles_fit_a_known_scale(scene, clip, tmp_path):
+    """Empties on a wall at 2.5 x the depth map's distance, the source sliding along its own x axis (the wall's
+    depth stays exact on every frame): Build DW-Mesh fits 2.5 to 1 %, the panel's fit shows it and the mesh is
+    scaled by it. Fails on bundles sent in the wrong convention, a missing fit, or an unscaled mesh."""
+    d_units, s_true = 4.0, 2.5
+    depth = np.full((clip["n_frames"], clip["height"], clip["width"]), d_units, np.float32)
+    np.save(tmp_path / "wall.npy", depth)
+    _import(clip, tmp_path / "wall.npy")
+    src = scene.ex4d.source_camera
+    mw0 = src.matrix_world.copy()
+    coll = bpy.data.collections.new("bundles")
+    scene.collection.children.link(coll)
+    for x in (-2.0, -0.7, 0.7, 2.0):
+        for y in (-1.2, 0.0, 1.2):
+            e = bpy.data.objects.new(f"b{x}{y}", None)
+            coll.objects.link(e)
+            e.location = mw0 @ Vector((x, y, -s_true * d_units))  # a Blender camera looks down its local -Z
+    _key_source(scene, [(0.05 * i, 0.0, 0.0, 0.0, 0.0, 0.0) for i in range(clip["n_frames"])])
+    st = scene.ex4d_source
+    st.use_moving_source, st.scale_mode, st.bundle_collection = True, "BUNDLES", coll
+    assert bpy.ops.ex4d.build_dwmesh() == {"FINISHED"}, scene.ex4d.last_error
+    assert st.fit_scale == pytest.approx(s_true, rel=0.01)
+    assert st.fit_n_obs >= 8 and st.fit_residual < 0.01 and not st.fit_warnings
+    mesh = scene.ex4d.dwmesh
+    assert np.array(mesh.matrix_basis.to_scale()) == pytest.approx([s_true] * 3, rel=0.01)
+
+
+def _novel_turned(scene, degrees: float) -> bpy.types.Object:
+    """A novel camera with the source's lens, turned ``degrees`` about its up axis on every frame, keyed."""
+    src = scene.ex4d.source_camera
+    cam = bpy.data.objects.new("turned", bpy.data.cameras.new("turned"))
+    scene.collection.objects.link(cam)
+    for key in ("lens", "sensor_fit", "sensor_width", "sensor_height", "shift_x", "shift_y", "clip_start"):
+        setattr(cam.data, key, getattr(src.data, key))
+    cam.data.clip_end = 1000.0
+    for f in (scene.frame_start, scene.frame_end):
+        cam.matrix_world = src.matrix_world @ Matrix.Rotation(math.radians(degrees), 4, "Y")
+        cam.keyframe_insert("location", frame=f)
+        cam.keyframe_insert("rotation_euler", frame=f)
+    scene.ex4d.novel_camera = cam
+    return cam
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    r = a[:3, :3].T @ b[:3, :3]
+    return math.degrees(math.acos(max(-1.0, min(1.0, (np.trace(r) - 1.0) / 2.0))))
+
+
+@pytest.mark.slow
+def test_frame0_warning_and_snap(scene, clip):
+    """A novel camera turned 16 degrees at frame 1: the guide's frame0_is_source is false, the panel warns;
+    Snap keys frame 1 at the source pose, and the guide rendered again starts at the source (no warning).
+    Fails when the warning is not raised, or the snap leaves the first frame off the source."""
+    _import(clip, clip["depth"])
+    assert bpy.ops.ex4d.build_dwmesh() == {"FINISHED"}, scene.ex4d.last_error
+    src = scene.ex4d.source_camera
+    novel = _novel_turned(scene, 16.0)
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}, scene.ex4d.last_error
+    assert "does not start at the source" in scene.ex4d_source.frame0_warning
+    assert bpy.ops.ex4d.snap_to_source() == {"FINISHED"}
+    assert scene.ex4d_source.frame0_warning == ""
+    f0 = scene.frame_start
+    np.testing.assert_allclose(_evaluated_mw(novel, f0), _evaluated_mw(src, f0), atol=1e-6)
+    assert _angle_deg(_evaluated_mw(novel, scene.frame_end), _evaluated_mw(src, scene.frame_end)) == pytest.approx(16.0)
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}, scene.ex4d.last_error
+    assert scene.ex4d_source.frame0_warning == ""
+
+
+def test_blend_in_from_source(scene, clip):
+    """Blend In over 3 frames: frame 1 is the source pose, frame 4 the designed path (16 degrees), frame 2 turned
+    16 x smoothstep(1/3) degrees. Fails on a wrong weight, a blend that ends off the path, or an unkeyed start."""
+    _import(clip)
+    src = scene.ex4d.source_camera
+    novel = _novel_turned(scene, 16.0)
+    scene.ex4d_source.blend_frames = 3
+    assert bpy.ops.ex4d.blend_from_source() == {"FINISHED"}
+    f0 = scene.frame_start
+    ms = _evaluated_mw(src, f0)
+    angles = [_angle_deg(_evaluated_mw(novel, f0 + i), ms) for i in range(4)]
+    w = 1 / 3
+    assert angles[0] == pytest.approx(0.0, abs=1e-3) and angles[3] == pytest.approx(16.0, abs=1e-3)
+    assert angles[1] == pytest.approx(16.0 * w * w * (3 - 2 * w), abs=1e-3)
+    w2 = 2 / 3
+    assert angles[2] == pytest.approx(16.0 * w2 * w2 * (3 - 2 * w2), abs=1e-3)
