@@ -18,7 +18,17 @@ from __future__ import annotations
 
 import importlib
 
-_MODULE_NAMES = ("props", "source_camera", "runner", "mesh_object", "ops_scene", "ops_jobs", "farm", "panels", "solve_ui")
+_MODULE_NAMES = (
+    "props",
+    "source_camera",
+    "runner",
+    "mesh_object",
+    "ops_scene",
+    "ops_jobs",
+    "farm",
+    "panels",
+    "solve_ui",
+)
 _registered: list = []
 
 
