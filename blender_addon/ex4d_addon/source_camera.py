@@ -99,14 +99,18 @@ def is_moving(cam_obj) -> bool:
 
 
 def follow_solve(scene, cam_obj, clip) -> None:
-    """``cam_obj`` follows ``clip``'s camera solve (a Camera Solver constraint) with the solve's lens and sensor
-    (as Blender's own "Setup Tracking Scene" sets them); the clip becomes the scene's active clip."""
+    """``cam_obj`` follows ``clip``'s camera solve (a Camera Solver constraint; its own transform reset to identity)
+    with the solve's lens and sensor (as Blender's own "Setup Tracking Scene" sets them); the clip becomes the
+    scene's active clip."""
     con = cam_obj.constraints.get(SOLVER_CONSTRAINT)
     if con is None:
         con = cam_obj.constraints.new("CAMERA_SOLVER")
         con.name = SOLVER_CONSTRAINT
     con.use_active_clip = False
     con.clip = clip
+    # the constraint composes the solve with the camera's own transform; identity puts the camera exactly where
+    # the solve has it, in the world its bundles are in
+    cam_obj.matrix_basis = Matrix.Identity(4)
     tc = clip.tracking.camera
     cam_obj.data.sensor_width = tc.sensor_width
     cam_obj.data.lens = tc.focal_length

@@ -1,9 +1,9 @@
 """A moving source camera in real headless Blender (issue 15): a keyed, jittering "EX4D Source" sent to the
 backend, the DW-mesh riding on it, the depth scale fitted to bundles, and the frame-0 check with Snap / Blend In.
 
-A camera solve cannot be made headless: ``MovieTrackingTrack.bundle`` / ``has_bundle`` and the reconstruction
-are read-only and ``clip.solve_camera`` needs a Clip Editor, so the source here is keyed (the sampling
-evaluates a Camera Solver constraint like any other) and the bundles are Empties (``bundle_collection``).
+Sources: a keyed jittering camera, bundles as Empties (``bundle_collection``), and a real camera solve: tracks
+with exact synthetic markers solved by Blender's own ``clip.solve_camera`` (libmv) in a Clip Editor of the
+headless window (bundles and the reconstruction are read-only in the API: only a solve makes them).
 
 Ground truth: the Blender -> OpenCV formula written out here (``CV_TO_BLENDER``, ``FLIP_YZ`` literally), the
 synthetic clip's exact depth, Blender's own ``world_to_camera_view``, and analytic bundles of a known scale.
@@ -236,3 +236,80 @@ def test_blend_in_from_source(scene, clip):
     assert angles[1] == pytest.approx(16.0 * w * w * (3 - 2 * w), abs=1e-3)
     w2 = 2 / 3
     assert angles[2] == pytest.approx(16.0 * w2 * w2 * (3 - 2 * w2), abs=1e-3)
+
+
+def _solve_clip(clip_data, points: np.ndarray, centres: np.ndarray) -> bpy.types.MovieClip:
+    """The footage as a Movie Clip with one track per point (``points`` (M, 3) in the first camera's OpenCV
+    axes, the camera at ``centres`` (T, 3), no rotation): markers at the exact projections with the clip's
+    focal length, then Blender's own camera solve (``clip.solve_camera`` in a Clip Editor of the headless
+    window)."""
+    w, h, f = clip_data["width"], clip_data["height"], clip_data["focal_px"]
+    mc = bpy.data.movieclips.load(str(clip_data["video"]), check_existing=True)
+    mc.frame_start = bpy.context.scene.frame_start
+    tc = mc.tracking.camera
+    tc.sensor_width = 36.0
+    tc.focal_length_pixels = f
+    tc.principal_point_pixels = (w / 2, h / 2)
+    tc.k1 = tc.k2 = tc.k3 = 0.0
+    for j, p in enumerate(points):
+        track = mc.tracking.tracks.new(name=f"p{j}", frame=1)
+        for t, c in enumerate(centres):
+            x = p - c
+            track.markers.insert_frame(t + 1, co=((f * x[0] / x[2] + w / 2) / w, 1.0 - (f * x[1] / x[2] + h / 2) / h))
+    obj = mc.tracking.objects.active
+    obj.keyframe_a, obj.keyframe_b = 1, len(centres)
+    win = bpy.context.window_manager.windows[0]
+    area = win.screen.areas[0]
+    old = area.type
+    area.type = "CLIP_EDITOR"
+    area.spaces.active.clip = mc
+    try:
+        with bpy.context.temp_override(window=win, area=area, space_data=area.spaces.active, edit_movieclip=mc):
+            assert bpy.ops.clip.solve_camera() == {"FINISHED"}
+    finally:
+        area.type = old
+    assert mc.tracking.reconstruction.is_valid and mc.tracking.reconstruction.average_error < 0.01
+    return mc
+
+
+def test_camera_solve_is_followed_and_its_bundles_fit_the_scale(scene, clip):
+    """A real camera solve (Blender's libmv on exact synthetic tracks: points on two fronto-parallel planes at
+    z = 6 and 10, the camera sliding in its image plane, so the depth map of every frame is exact):
+    ``import_footage(use_camera_solve=True)`` makes EX4D Source follow it (Camera Solver constraint), the payload's
+    source path is the solve's cameras (the literal formula on the reconstruction's own matrices), and the fit to
+    the solve's bundles finds the solve's scale (its baseline / the true baseline) to 1 %. Fails on a static
+    source, a frame offset in the marker -> clip-frame mapping, bundles in the wrong convention, or a lost fit."""
+    n, w, h, f = clip["n_frames"], clip["width"], clip["height"], clip["focal_px"]
+    rng = np.random.default_rng(7)
+    pts = []
+    for z, (u0, u1) in ((6.0, (8.0, 24.0)), (10.0, (40.0, 56.0))):
+        u, v = rng.uniform(u0, u1, 16), rng.uniform(6.0, 42.0, 16)
+        pts.append(np.c_[(u - w / 2) / f * z, (v - h / 2) / f * z, np.full(16, z)])
+    centres = np.c_[np.linspace(0.0, 0.5, n), np.linspace(0.0, 0.25, n), np.zeros(n)]
+    mc = _solve_clip(clip, np.concatenate(pts), centres)
+    depth = np.empty((n, h, w), np.float32)
+    depth[:, :, : w // 2], depth[:, :, w // 2 :] = 6.0, 10.0  # the two planes (the points keep to their halves)
+    planes = clip["dir"] / "planes_depth.npy"
+    np.save(planes, depth)
+    res = bpy.ops.ex4d.import_footage(filepath=str(clip["video"]), focal_px=f, use_camera_solve=True)
+    assert res == {"FINISHED"}
+    scene.ex4d.depth_filepath = str(planes)
+    src = scene.ex4d.source_camera
+    st = scene.ex4d_source
+    assert st.use_moving_source and st.clip == mc and st.scale_mode == "BUNDLES"
+    assert any(c.type == "CAMERA_SOLVER" and c.clip == mc for c in src.constraints)
+    rec = {int(c.frame): np.array(c.matrix) for c in mc.tracking.reconstruction.cameras}
+    mws = [_evaluated_mw(src, scene.frame_start + i) for i in range(n)]
+    for i in range(n):  # the constraint puts the camera where the solve has it (the reconstruction's matrices)
+        np.testing.assert_allclose(mws[i], rec[i + 1], atol=1e-5)
+    payload = addon_module("data").run_to_end(addon_module("source_camera").source_params(bpy.context, n))
+    assert len(payload["depth_scale"]["bundles"]) == 32 and payload["depth_scale"]["bundles"][0]["frames"] == list(
+        range(n)
+    )
+    got = np.array(payload["source_camera"]["blender"]["matrix_world"])
+    np.testing.assert_allclose([_opencv_extrinsics(m) for m in got], [_opencv_extrinsics(m) for m in mws], atol=1e-5)
+    assert bpy.ops.ex4d.build_dwmesh() == {"FINISHED"}, scene.ex4d.last_error
+    baseline_solve = np.linalg.norm(mws[-1][:3, 3] - mws[0][:3, 3])
+    sigma = baseline_solve / np.linalg.norm(centres[-1] - centres[0])  # the solve's units per true unit
+    assert st.fit_scale == pytest.approx(sigma, rel=0.01), (st.fit_scale, sigma, st.fit_warnings)
+    assert scene.ex4d.dwmesh.parent == src
