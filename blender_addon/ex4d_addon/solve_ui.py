@@ -11,7 +11,7 @@ import bpy
 from bpy.app.translations import pgettext_iface as iface_
 from mathutils import Matrix
 
-from . import mesh_object, props, source_camera
+from . import mesh_object, props, runner, source_camera
 
 LENS_FIELDS = ("sensor_fit", "sensor_width", "sensor_height", "shift_x", "shift_y")
 
@@ -93,7 +93,7 @@ class _NeedsCameras:
     def poll(cls, context):
         src, novel = _cameras(context)
         if src is None:
-            cls.poll_message_set("Needs a source camera and another novel camera")
+            runner.poll_message(cls, "Needs a source camera and another novel camera")
             return False
         return True
 

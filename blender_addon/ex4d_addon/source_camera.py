@@ -24,6 +24,7 @@ frame to the backend, the DW-mesh riding on it, the depth scale and the frame-0 
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import Any
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
@@ -273,9 +274,11 @@ CLASSES = (EX4D_SourceSettings,)
 
 def register() -> None:
     props.register_classes(CLASSES)
-    bpy.types.Scene.ex4d_source = PointerProperty(type=EX4D_SourceSettings)
+    scene_type: Any = bpy.types.Scene
+    scene_type.ex4d_source = PointerProperty(type=EX4D_SourceSettings)
 
 
 def unregister() -> None:
-    del bpy.types.Scene.ex4d_source
+    scene_type: Any = bpy.types.Scene
+    del scene_type.ex4d_source
     props.unregister_classes(CLASSES)
