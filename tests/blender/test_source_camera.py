@@ -140,13 +140,12 @@ OUT = {"E": path.extrinsics.tolist(), "K": np.asarray(k).tolist()}
         np.testing.assert_allclose(ndc[:, 2], 1.7 * d.ravel()[pick], rtol=1e-5, err_msg=f"frame {i}")
 
 
-def test_bundles_fit_a_known_scale(scene, clip):
-    """Empties on a wall at 2.5 x the depth map's distance, the source sliding along its own x axis (the wall's
-    depth stays exact on every frame): Build DW-Mesh fits 2.5 to 1 %, the panel's fit shows it and the mesh is
-    scaled by it. Fails on bundles sent in the wrong convention, a missing fit, or an unscaled mesh."""
-    d_units, s_true = 4.0, 2.5
-    depth = np.full((clip["n_frames"], clip["height"], clip["width"]), d_units, np.float32)
-    wall = clip["dir"] / "wall_depth.npy"  # beside the footage: a folder the running backend already may read
+def _wall_shot(scene, clip, depth_units: np.ndarray, s_true: float, name: str):
+    """Footage with the depth map ``depth_units`` (T,) per frame (a wall), Empties on the wall at ``s_true`` x
+    frame 0's distance, the source sliding along its own x axis (the wall's depth stays exact on every frame)."""
+    n = clip["n_frames"]
+    depth = np.broadcast_to(depth_units[:, None, None], (n, clip["height"], clip["width"])).astype(np.float32)
+    wall = clip["dir"] / f"{name}.npy"  # beside the footage: a folder the running backend already may read
     np.save(wall, depth)
     _import(clip, wall)
     src = scene.ex4d.source_camera
@@ -157,16 +156,40 @@ def test_bundles_fit_a_known_scale(scene, clip):
         for y in (-1.2, 0.0, 1.2):
             e = bpy.data.objects.new(f"b{x}{y}", None)
             coll.objects.link(e)
-            e.location = mw0 @ Vector((x, y, -s_true * d_units))  # a Blender camera looks down its local -Z
-    _key_source(scene, [(0.05 * i, 0.0, 0.0, 0.0, 0.0, 0.0) for i in range(clip["n_frames"])])
+            e.location = mw0 @ Vector((x, y, -s_true * depth_units[0]))  # a Blender camera looks down its local -Z
+    _key_source(scene, [(0.05 * i, 0.0, 0.0, 0.0, 0.0, 0.0) for i in range(n)])
     st = scene.ex4d_source
     st.use_moving_source, st.scale_mode, st.bundle_collection = True, "BUNDLES", coll
+    return st
+
+
+def test_bundles_fit_a_known_scale(scene, clip):
+    """Empties on a wall at 2.5 x the depth map's distance: Build DW-Mesh fits 2.5 to 1 %, the panel's fit shows
+    it and the mesh is scaled by it. Fails on bundles sent in the wrong convention, a missing fit, or an unscaled
+    mesh."""
+    s_true = 2.5
+    st = _wall_shot(scene, clip, np.full(clip["n_frames"], 4.0), s_true, "wall_depth")
     assert bpy.ops.ex4d.build_dwmesh() == {"FINISHED"}, scene.ex4d.last_error
     assert st.fit_scale == pytest.approx(s_true, rel=0.01)
     assert st.fit_n_obs >= 8 and st.fit_residual < 0.01 and not st.fit_warnings
     mesh = scene.ex4d.dwmesh
     assert np.array(mesh.matrix_basis.to_scale()) == pytest.approx([s_true] * 3, rel=0.01)
     assert any(kind == "label" and x.startswith("Scale 2.5") for kind, x in _panel_log())
+
+
+def test_per_frame_scale_keys_the_mesh(scene, clip):
+    """A depth whose units drift per frame (the wall at 4 x (1 + 0.1 t) units, fixed in the world): the per-frame
+    fit gives s_t = 2.5 / (1 + 0.1 t) and the DW-mesh's evaluated scale on frame t is s_t, so the wall stays put.
+    Fails when the per-frame scales are ignored or keyed on the wrong frames."""
+    n = clip["n_frames"]
+    drift = 1.0 + 0.1 * np.arange(n)
+    st = _wall_shot(scene, clip, 4.0 * drift, 2.5, "drifting_wall_depth")
+    st.per_frame_scale = True
+    assert bpy.ops.ex4d.build_dwmesh() == {"FINISHED"}, scene.ex4d.last_error
+    mesh = scene.ex4d.dwmesh
+    for i in range(n):
+        got = Matrix(_evaluated_mw(mesh, scene.frame_start + i).tolist()).to_scale()
+        assert np.array(got) == pytest.approx([2.5 / drift[i]] * 3, rel=0.01), f"frame {i}"
 
 
 def _novel_turned(scene, degrees: float) -> bpy.types.Object:
