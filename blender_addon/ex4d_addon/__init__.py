@@ -9,7 +9,7 @@ and does all camera maths (the add-on sends raw Blender camera values and receiv
 Modules: ``props`` (settings), ``backend`` (the service process), ``runner`` (the one job runner),
 ``sampling`` (camera samples), ``mesh_object`` (the DW-mesh object), ``outputs`` (result folders),
 ``strips`` (VSE and camera backgrounds), ``ops_scene`` / ``ops_jobs`` / ``farm`` (operators; ``farm``:
-submissions to a render farm), ``panels`` (UI), ``source_camera`` / ``solve_ui`` (a moving source camera),
+submissions to a render farm), ``panels`` (UI), ``solve_ui`` / ``source_camera`` (a moving source camera),
 ``data`` / ``compat`` (Blender data helpers, version differences). Registered in that order, unregistered
 in reverse.
 """
@@ -18,17 +18,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULE_NAMES = (
-    "props",
-    "source_camera",
-    "runner",
-    "mesh_object",
-    "ops_scene",
-    "ops_jobs",
-    "farm",
-    "panels",
-    "solve_ui",
-)
+_MODULE_NAMES = ("props", "runner", "mesh_object", "ops_scene", "ops_jobs", "farm", "panels", "solve_ui")
 _registered: list = []
 
 

@@ -205,8 +205,10 @@ CLASSES = (EX4D_OT_snap_to_source, EX4D_OT_blend_from_source, EX4D_OT_follow_cam
 
 
 def register() -> None:
+    source_camera.register()  # scene.ex4d_source first: the panel draws it
     props.register_classes(CLASSES)
 
 
 def unregister() -> None:
     props.unregister_classes(CLASSES)
+    source_camera.unregister()

@@ -40,7 +40,8 @@ SCALE_ITEMS = (
 
 
 def _stale(self, context) -> None:  # noqa: ARG001
-    context.scene.ex4d.mesh_stale = True
+    if context.scene.ex4d.dwmesh is not None:  # a built DW-mesh no longer matches (nothing built: nothing stale)
+        context.scene.ex4d.mesh_stale = True
 
 
 class EX4D_SourceSettings(bpy.types.PropertyGroup):
@@ -272,7 +273,7 @@ def note_guide(scene, result: dict, camera_name: str) -> str:
 CLASSES = (EX4D_SourceSettings,)
 
 
-def register() -> None:
+def register() -> None:  # from solve_ui.register
     props.register_classes(CLASSES)
     scene_type: Any = bpy.types.Scene
     scene_type.ex4d_source = PointerProperty(type=EX4D_SourceSettings)
