@@ -1,6 +1,7 @@
 """The moving source camera's panel and operators (issue 15): ``ex4d.follow_camera_solve``,
-``ex4d.snap_to_source`` (the novel camera's first key := the source camera's pose) and ``ex4d.blend_from_source``
-(keys over the first N frames from the source pose into the designed path).
+``ex4d.snap_to_source`` (the novel camera's first key := the source camera's pose), ``ex4d.blend_from_source``
+(keys over the first N frames from the source pose into the designed path) and ``ex4d.add_locked_off_camera``
+(a novel camera holding the source's pose of one frame).
 
 Poses are Blender ``matrix_world`` values of two Blender cameras: no camera convention is involved.
 """
@@ -14,6 +15,7 @@ from mathutils import Matrix
 from . import mesh_object, props, runner, source_camera
 
 LENS_FIELDS = ("sensor_fit", "sensor_width", "sensor_height", "shift_x", "shift_y")
+LOCKED_OFF_NAME = "EX4D Locked-off"
 
 
 def _cameras(context):
@@ -98,6 +100,18 @@ class _NeedsCameras:
         return True
 
 
+class _NeedsSource:
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        src = context.scene.ex4d.source_camera
+        if src is None or src.type != "CAMERA":
+            runner.poll_message(cls, "Import footage first (it makes the source camera)")
+            return False
+        return True
+
+
 class EX4D_OT_snap_to_source(_NeedsCameras, bpy.types.Operator):
     """Key the novel camera's first frame at the source camera's pose and lens (the guide's frame 0 is then
     the footage's)"""
@@ -128,6 +142,40 @@ class EX4D_OT_blend_from_source(_NeedsCameras, bpy.types.Operator):
         blend_from_source(context.scene, src, novel, n)
         settings.frame0_warning = ""
         self.report({"INFO"}, f"EX-4D: '{novel.name}' blends in from the source over {n} frames")
+        return {"FINISHED"}
+
+
+def add_locked_off(scene, src, frame: int) -> bpy.types.Object:
+    """A new, unanimated novel camera "EX4D Locked-off" at the source camera's evaluated pose and lens on
+    ``frame`` (its sensor, shift and clip range too): the backend's ``lock_off`` made in Blender, editable."""
+    current = scene.frame_current
+    with mesh_object.occlusion_suspended():
+        mw, lens = _evaluated(scene, src, frame)
+    scene.frame_set(current)
+    cam = bpy.data.objects.new(LOCKED_OFF_NAME, bpy.data.cameras.new(LOCKED_OFF_NAME))
+    mesh_object.link(scene, cam)
+    _match_sensor(src, cam)
+    cam.data.lens = lens
+    cam.data.clip_start, cam.data.clip_end = src.data.clip_start, src.data.clip_end
+    cam.matrix_world = mw
+    scene.ex4d.novel_camera = cam
+    return cam
+
+
+class EX4D_OT_add_locked_off(_NeedsSource, bpy.types.Operator):
+    """Add a novel camera holding the source camera's pose of one frame for the whole shot (a handheld shot made
+    locked-off)"""
+
+    bl_idname = "ex4d.add_locked_off_camera"
+    bl_label = "Add Locked-off Camera"
+
+    frame: bpy.props.IntProperty(name="Frame", default=-1, description="Scene frame to hold (-1: the current frame)")  # type: ignore[valid-type]
+
+    def execute(self, context):
+        scene = context.scene
+        frame = scene.frame_current if self.frame < 0 else self.frame
+        cam = add_locked_off(scene, scene.ex4d.source_camera, frame)
+        self.report({"INFO"}, f"EX-4D: '{cam.name}' holds the source camera's pose of frame {frame}")
         return {"FINISHED"}
 
 
@@ -174,6 +222,7 @@ class EX4D_PT_source(bpy.types.Panel):
         row.operator("ex4d.follow_camera_solve", text="", icon="CON_CAMERASOLVER")
         if src.clip is not None and not source_camera.has_solve(src.clip):
             layout.label(text="Not solved yet (Movie Clip Editor > Solve Camera Motion)", icon="INFO")
+        layout.operator("ex4d.add_locked_off_camera", icon="LOCKED")
         layout.prop(src, "scale_mode")
         if src.scale_mode == "MANUAL":
             layout.prop(src, "manual_scale")
@@ -201,7 +250,13 @@ class EX4D_PT_source(bpy.types.Panel):
             layout.prop(src, "blend_frames")
 
 
-CLASSES = (EX4D_OT_snap_to_source, EX4D_OT_blend_from_source, EX4D_OT_follow_camera_solve, EX4D_PT_source)
+CLASSES = (
+    EX4D_OT_snap_to_source,
+    EX4D_OT_blend_from_source,
+    EX4D_OT_add_locked_off,
+    EX4D_OT_follow_camera_solve,
+    EX4D_PT_source,
+)
 
 
 def register() -> None:

@@ -336,3 +336,21 @@ def test_camera_solve_is_followed_and_its_bundles_fit_the_scale(scene, clip):
     sigma = baseline_solve / np.linalg.norm(centres[-1] - centres[0])  # the solve's units per true unit
     assert st.fit_scale == pytest.approx(sigma, rel=0.01), (st.fit_scale, sigma, st.fit_warnings)
     assert scene.ex4d.dwmesh.parent == src
+
+
+def test_locked_off_camera_holds_the_source_pose(scene, clip):
+    """Add Locked-off Camera on frame 3 of a jittering source: the new novel camera's pose on every frame is the
+    source's of frame 3 and its lens the source's; the guide from it does not start at the source (frame 1 is
+    elsewhere), which the backend reports. Fails on an animated/jittering copy, the wrong frame, or another lens."""
+    _import(clip, clip["depth"])
+    src = _key_source(scene, _jitter(clip["n_frames"]))
+    scene.ex4d_source.use_moving_source = True
+    held = scene.frame_start + 2
+    assert bpy.ops.ex4d.add_locked_off_camera(frame=held) == {"FINISHED"}
+    cam = scene.ex4d.novel_camera
+    assert cam.name.startswith("EX4D Locked-off") and cam.data.lens == pytest.approx(src.data.lens)
+    want = _evaluated_mw(src, held)
+    for i in range(clip["n_frames"]):
+        np.testing.assert_allclose(_evaluated_mw(cam, scene.frame_start + i), want, atol=1e-6)
+    assert bpy.ops.ex4d.render_guide() == {"FINISHED"}, scene.ex4d.last_error
+    assert "does not start at the source" in scene.ex4d_source.frame0_warning
