@@ -281,7 +281,11 @@ def preset_job(context, preset: str) -> runner.Job:
         keyframe_preset_camera(scene, preset, result)
         return str(tip_("EX-4D: camera preset {}, {} frames")).format(preset, result["n_frames"])
 
-    return runner.Job(context, "camera_preset", params, paths, finish, label="Camera preset")
+    s = scene.ex4d
+    n = min(s.n_frames, s.max_frames) if s.max_frames else s.n_frames
+    moving = source_camera.settings(scene).use_moving_source  # the preset follows the moving source (issue 15)
+    prepare = source_camera.source_params(context, n) if moving else None
+    return runner.Job(context, "camera_preset", params, paths, finish, label="Camera preset", prepare=prepare)
 
 
 class EX4D_OT_add_camera_preset(_NeedsFootage, bpy.types.Operator):

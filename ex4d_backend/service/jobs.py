@@ -117,7 +117,14 @@ def exec_camera_preset(ctx: Context, p: dict) -> dict:
     k = intrinsics(p, w, h)
     sensor_width = float(p.get("sensor_width", IntrinsicsSettings.sensor_width))
     mesh = MeshSettings.from_params(p)  # as render_guide's preset, so both give the same path
-    cam = stages.camera_stage(ctx, clip, depth, k, {"preset": p["preset"]}, mesh, where="params.preset")
+    src = None
+    if p.get("source_camera") is not None:  # the preset follows a moving source, as render_guide's (issue 15)
+        src = stages.source_for_shot(
+            ctx, p["footage"], FrameSettings.from_params(p), DepthSettings.from_params(p["depth"]),
+            IntrinsicsSettings.from_params(p), SourceSettings(p["source_camera"], p.get("depth_scale", 1.0)),
+        ).setup  # fmt: skip
+        k = src.k0
+    cam = stages.camera_stage(ctx, clip, depth, k, {"preset": p["preset"]}, mesh, where="params.preset", source=src)
     mw = cameras.opencv_to_blender_matrix_world(cam.path.extrinsics)
     lens = [cameras.intrinsics_to_blender(kk, w, h, sensor_width, "HORIZONTAL") for kk in cam.path.intrinsics]
     return {

@@ -354,3 +354,31 @@ def test_locked_off_camera_holds_the_source_pose(scene, clip):
         np.testing.assert_allclose(_evaluated_mw(cam, scene.frame_start + i), want, atol=1e-6)
     assert bpy.ops.ex4d.render_guide() == {"FINISHED"}, scene.ex4d.last_error
     assert "does not start at the source" in scene.ex4d_source.frame0_warning
+
+
+def test_preset_follows_the_moving_source(scene, clip):
+    """Add Camera Preset '30' with a jittering moving source (scale 1.3): the keyed novel camera is the reference's
+    30-degree path relative to the source on every frame, E_novel[t] = E_preset[t] @ E_src[t] (docs/moving_camera.md,
+    composed here literally; E_preset from the backend's reference preset at frame 0's depth x scale). Fails when
+    the preset ignores the source (a static orbit) or its scale, or on a frame offset."""
+    _import(clip, clip["depth"])
+    n, w, h = clip["n_frames"], clip["width"], clip["height"]
+    src = _key_source(scene, _jitter(n))
+    st = scene.ex4d_source
+    st.use_moving_source, st.scale_mode, st.manual_scale = True, "MANUAL", 1.3
+    mws = [_evaluated_mw(src, scene.frame_start + i) for i in range(n)]
+    assert bpy.ops.ex4d.add_camera_preset(preset="30") == {"FINISHED"}, scene.ex4d.last_error
+    novel = scene.ex4d.novel_camera
+    res = backend_py(
+        """
+import numpy as np
+from ex4d_backend import cameras
+d0 = np.load(ARGS["depth"])[0].astype(np.float64) * ARGS["s"]
+OUT = {"E": cameras.preset_path("30", ARGS["n"], np.array(ARGS["K"]), d0, ARGS["w"], ARGS["h"]).extrinsics.tolist()}
+""",
+        depth=str(clip["depth"]), s=1.3, n=n, K=clip["K"], w=w, h=h,
+    )  # fmt: skip
+    for i in range(n):
+        e_novel = np.array(res["E"][i]) @ _opencv_extrinsics(mws[i])
+        want = CV_TO_BLENDER @ np.linalg.inv(e_novel) @ FLIP_YZ
+        np.testing.assert_allclose(_evaluated_mw(novel, scene.frame_start + i), want, atol=2e-5, err_msg=f"frame {i}")
