@@ -10,7 +10,8 @@ Modules: ``props`` (settings), ``backend`` (the service process), ``runner`` (th
 ``sampling`` (camera samples), ``mesh_object`` (the DW-mesh object), ``outputs`` (result folders),
 ``strips`` (VSE and camera backgrounds), ``ops_scene`` / ``ops_jobs`` / ``farm`` (operators; ``farm``:
 submissions to a render farm), ``panels`` (UI), ``meter_ui`` (the live disocclusion meter: timeline bar and
-sub-panel; ``meter_math`` its pure part), ``viewport_aids`` (hide occlusion / border faces, guide overlay, A/B),
+sub-panel; ``meter_math`` its pure part), ``viewport_aids`` (hide occlusion / border faces, guide overlay, A/B), ``solve_ui`` /
+``source_camera`` (a moving source camera),
 ``data`` / ``compat`` (Blender data helpers, version differences). Registered in that order, unregistered
 in reverse.
 """
@@ -31,6 +32,7 @@ _MODULE_NAMES = (
     "history_ui",
     "meter_ui",
     "viewport_aids",
+    "solve_ui",
 )
 _registered: list = []
 

@@ -29,7 +29,20 @@ from types import SimpleNamespace
 import bpy
 from bpy.props import BoolProperty, EnumProperty
 
-from . import backend, data, history, history_ui, outputs, props, results_scene, runner, sampling, stereo_ui, strips
+from . import (
+    backend,
+    data,
+    history,
+    history_ui,
+    outputs,
+    props,
+    results_scene,
+    runner,
+    sampling,
+    source_camera,
+    stereo_ui,
+    strips,
+)
 from .backend_client import BackendError
 from .runner import Job
 
@@ -156,6 +169,9 @@ def _finish_guide(job: Job, result: dict):
     share = masked_share(result.get("masked_share", []), n)
     text = f"EX-4D: guide of '{x['camera_name']}' ({n} frames, {share:.0%} unseen) in {job.seconds()} -> {dest}"
     notes = [x["warning"]] if x["warning"] else []
+    frame0 = source_camera.note_guide(scene, result, x["camera_name"])  # issue 15: the novel camera's start
+    if frame0:
+        notes.append(frame0)
     if share > MASKED_WARNING:
         notes.append(f"{share:.0%} of the guide is unseen by the source: is '{x['camera_name']}' the intended camera?")
     s.last_warning = "; ".join(notes)

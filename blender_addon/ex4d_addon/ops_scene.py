@@ -16,7 +16,7 @@ from bpy.app.translations import pgettext_tip as tip_
 from bpy.props import EnumProperty, FloatProperty, StringProperty
 from mathutils import Matrix
 
-from . import backend, data, depth_tools, mesh_object, props, runner
+from . import backend, data, depth_tools, mesh_object, props, runner, source_camera
 from .backend_client import BackendError
 from .outputs import rel
 
@@ -65,7 +65,7 @@ def apply_source_camera(scene: bpy.types.Scene, cam_info: dict) -> bpy.types.Obj
         obj = bpy.data.objects.new(SOURCE_CAMERA_NAME, bpy.data.cameras.new(SOURCE_CAMERA_NAME))
     if not obj.users_collection:
         mesh_object.link(scene, obj)
-    if "matrix_world" in cam_info:
+    if "matrix_world" in cam_info and not source_camera.is_moving(obj):  # a solve or keys place it
         obj.rotation_mode = "XYZ"
         obj.matrix_world = Matrix(cam_info["matrix_world"])
     cam = obj.data
@@ -103,12 +103,13 @@ def _sensor_params(scene) -> dict:
     return {"sensor_width": float(cam.data.sensor_width)} if cam is not None and cam.type == "CAMERA" else {}
 
 
-def import_job(context, raw: str, focal_px: float | None = None) -> runner.Job:
+def import_job(context, raw: str, focal_px: float | None = None, use_solve: bool = False) -> runner.Job:
     """The (not yet started) import of footage ``raw`` (a movie, a sequence folder or one of its files).
 
     The backend's ``probe_footage`` reads its size, rate and frame count (a sequence numbered from 1001
     included) and gives the source camera; the scene is set when it answers. ``focal_px`` None keeps the
-    scene's Focal (px)."""
+    scene's Focal (px). ``use_solve``: the source camera follows the footage's Movie Clip camera solve (also
+    when it is solved later; one already solved is followed anyway)."""
     scene = context.scene
     if not raw:
         raise BackendError("bad_input", "no footage given", hint="choose a video file or an image-sequence folder")
@@ -138,12 +139,14 @@ def import_job(context, raw: str, focal_px: float | None = None) -> runner.Job:
         cam = apply_source_camera(scene, result)
         s.built_focal_px, s.mesh_stale = float(params["focal_px"]), False
         yield
-        _show_background(cam, {**footage_background(path, kind), "frames": n}, start)
+        background = footage_background(path, kind)
+        _show_background(cam, {**background, "frames": n}, start)
         if scene.camera is None:
             scene.camera = cam
+        moving = source_camera.after_import(scene, cam, background["clip"], use_solve)
         return (
             f"EX-4D: {r.resolution_x}x{r.resolution_y}, {n} frames at {fps:g} fps "
-            f"(processing {s.processing_width}x{s.processing_height})"
+            f"(processing {s.processing_width}x{s.processing_height})" + (f"; {moving}" if moving else "")
         )
 
     return runner.Job(context, "probe_footage", params, [str(path)], finish, label="Import")
@@ -170,6 +173,11 @@ class EX4D_OT_import_footage(runner.JobOperator, bpy.types.Operator):
         default=500.0,
         min=1.0,
     )
+    use_camera_solve: bpy.props.BoolProperty(  # type: ignore[valid-type]
+        name="Use Camera Solve",
+        description="The source camera follows the footage's Movie Clip camera solve (now or once solved)",
+        default=False,
+    )
 
     def invoke(self, context, event):
         context.window_manager.fileselect_add(self)
@@ -177,7 +185,7 @@ class EX4D_OT_import_footage(runner.JobOperator, bpy.types.Operator):
 
     def make_job(self, context) -> runner.Job:
         focal = self.focal_px if self.properties.is_property_set("focal_px") else None
-        return import_job(context, self.filepath or self.directory, focal)
+        return import_job(context, self.filepath or self.directory, focal, self.use_camera_solve)
 
 
 class _NeedsFootage(runner.JobOperator):
@@ -210,6 +218,7 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
         if "source_camera" in result:
             src = apply_source_camera(scene, result["source_camera"])
             src.data.clip_end = max(src.data.clip_end, 2.0 * float(obj.get("ex4d_extent", 0.0)))
+        source_camera.attach_mesh(scene, obj, result)  # a moving source camera carries the DW-mesh
         s.built_focal_px, s.mesh_stale = focal, False
         scene.ex4d_depth.built_hash = built  # the stale flag compares the scene's settings with these
         notes = ""
@@ -219,7 +228,9 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
         s.last_warning = notes.strip(" ()")
         return f"EX-4D: DW-mesh {obj.name}: {result['n_vertices']} vertices, {result['n_frames']} frames{notes}"
 
-    return runner.Job(context, "build_dwmesh", params, paths, finish, label="DW-mesh")
+    n = min(s.n_frames, s.max_frames) if s.max_frames else s.n_frames
+    prepare = source_camera.source_params(context, n) if source_camera.settings(scene).use_moving_source else None
+    return runner.Job(context, "build_dwmesh", params, paths, finish, label="DW-mesh", prepare=prepare)
 
 
 class EX4D_OT_build_dwmesh(_NeedsFootage, bpy.types.Operator):
@@ -272,7 +283,11 @@ def preset_job(context, preset: str) -> runner.Job:
         keyframe_preset_camera(scene, preset, result)
         return str(tip_("EX-4D: camera preset {}, {} frames")).format(preset, result["n_frames"])
 
-    return runner.Job(context, "camera_preset", params, paths, finish, label="Camera preset")
+    s = scene.ex4d
+    n = min(s.n_frames, s.max_frames) if s.max_frames else s.n_frames
+    moving = source_camera.settings(scene).use_moving_source  # the preset follows the moving source (issue 15)
+    prepare = source_camera.source_params(context, n) if moving else None
+    return runner.Job(context, "camera_preset", params, paths, finish, label="Camera preset", prepare=prepare)
 
 
 class EX4D_OT_add_camera_preset(_NeedsFootage, bpy.types.Operator):

@@ -99,4 +99,7 @@ def camera_job_prepare(context, cam_obj, n_frames: int) -> Generator[None, None,
     scene = context.scene
     frames = [scene.frame_start + i for i in range(n_frames)]
     raw = yield from sample_camera(scene, cam_obj, frames)
-    return {"camera": {"blender": raw, "name": camera_name(cam_obj)}}
+    from . import source_camera  # a moving source camera: its path and the depth scale (issue 15)
+
+    source = yield from source_camera.source_params(context, n_frames)
+    return {"camera": {"blender": raw, "name": camera_name(cam_obj)}, **source}

@@ -86,10 +86,11 @@ def exec_estimate_depth(ctx: Context, p: dict) -> dict:
 def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
     from ..cameras import CV_TO_BLENDER
 
-    # the source camera's intrinsics (when given), as render_guide's mesh; the depth scale does not matter here
+    # the source camera's intrinsics (when given), as render_guide's mesh; the depth scale (manual or fitted to
+    # the bundles) only comes back for the add-on, which scales the DW-mesh object by it (the mesh stays in depth units)
     src = stages.source_for_shot(
         ctx, p["footage"], FrameSettings.from_params(p), DepthSettings.from_params(p["depth"]),
-        IntrinsicsSettings.from_params(p), SourceSettings(p.get("source_camera")),
+        IntrinsicsSettings.from_params(p), SourceSettings(p.get("source_camera"), p.get("depth_scale", 1.0)),
     )  # fmt: skip
     clip, depth = src.clip, src.depth
     mesh = stages.mesh_stage(ctx, clip, depth, src.setup.k, MeshSettings.from_params(p))
@@ -107,6 +108,8 @@ def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
         ),
         "depth_npy": str(depth.dir / "depth.npy"),
         "frames_npy": str(clip.dir / "frames.npy"),
+        "depth_scales": [float(v) for v in src.setup.scales],
+        "depth_scale_fit": src.setup.fit,
         **_clip_result(clip),
     }
 
@@ -119,7 +122,14 @@ def exec_camera_preset(ctx: Context, p: dict) -> dict:
     k = intrinsics(p, w, h)
     sensor_width = float(p.get("sensor_width", IntrinsicsSettings.sensor_width))
     mesh = MeshSettings.from_params(p)  # as render_guide's preset, so both give the same path
-    cam = stages.camera_stage(ctx, clip, depth, k, {"preset": p["preset"]}, mesh, where="params.preset")
+    src = None
+    if p.get("source_camera") is not None:  # the preset follows a moving source, as render_guide's (issue 15)
+        src = stages.source_for_shot(
+            ctx, p["footage"], FrameSettings.from_params(p), DepthSettings.from_params(p["depth"]),
+            IntrinsicsSettings.from_params(p), SourceSettings(p["source_camera"], p.get("depth_scale", 1.0)),
+        ).setup  # fmt: skip
+        k = src.k0
+    cam = stages.camera_stage(ctx, clip, depth, k, {"preset": p["preset"]}, mesh, where="params.preset", source=src)
     mw = cameras.opencv_to_blender_matrix_world(cam.path.extrinsics)
     lens = [cameras.intrinsics_to_blender(kk, w, h, sensor_width, "HORIZONTAL") for kk in cam.path.intrinsics]
     return {

@@ -282,11 +282,17 @@ PARAMS: dict[str, dict] = {
     ),
     "probe_footage": _params({"footage": _PATH, "max_side": CLIP["max_side"], **INTRINSICS}, ["footage"]),
     "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
-    "build_dwmesh": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "source_camera": SOURCE_CAMERA, **COMMON}, ["footage", "depth"]
-    ),
+    "build_dwmesh": _params({**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **SOURCE, **COMMON}, ["footage", "depth"]),
     "camera_preset": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "preset": {"enum": list(PRESETS)}, "sensor_width": _SENSOR},
+        {
+            **CLIP,
+            "depth": DEPTH,
+            **INTRINSICS,
+            **MESH,
+            "preset": {"enum": list(PRESETS)},
+            "sensor_width": _SENSOR,
+            **SOURCE,
+        },
         ["footage", "depth", "preset"],
     ),
     "render_guide": _params(
