@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_job_ops)
 """Stereo 3D and compositing results in headless Blender against a real ``ex4d serve`` (issue 18).
 
 Ground truth: the card clip of ``test_job_ops`` (a wall at z = 4, a card at z = 2, focal 50 px) seen by an
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import addon_module
-from test_job_ops import CARD_RGB, F, T, Z_CARD, card_clip, ops, read_png, setup_shot, strips_of  # noqa: F401
+from test_job_ops import CARD_RGB, Z_CARD, F, T, card_clip, ops, read_png, setup_shot, strips_of  # noqa: F401
 
 bpy = pytest.importorskip("bpy")
 
