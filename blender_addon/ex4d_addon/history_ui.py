@@ -18,7 +18,7 @@ import bpy
 import bpy.utils.previews
 from bpy.props import CollectionProperty, IntProperty, PointerProperty, StringProperty
 
-from . import data, history, outputs, props, strips
+from . import compat, data, history, outputs, props, results_scene, strips
 
 _previews: Any = None
 POLL_S = 0.5  # how often a timer looks for finished thumbnails
@@ -158,7 +158,8 @@ class EX4D_OT_history_load(_VersionOperator, bpy.types.Operator):
         start = int(meta.get("frame_start", context.scene.frame_start))
         settings = {k: v for k, v in meta.items() if k not in ("thumbnail", "folder")}
         settings.setdefault("kind", strips.RESULT_KIND)
-        strip = strips.add_image_strip(context.scene, f"EX4D {item.name}", files, start, settings)
+        strip = strips.add_image_strip(results_scene.target(context.scene), f"EX4D {item.name}", files, start, settings)
+        results_scene.place(context.scene, strip)
         self.report({"INFO"}, f"EX-4D: {item.name} loaded as strip '{strip.name}'")
         return {"FINISHED"}
 
@@ -207,11 +208,10 @@ class EX4D_OT_history_delete(_VersionOperator, bpy.types.Operator):
             self.report({"ERROR"}, "EX-4D: that version's folder is missing (refresh the history)")
             return {"CANCELLED"}
         folder = str(Path(item.path).resolve())
-        for st in list(strips.strips_where(context.scene, kind=strips.RESULT_KIND)):
+        holder = results_scene.strips_scene(context.scene)
+        for st in list(strips.strips_where(holder, kind=strips.RESULT_KIND)):
             if strips.strip_folder(st) == folder:
-                from . import compat
-
-                compat.vse_strips(context.scene).remove(st)
+                compat.vse_strips(holder).remove(st)
         trash = history.trash_version(Path(item.path))
         refresh(context)
         self.report({"INFO"}, f"EX-4D: {Path(folder).name} moved to {trash}")
