@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 
+from .. import viewport_proxy
 from ..errors import (
     BAD_INPUT,
     CANCELLED,
@@ -231,6 +232,11 @@ GENERATE = {
     "vram_profile": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
     "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
 }
+# build_dwmesh only: the add-on's viewport proxy (viewport_proxy.py); the backend's own rendering never uses it
+VIEWPORT = {
+    "viewport_detail": {"enum": list(viewport_proxy.DETAILS)},
+    "viewport_stride": {"type": "integer", "minimum": 1, "maximum": viewport_proxy.MAX_STRIDE},
+}
 COMMON = {"force": {"type": "boolean"}}  # recompute this job's own result even if it is in the store
 
 
@@ -255,7 +261,8 @@ PARAMS: dict[str, dict] = {
     "probe_footage": _params({"footage": _PATH, "max_side": CLIP["max_side"], **INTRINSICS}, ["footage"]),
     "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
     "build_dwmesh": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "source_camera": SOURCE_CAMERA, **COMMON}, ["footage", "depth"]
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "source_camera": SOURCE_CAMERA, **VIEWPORT, **COMMON},
+        ["footage", "depth"],
     ),
     "camera_preset": _params(
         {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, "preset": {"enum": list(PRESETS)}, "sensor_width": _SENSOR},
