@@ -217,11 +217,18 @@ def build_dwmesh_object(
     pos0 = np.asarray(data.read_pc2(result["positions_pc2"])[0])
     python = backend_python or ""
     stride = int(result.get("viewport_stride", 1))
-    if stride > 1:  # the viewport proxy (~65k vertices): its topology here, in its own slice
-        faces = np.load(result["faces_npy"])
+    if stride > 1:  # the viewport proxy (~65k vertices, its UVs at the kept pixels' centres)
         uvs = proxy_uvs(result["mesh_columns"], result["mesh_rows"], w, h)
-        yield
-        topo = data.mesh_arrays(pos0, faces, uvs)
+        if python:  # edges in the backend's Python (cached per topology) as for the full grid
+            wp, hp = len(result["mesh_columns"]), len(result["mesh_rows"])
+            topo = dict(
+                (yield from data.topology_arrays(result["faces_npy"], wp, hp, props.data_dir("topology"), python))
+            )
+            faces = topo["faces"]
+            topo["corner_uv"] = uvs[np.asarray(faces).ravel()]  # (its grid UVs assume evenly spaced lines)
+        else:
+            faces = np.load(result["faces_npy"])
+            topo = data.mesh_arrays(pos0, faces, uvs)
         yield
         mesh = yield from data.mesh_from_arrays_sliced(name, pos0, faces, topology=topo)
     elif python:  # the topology in the backend's Python (cached per size): nothing heavy on this thread
