@@ -4,6 +4,8 @@
   ``sequences_all``; a strip's ``content_trim_*`` (5.1) vs ``animation_offset_*``.
 - Actions: layered actions with channelbags (4.4+, the only API in 5.0) vs ``action.fcurves`` (4.2).
 - EEVEE's engine name: ``BLENDER_EEVEE_NEXT`` (4.2-4.x) vs ``BLENDER_EEVEE`` (5.0).
+- A strip's timeline range: ``left_handle`` / ``right_handle`` / ``duration`` vs ``frame_final_start`` /
+  ``frame_final_end`` / ``frame_final_duration`` (deprecated in 5.2: a DeprecationWarning on every access).
 - FFMPEG output: 5.0 needs ``image_settings.media_type = 'VIDEO'`` before ``file_format = 'FFMPEG'``.
 """
 
@@ -58,6 +60,19 @@ def strip_content_trim(strip: Any) -> tuple[int, int]:
     before (the same values)."""
     names = (("content_trim_start", "animation_offset_start"), ("content_trim_end", "animation_offset_end"))
     return tuple(int(first_attr(strip, *n)) for n in names)  # type: ignore[return-value]
+
+
+def strip_frame_range(strip: Any) -> tuple[int, int]:
+    """(first frame, first frame after) a strip shows on the timeline, handles applied: ``left_handle`` /
+    ``right_handle`` (5.x; ``frame_final_start`` / ``frame_final_end`` warn in 5.2, removed in 6.0), the old
+    names before."""
+    names = (("left_handle", "frame_final_start"), ("right_handle", "frame_final_end"))
+    return tuple(int(first_attr(strip, *n)) for n in names)  # type: ignore[return-value]
+
+
+def strip_duration(strip: Any) -> int:
+    """Frames a strip shows, handles applied: ``duration`` (5.x), ``frame_final_duration`` before."""
+    return int(first_attr(strip, "duration", "frame_final_duration"))
 
 
 def action_fcurves(obj_or_data: bpy.types.ID) -> list:

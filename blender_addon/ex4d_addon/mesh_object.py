@@ -188,19 +188,50 @@ def footage_material(image, frame_start: int, n_frames: int) -> bpy.types.Materi
     return data.footage_material(FOOTAGE_MATERIAL, image, frame_start, n_frames)
 
 
+def viewport_detail(context: bpy.types.Context | None = None) -> str:
+    """The ``viewport_detail`` a build asks for (the "Viewport Mesh Detail" preference; proxy by default)."""
+    pref = props.prefs(context)
+    return str(getattr(pref, "viewport_mesh_detail", "proxy")) if pref is not None else "proxy"
+
+
+def proxy_uvs(columns: list[int], rows: list[int], width: int, height: int) -> np.ndarray:
+    """(len(rows) * len(columns), 2) float32 UVs of the proxy's vertices (row-major): the centres of their
+    pixels (column, row) in the W x H footage, as :func:`data.grid_uvs` for the full grid."""
+    cols, rws = np.meshgrid(np.asarray(columns, dtype=np.float64), np.asarray(rows, dtype=np.float64))
+    u = (cols.ravel() + 0.5) / width
+    v = 1.0 - (rws.ravel() + 0.5) / height
+    return np.stack([u, v], axis=1).astype(np.float32)
+
+
 def build_dwmesh_object(
     scene: bpy.types.Scene, result: dict, name: str = DWMESH_NAME, backend_python: str | None = None
 ) -> Generator[None, None, bpy.types.Object]:
     """The DW-mesh object from a ``build_dwmesh`` result (PROTOCOL.md), built in slices (one ``yield``
     between the expensive steps).
 
-    One mesh with the pixel-grid topology, base positions = clip frame 0; a Mesh Cache modifier plays the
+    One mesh with the pixel-grid topology (or, with ``viewport_stride`` > 1, the backend's viewport proxy:
+    every s-th pixel column / row and the last), base positions = clip frame 0; a Mesh Cache modifier plays the
     backend's PC2; UVs at pixel centres; the ``ex4d_occluded`` face attribute (and material slot 1) follow
     the frame. The previous object of that name is replaced."""
     w, h = int(result["width"]), int(result["height"])
     pos0 = np.asarray(data.read_pc2(result["positions_pc2"])[0])
     python = backend_python or ""
-    if python:  # the topology in the backend's Python (cached per size): nothing heavy on this thread
+    stride = int(result.get("viewport_stride", 1))
+    if stride > 1:  # the viewport proxy (~65k vertices, its UVs at the kept pixels' centres)
+        uvs = proxy_uvs(result["mesh_columns"], result["mesh_rows"], w, h)
+        if python:  # edges in the backend's Python (cached per topology) as for the full grid
+            wp, hp = len(result["mesh_columns"]), len(result["mesh_rows"])
+            topo = dict(
+                (yield from data.topology_arrays(result["faces_npy"], wp, hp, props.data_dir("topology"), python))
+            )
+            faces = topo["faces"]
+            topo["corner_uv"] = uvs[np.asarray(faces).ravel()]  # (its grid UVs assume evenly spaced lines)
+        else:
+            faces = np.load(result["faces_npy"])
+            topo = data.mesh_arrays(pos0, faces, uvs)
+        yield
+        mesh = yield from data.mesh_from_arrays_sliced(name, pos0, faces, topology=topo)
+    elif python:  # the topology in the backend's Python (cached per size): nothing heavy on this thread
         topo = yield from data.topology_arrays(result["faces_npy"], w, h, props.data_dir("topology"), python)
         faces = topo["faces"]
         mesh = yield from data.mesh_from_arrays_sliced(name, pos0, faces, topology=topo)
@@ -234,6 +265,7 @@ def build_dwmesh_object(
     obj["ex4d_frame_start"] = start
     obj["ex4d_n_frames"] = int(result["n_frames"])
     obj["ex4d_size"] = [w, h]
+    obj["ex4d_viewport_stride"] = stride
     obj["ex4d_K"] = [float(v) for row in result["K"] for v in row]
     obj["ex4d_job"] = result.get("job", "")
     obj["ex4d_occlusion_frame"] = -1

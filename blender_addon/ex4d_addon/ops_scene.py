@@ -206,6 +206,7 @@ def build_job(context, depth_filepath: str = "") -> runner.Job:
         s.depth_filepath = rel(bpy.path.abspath(depth_filepath))
     params, paths = backend.clip_params(context)
     params.update(_sensor_params(context.scene))
+    params["viewport_detail"] = mesh_object.viewport_detail(context)  # the viewport proxy (issue 16)
     focal = float(s.focal_px)
     scene = context.scene
     built = depth_tools.settings_hash(context)  # the mesh-relevant settings at submission

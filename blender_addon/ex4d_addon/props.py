@@ -178,6 +178,15 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         min=0,
         soft_max=3600,
     )
+    viewport_mesh_detail: EnumProperty(  # type: ignore[valid-type]
+        name="Viewport Mesh Detail",
+        description="The DW-mesh object Blender shows (the backend's guides always use the full mesh)",
+        items=[
+            ("proxy", "Proxy", "Every few pixels (at most about 65,000 vertices per frame): quick to build, small"),
+            ("full", "Full", "One vertex per pixel: slow to build (seconds at 1080p) and large (154 MB at 49 x 512²)"),
+        ],
+        default="proxy",
+    )
     backend_info: StringProperty(name="Backend", default="")  # type: ignore[valid-type]
     # farm submission (ex4d.submit_farm; docs/farm.md)
     farm_project_dir: StringProperty(  # type: ignore[valid-type]
@@ -224,6 +233,9 @@ class EX4D_AddonPreferences(bpy.types.AddonPreferences):
         row.prop(self, "vram_profile")
         layout.prop(self, "depth_model")
         layout.prop(self, "keep_model_loaded")
+        layout.prop(self, "viewport_mesh_detail")
+        if self.viewport_mesh_detail == "full":
+            layout.label(text="Full detail: slow to build and large in the job store", icon="INFO")
         layout.operator("ex4d.check_backend", icon="CHECKMARK")
         box = layout.box()
         box.label(text="Farm", icon="NETWORK_DRIVE")

@@ -20,7 +20,8 @@ def free_channel(scene: bpy.types.Scene, start: int, end: int) -> int:
     """The lowest VSE channel with no strip overlapping frames [start, end)."""
     used: set[int] = set()
     for s in compat.vse_strips_all(scene):
-        if s.frame_final_start < end and s.frame_final_end > start:
+        first, after = compat.strip_frame_range(s)
+        if first < end and after > start:
             used.add(s.channel)
     ch = 1
     while ch in used:

@@ -257,33 +257,44 @@ def _mesh_key(depth: Depth, k: np.ndarray, s: MeshSettings) -> list:
     return [depth.key, np.round(np.asarray(k, dtype=np.float64), 9).tolist(), *s.key()]
 
 
-def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSettings) -> MeshEntry:
+def mesh_stage(
+    ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSettings, viewport_stride: int = 1
+) -> MeshEntry:
     """Depth + K ((3, 3), or (T, 3, 3) for a zooming source camera) -> the DW-mesh as files: ``positions.pc2``
     (the only copy of the per-frame vertex positions,
-    (T, H*W, 3) float32 OpenCV world, in the PC2 format of Blender's Mesh Cache modifier; read it with
+    (T, N, 3) float32 OpenCV world, in the PC2 format of Blender's Mesh Cache modifier; read it with
     ``service.pointcache.read_pc2``), ``faces.npy`` (F, 3) int32 and ``occlusion.npy`` (T, F) uint8 {0, 1}.
-    Vertex colours are the frames (``frames.npy``) with alpha 0 on occlusion faces' vertices."""
+    Vertex colours are the frames (``frames.npy``) with alpha 0 on occlusion faces' vertices.
+    ``viewport_stride`` s > 1: the add-on's viewport proxy instead (``viewport_proxy``: every s-th grid
+    column / row and the last; N = len(mesh_columns) * len(mesh_rows), the full mesh's vertices there)."""
     import torch
 
+    from .. import viewport_proxy as vp
     from ..dwmesh import build_dwmesh
     from ..render import resolve_renderer
     from ..service.pointcache import HEADER, MAGIC
     from .guide import chunk_frames
 
-    key = make_key(STAGE_VERSION, "mesh", *_mesh_key(depth, k, s))
+    stride = int(viewport_stride)
+    key = make_key(STAGE_VERSION, "mesh", *_mesh_key(depth, k, s), *(["viewport_stride", stride] if stride > 1 else []))
     with _locked(ctx, "mesh", key):
         meta = _lookup(ctx, "mesh", key)
         cached = meta is not None
         if meta is None:
             t, h, w = depth.depth.shape
-            n_faces = 2 * (h - 1) * (w - 1) + 2
+            cols, rows, vidx = vp.vertex_index(w, h, stride)
+            n_vert, n_faces = len(vidx), 2 * (len(rows) - 1) * (len(cols) - 1) + 2
+            owner = vp.face_owner(w, h, cols, rows) if stride > 1 else None
             meta = {
                 "shot": clip.key,
                 "n_frames": t,
                 "width": w,
                 "height": h,
-                "n_vertices": h * w,
+                "n_vertices": n_vert,
                 "n_faces": n_faces,
+                "viewport_stride": stride,
+                "mesh_columns": cols.tolist(),
+                "mesh_rows": rows.tolist(),
                 "K": np.asarray(k).tolist(),
                 "mesh_filter": s.mesh_filter,
                 "border_depth": s.border_depth,
@@ -297,8 +308,11 @@ def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSet
                 occ = preallocated_npy(tmp / "occlusion.npy", np.uint8, (t, n_faces))  # never SIGBUS on a full disk
                 with open(tmp / "positions.pc2", "wb") as pc2:
                     if hasattr(os, "posix_fallocate"):  # a full disk is ENOSPC now, before any work
-                        os.posix_fallocate(pc2.fileno(), 0, HEADER.size + t * h * w * 12)
-                    pc2.write(HEADER.pack(MAGIC, 1, h * w, 0.0, 1.0, t))
+                        os.posix_fallocate(pc2.fileno(), 0, HEADER.size + t * n_vert * 12)
+                    pc2.write(HEADER.pack(MAGIC, 1, n_vert, 0.0, 1.0, t))
+                    if stride > 1:
+                        np.save(tmp / "faces.npy", vp.proxy_faces(len(cols), len(rows)))
+                    keep = torch.from_numpy(vidx).to(device)
                     for i, start in enumerate(range(0, t, step)):
                         stop = min(t, start + step)
                         ctx.progress("mesh", i, total, f"frames {start}-{stop - 1}")
@@ -309,10 +323,12 @@ def mesh_stage(ctx: Context, clip: Clip, depth: Depth, k: np.ndarray, s: MeshSet
                             mesh_filter=s.mesh_filter,
                             border_depth=s.border_depth,
                         )
-                        if i == 0:
+                        if i == 0 and stride == 1:
                             np.save(tmp / "faces.npy", m.faces.cpu().numpy().astype(np.int32))
-                        pc2.write(np.ascontiguousarray(m.vertices.cpu().numpy(), dtype="<f4").tobytes())
-                        occ[start:stop] = m.invalid.cpu().numpy()
+                        verts = m.vertices if stride == 1 else m.vertices[:, keep]
+                        pc2.write(np.ascontiguousarray(verts.cpu().numpy(), dtype="<f4").tobytes())
+                        invalid = m.invalid.cpu().numpy()
+                        occ[start:stop] = invalid if owner is None else vp.proxy_occlusion(invalid, owner, n_faces)
                         del m
                 occ.flush()
                 del occ

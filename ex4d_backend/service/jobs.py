@@ -83,6 +83,25 @@ def exec_estimate_depth(ctx: Context, p: dict) -> dict:
     }
 
 
+def _viewport_stride(p: dict, width: int, height: int) -> int:
+    """build_dwmesh's proxy stride: ``viewport_stride`` as given, else from ``viewport_detail`` (default full)."""
+    from .. import viewport_proxy
+
+    if p.get("viewport_stride") is not None:
+        return int(p["viewport_stride"])
+    return viewport_proxy.viewport_stride(width, height, p.get("viewport_detail", "full"))
+
+
+def _viewport_result(meta: dict) -> dict:
+    """The mesh grid in a build_dwmesh result (an entry cached before the proxy existed: the full grid)."""
+    w, h = int(meta["width"]), int(meta["height"])
+    return {
+        "viewport_stride": int(meta.get("viewport_stride", 1)),
+        "mesh_columns": meta.get("mesh_columns", list(range(w))),
+        "mesh_rows": meta.get("mesh_rows", list(range(h))),
+    }
+
+
 def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
     from ..cameras import CV_TO_BLENDER
 
@@ -93,9 +112,11 @@ def exec_build_dwmesh(ctx: Context, p: dict) -> dict:
         IntrinsicsSettings.from_params(p), SourceSettings(p.get("source_camera"), p.get("depth_scale", 1.0)),
     )  # fmt: skip
     clip, depth = src.clip, src.depth
-    mesh = stages.mesh_stage(ctx, clip, depth, src.setup.k, MeshSettings.from_params(p))
+    stride = _viewport_stride(p, depth.depth.shape[2], depth.depth.shape[1])
+    mesh = stages.mesh_stage(ctx, clip, depth, src.setup.k, MeshSettings.from_params(p), viewport_stride=stride)
     d = mesh.dir
     return {
+        **_viewport_result(mesh.meta),
         "positions_pc2": str(d / "positions.pc2"),
         "faces_npy": str(d / "faces.npy"),
         "occlusion_npy": str(d / "occlusion.npy"),

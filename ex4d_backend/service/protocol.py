@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 
+from .. import viewport_proxy
 from ..errors import (
     BAD_INPUT,
     CANCELLED,
@@ -259,6 +260,11 @@ STEREO = {  # issue 18: Blender's camera.data.stereo, sent raw (ex4d_backend.ste
     "exr": {"type": "boolean"},  # also the EXR passes (colour, mask as A, the novel view's Z)
 }
 EYE = {"eye": {"enum": ["left", "right"]}}  # generate: only this eye of ``stereo``
+# build_dwmesh only: the add-on's viewport proxy (viewport_proxy.py); the backend's own rendering never uses it
+VIEWPORT = {
+    "viewport_detail": {"enum": list(viewport_proxy.DETAILS)},
+    "viewport_stride": {"type": "integer", "minimum": 1, "maximum": viewport_proxy.MAX_STRIDE},
+}
 COMMON = {"force": {"type": "boolean"}}  # recompute this job's own result even if it is in the store
 
 
@@ -282,7 +288,10 @@ PARAMS: dict[str, dict] = {
     ),
     "probe_footage": _params({"footage": _PATH, "max_side": CLIP["max_side"], **INTRINSICS}, ["footage"]),
     "estimate_depth": _params({**CLIP, "depth": DEPTH, **COMMON}, ["footage", "depth"]),
-    "build_dwmesh": _params({**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **SOURCE, **COMMON}, ["footage", "depth"]),
+    "build_dwmesh": _params(
+        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **SOURCE, **VIEWPORT, **COMMON},
+        ["footage", "depth"],
+    ),
     "camera_preset": _params(
         {
             **CLIP,

@@ -235,7 +235,7 @@ def test_render_guide_card(scene, ops, card_clip, tmp_blend_dir):
     guides = strips_of(sc, "guide")
     assert len(guides) == 1
     g = guides[0]
-    assert g.frame_final_start == 1 and g.frame_final_duration == T
+    assert addon_module("compat").strip_frame_range(g) == (1, 1 + T)
     assert g["ex4d_camera_hash"] == s.camera_hash and g["ex4d_camera"] == "Novel"
     assert bpy.ops.ex4d.render_guide() == {"FINISHED"}
     assert len(strips_of(sc, "guide")) == 1
@@ -308,7 +308,7 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     results = strips_of(sc, "generate")
     assert len(results) == 1
     st = results[0]
-    assert st.frame_final_start == 10 and st.frame_final_duration == T
+    assert addon_module("compat").strip_frame_range(st) == (10, 10 + T)
     assert st.channel == 2
     assert st["ex4d_generator"] == "preview" and st["ex4d_seed"] == 7 and st["ex4d_steps"] == 3
     assert st["ex4d_prompt"] == "a red card in front of a blue wall"
@@ -337,7 +337,7 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     bpy.ops.wm.open_mainfile(filepath=str(tmp_blend_dir / "gen.blend"))
     sc = bpy.context.scene
     (st,) = strips_of(sc, "generate")
-    assert st.name == name and st["ex4d_seed"] == 7 and st.frame_final_start == 10
+    assert st.name == name and st["ex4d_seed"] == 7 and addon_module("compat").strip_frame_range(st)[0] == 10
     folder = Path(bpy.path.abspath(st.directory))
     assert folder == out and all((folder / e.filename).is_file() for e in st.elements)
     assert len(strips_of(sc, "guide")) == 1 and not sc.ex4d.job_running
@@ -694,5 +694,5 @@ def test_script_chain_with_preset(scene, ops, clip, tmp_blend_dir):
     sc.ex4d_job.width, sc.ex4d_job.height, sc.ex4d_job.num_frames = 64, 48, 5
     assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}
     (st,) = strips_of(sc, "generate")
-    assert st.frame_final_start == sc.frame_start and st.frame_final_duration == clip["n_frames"]
+    assert addon_module("compat").strip_frame_range(st) == (sc.frame_start, sc.frame_start + clip["n_frames"])
     assert sc.ex4d.dwmesh is not None  # what build_dwmesh made is still there

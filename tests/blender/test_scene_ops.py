@@ -468,7 +468,7 @@ def test_compat_layer(scene, clip):
     b = strips.add_image_strip(scene, "result", files, 4, {})
     c = strips.add_image_strip(scene, "later", files[:2], 1 + len(files), {})
     assert (a.channel, b.channel, c.channel) == (1, 2, 1)  # a free channel where strips overlap in time
-    assert a.frame_final_duration == len(files) and a["ex4d_camera_hash"] == "abc" and a["ex4d_seed"] == 3
+    assert compat.strip_duration(a) == len(files) and a["ex4d_camera_hash"] == "abc" and a["ex4d_seed"] == 3
     assert a["ex4d_K"] == "[1, 2]"
     assert {s.name for s in compat.vse_strips_all(scene)} == {"guide", "result", "later"}
     assert len(compat.vse_strips(scene)) == 3
