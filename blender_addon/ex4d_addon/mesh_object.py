@@ -266,6 +266,9 @@ def build_dwmesh_object(
     obj["ex4d_n_frames"] = int(result["n_frames"])
     obj["ex4d_size"] = [w, h]
     obj["ex4d_viewport_stride"] = stride
+    obj["ex4d_grid"] = (  # vertex grid columns x rows (the proxy's, or the pixel grid's)
+        [len(result["mesh_columns"]), len(result["mesh_rows"])] if stride > 1 else [w, h]
+    )
     obj["ex4d_K"] = [float(v) for row in result["K"] for v in row]
     obj["ex4d_job"] = result.get("job", "")
     obj["ex4d_occlusion_frame"] = -1
