@@ -20,7 +20,7 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty
 
-from . import data, mesh_object, props, strips
+from . import data, mesh_object, props, results_scene, strips
 
 MODIFIER = "EX4D Viewport Aids"
 NODE_GROUP = "EX4D Hide Faces"
@@ -134,7 +134,7 @@ def apply_guide_overlay(scene, cam_obj, show: bool, opacity: float) -> bool:
 
 def latest_result(scene, cam_obj) -> tuple[list, int] | None:
     """(frame files, frame start) of the newest generated result strip of ``cam_obj`` (highest version)."""
-    found = strips.strips_where(scene, kind=strips.RESULT_KIND, camera=cam_obj.name)
+    found = strips.strips_where(results_scene.strips_scene(scene), kind=strips.RESULT_KIND, camera=cam_obj.name)
     if not found:
         return None
     st = max(found, key=lambda s: (str(s.get("ex4d_version", "")), s.name))
@@ -166,6 +166,8 @@ def apply_ab(scene, cam_obj, view: str) -> str:
     if bg is None:
         bg = cam.background_images.new()
     bg.image = image
+    for other in [b for b in cam.background_images if b != bg and b.image == image]:
+        cam.background_images.remove(other)  # e.g. the compositing result background: one image shown once
     data.configure_image_user(bg.image_user, image, start, max(1, int(n)))
     bg.display_depth, bg.alpha, bg.show_background_image = "FRONT", 1.0, True
     cam[AB_KEY] = image.name

@@ -162,7 +162,7 @@ def test_aids_toggle_what_they_say(shot, tmp_path):
     aids = sc.ex4d_aids
     va = addon_module("viewport_aids")
     data = addon_module("data")
-    w, h = (int(v) for v in obj["ex4d_size"])
+    w, h = (int(v) for v in obj.get("ex4d_grid", obj["ex4d_size"]))  # the vertex grid (the viewport proxy's)
     n_faces = len(obj.data.polygons)
     sc.frame_set(FRAME_START + 3)
     occ = data.get_face_bool(obj.data, data.OCCLUSION_ATTRIBUTE)
@@ -213,7 +213,8 @@ def test_aids_toggle_what_they_say(shot, tmp_path):
     js = sc.ex4d_job  # a small preview result of this camera, then A/B onto it
     js.width, js.height, js.num_frames = 64, 48, 5
     assert bpy.ops.ex4d.generate(generator="PREVIEW") == {"FINISHED"}, sc.ex4d.last_error
-    strip = [st for st in addon_module("compat").vse_strips_all(sc) if st.get("ex4d_kind") == "generate"][-1]
+    holder = addon_module("results_scene").strips_scene(sc)  # result strips live in the results scene
+    strip = [st for st in addon_module("compat").vse_strips_all(holder) if st.get("ex4d_kind") == "generate"][-1]
     aids.ab_view = "RESULT"
     ab = [b for b in cam.data.background_images if b.image and b.image.name == cam.data[va.AB_KEY]]
     assert len(ab) == 1 and ab[0].show_background_image and ab[0].display_depth == "FRONT"

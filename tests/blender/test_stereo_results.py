@@ -92,9 +92,10 @@ def test_generate_both_eyes_exr_and_camera_background(scene, ops, card_clip, tmp
     for sub in ("right", "sbs", "exr", "right/exr"):
         files = sorted((dest / sub).glob("frame_*"))
         assert len(files) == T, (sub, len(files))
-    assert read_png(sorted(dest.glob("frame_*.png"))[2]).tolist() != read_png(
-        sorted((dest / "right").glob("frame_*.png"))[2]
-    ).tolist()
+    assert (
+        read_png(sorted(dest.glob("frame_*.png"))[2]).tolist()
+        != read_png(sorted((dest / "right").glob("frame_*.png"))[2]).tolist()
+    )
     exr = bpy.data.images.load(str(sorted((dest / "exr").glob("*.exr"))[-1]), check_existing=False)
     px = np.empty(exr.size[0] * exr.size[1] * 4, np.float32)
     exr.pixels.foreach_get(px)
