@@ -1,0 +1,156 @@
+"""The guide stage's files and the stages' hashed writes (issue 12 speed work): what is written is exactly what
+the plain library calls would write, and the content manifest is what a fresh hash of the files gives."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from ex4d_backend.cameras import CameraPath
+from ex4d_backend.footage import write_video
+from ex4d_backend.pipeline import guide_files
+from ex4d_backend.pipeline.hashed_io import save_npy_hashed, write_hashed
+from ex4d_backend.service import integrity
+
+
+def _guide(t: int, h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, CameraPath]:
+    rng = np.random.default_rng(seed)
+    v, u = np.mgrid[0:h, 0:w]
+    color = np.stack([(np.stack([u * 3 + i, v * 5, (u + v + 7 * i) % 256], -1) % 256) for i in range(t)])
+    color = color.astype(np.uint8)
+    color[:, : h // 3] = rng.integers(0, 256, (t, h // 3, w, 3), dtype=np.uint8)  # some noise too
+    mask = np.where(rng.random((t, h, w)) < 0.3, 255, 0).astype(np.uint8)
+    k = np.array([[50.0, 0, w / 2], [0, 50.0, h / 2], [0, 0, 1]])
+    ext = np.repeat(np.eye(4)[None], t, axis=0)
+    return color, mask, CameraPath(ext, np.repeat(k[None], t, axis=0), w, h, "test")
+
+
+def _fresh_manifest(folder) -> dict:
+    """Sizes and BLAKE2b hashes read from the files now (no memo): the ground truth for a manifest."""
+    out = {}
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            p = os.path.join(root, name)
+            out[os.path.relpath(p, folder)] = [os.path.getsize(p), integrity.file_hash(p, memo=False)]
+    return out
+
+
+@pytest.mark.parametrize("size", [(48, 64), (47, 63)])  # even, and odd sides (padded for yuv420p)
+def test_guide_files_are_the_plain_encodings_and_the_manifest_is_fresh(tmp_path, monkeypatch, size):
+    """Each PNG is byte for byte ``cv2.imencode`` of the frame at zlib level 1 and decodes to the frame; with
+    one x264 slice both previews are byte for byte ``footage.write_video`` of the RGB/grey frames (PyAV's own
+    RGB conversion), so the parallel swscale conversion and the mask's grey lookup table change no pixel;
+    the manifest from the hashes taken while writing equals a fresh hash of every file. Fails if a PNG is
+    encoded differently, the frame order is mixed up between threads, the grey table is wrong, or a hash is
+    taken over other bytes than those written."""
+    h, w = size
+    color, mask, cam = _guide(5, h, w)
+    monkeypatch.setattr(guide_files, "GUIDE_X264_SLICES", 1)
+    out = tmp_path / "guide"
+    out.mkdir()
+    guide_files.write_guide_files(out, color, mask, 12.0, cam)
+
+    for i in range(len(color)):
+        png_c = (out / "color" / f"frame_{i:05d}.png").read_bytes()
+        png_m = (out / "mask" / f"frame_{i:05d}.png").read_bytes()
+        bgr = cv2.cvtColor(color[i], cv2.COLOR_RGB2BGR)
+        assert png_c == cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+        assert png_m == cv2.imencode(".png", mask[i], [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+    np.testing.assert_array_equal(guide_files.read_png_folder(out / "color", 3), color)
+    np.testing.assert_array_equal(guide_files.read_png_folder(out / "mask", 1), mask)
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write_video(ref / "c.mp4", color, 12.0, preset=guide_files.GUIDE_X264_PRESET)
+    write_video(ref / "m.mp4", mask, 12.0, preset=guide_files.GUIDE_X264_PRESET)
+    assert (out / "color.mp4").read_bytes() == (ref / "c.mp4").read_bytes()
+    assert (out / "mask.mp4").read_bytes() == (ref / "m.mp4").read_bytes()
+
+    assert integrity.manifest(out) == _fresh_manifest(out)
+
+
+def test_sliced_previews_are_deterministic_and_faithful(tmp_path):
+    """With ``GUIDE_X264_SLICES`` slices the previews' bytes are the same on every run (never timing
+    dependent) and decode as close to the frames as a one-thread encode (within 0.5 dB PSNR). Fails with x264 frame threads or an auto thread count
+    (run-to-run or machine-dependent bytes), or a broken slice setup."""
+    from ex4d_backend.footage import read_footage
+
+    color, mask, cam = _guide(6, 64, 96, seed=1)
+    color[:] = cv2.GaussianBlur(color.reshape(-1, 96, 3), (5, 5), 2).reshape(color.shape)  # compressible
+    outs = []
+    for i in range(3):
+        d = tmp_path / f"g{i}"
+        d.mkdir()
+        guide_files.write_guide_files(d, color, mask, 24.0, cam)
+        outs.append(((d / "color.mp4").read_bytes(), (d / "mask.mp4").read_bytes()))
+    assert outs[0] == outs[1] == outs[2]
+    write_video(tmp_path / "one_slice.mp4", color, 24.0, preset=guide_files.GUIDE_X264_PRESET)
+
+    def psnr(path) -> float:
+        back = read_footage(path, max_side=None).frames.astype(np.float64)
+        return 10 * np.log10(255**2 / np.mean((back - color) ** 2))
+
+    assert psnr(tmp_path / "g0" / "color.mp4") > psnr(tmp_path / "one_slice.mp4") - 0.5 > 25
+    m = read_footage(tmp_path / "g0" / "mask.mp4", max_side=None).frames[..., 0].astype(np.float64)
+    assert np.mean(np.abs(m - mask)) < 8
+
+
+def test_grey_table_is_swscales_conversion_of_grey_rgb():
+    """The mask preview's yuv420p planes built from the grey table equal swscale's conversion of the RGB
+    frame (m, m, m), for every grey value and odd sides. Fails with a made-up BT.601 table or wrong chroma."""
+    rng = np.random.default_rng(3)
+    m = rng.integers(0, 256, (31, 45), dtype=np.uint8)
+    m.reshape(-1)[:256] = np.arange(256)  # every grey value
+    want = guide_files._rgb_yuv(np.repeat(m[..., None], 3, axis=2)).to_ndarray()
+    np.testing.assert_array_equal(guide_files._mask_yuv(m).to_ndarray(), want)
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4),
+        np.arange(60, dtype=np.uint8).reshape(3, 4, 5)[:, ::2],  # not contiguous
+        np.zeros((0, 4), np.float32),
+        np.random.default_rng(0).random((3, 70, 90)).astype(np.float32),
+    ],
+)
+def test_save_npy_hashed_is_np_save_with_a_fresh_hash(tmp_path, arr):
+    """The file is byte for byte ``np.save``'s and its remembered hash equals a fresh BLAKE2b of the file.
+    Fails if the header or data differ from numpy's format, or the hash covers other bytes."""
+    p = tmp_path / "a.npy"
+    save_npy_hashed(p, arr)
+    np.save(tmp_path / "b.npy", arr)
+    assert p.read_bytes() == (tmp_path / "b.npy").read_bytes()
+    assert integrity.file_hash(p) == integrity.file_hash(p, memo=False)
+    np.testing.assert_array_equal(np.load(p), arr)
+
+
+def test_hashed_writes_never_overwrite_and_changes_are_hashed_again(tmp_path, monkeypatch):
+    """A hashed write refuses an existing file (a stage folder's files are new); a file changed after it was
+    written is hashed again (the memo is keyed by the file's stamp). Fails if the writer truncates existing
+    files or the memo outlives a change. Blocks of 16 bytes exercise the block loop."""
+    from ex4d_backend.pipeline import hashed_io
+
+    monkeypatch.setattr(hashed_io, "BLOCK", 16)
+    p = tmp_path / "x.bin"
+    data = bytes(range(256)) * 3
+    write_hashed(p, data)
+    assert p.read_bytes() == data and integrity.file_hash(p) == integrity.file_hash(p, memo=False)
+    with pytest.raises(FileExistsError):
+        write_hashed(p, b"other")
+    assert p.read_bytes() == data
+    with open(p, "r+b") as fh:
+        fh.write(b"\xff")
+    assert integrity.file_hash(p) == integrity.file_hash(p, memo=False)
+    big = np.arange(1000, dtype=np.int64)
+    save_npy_hashed(tmp_path / "big.npy", big)
+    assert (tmp_path / "big.npy").read_bytes() == _np_save_bytes(tmp_path, big)
+    assert integrity.file_hash(tmp_path / "big.npy") == integrity.file_hash(tmp_path / "big.npy", memo=False)
+
+
+def _np_save_bytes(tmp_path, arr) -> bytes:
+    np.save(tmp_path / "ref.npy", arr)
+    return (tmp_path / "ref.npy").read_bytes()
