@@ -154,3 +154,50 @@ def test_hashed_writes_never_overwrite_and_changes_are_hashed_again(tmp_path, mo
 def _np_save_bytes(tmp_path, arr) -> bytes:
     np.save(tmp_path / "ref.npy", arr)
     return (tmp_path / "ref.npy").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("values", "scale"),
+    [((0.5, 80.0), 1.0), ((5e-5, 2e4), 1.0), ((1.0, 9.0), 0.001), ((3.0, 4.0), 7.5)],  # in range, clipped, scaled
+)
+def test_file_depth_is_the_reference_clip_formula(tmp_path, values, scale):
+    """``load_depth``'s fast path (no copy when nothing changes) gives bit for bit the reference's
+    ``clip(depth * scale, 1e-4, 1e4)`` in float32, written literally here. Fails if the shortcut skips a clip
+    or a scale, or returns another dtype."""
+    from ex4d_backend.depth_io import load_depth
+
+    rng = np.random.default_rng(5)
+    lo, hi = values
+    raw = (lo + (hi - lo) * rng.random((3, 6, 8))).astype(np.float32)
+    raw[0, 0, 0], raw[-1, -1, -1] = lo, hi
+    np.save(tmp_path / "d.npy", raw)
+    got = load_depth(tmp_path / "d.npy", n_frames=3, scale=scale)
+    want = np.clip(raw * np.float32(scale), 1e-4, 1e4).astype(np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+
+
+def test_file_depth_stage_stores_the_file_depth_with_a_valid_manifest(tmp_path, monkeypatch):
+    """The frames and depth stages of a new shot with a file depth: ``depth.npy`` holds exactly what
+    ``depth_io.load_depth`` reads (the clip's exact depth), ``frames.npy`` the footage's frames, the meta's
+    range is the array's, both manifests pass a full re-hash (``stage_meta(full=True)``), and no garbage
+    collection runs (it is for a depth model's memory; it cost 0.2 s a shot). Fails if the depth is stored
+    from another array, a hash is taken over other bytes, or ``free_memory`` runs for a file."""
+    import service_fixtures as sf
+
+    from ex4d_backend.pipeline import stages
+    from ex4d_backend.pipeline.settings import DepthSettings, FrameSettings
+    from ex4d_backend.service.jobstore import JobStore
+
+    clip = sf.make_clip(tmp_path / "data", n_frames=5)
+    monkeypatch.setattr(stages, "free_memory", lambda: pytest.fail("free_memory ran for a file depth"))
+    store = JobStore(tmp_path / "store", [clip.root])
+    ctx = stages.Context(store)
+    c = stages.frames_stage(ctx, clip.footage, FrameSettings())
+    d = stages.depth_stage(ctx, c, DepthSettings.from_params(clip.params()["depth"]))
+    np.testing.assert_array_equal(np.asarray(c.frames), clip.frames)
+    np.testing.assert_array_equal(np.asarray(d.depth), clip.depth)
+    assert np.asarray(d.depth).dtype == np.float32
+    assert (d.meta["depth_min"], d.meta["depth_max"]) == (float(clip.depth.min()), float(clip.depth.max()))
+    assert store.stage_meta("frames", c.key, full=True) is not None
+    assert store.stage_meta("depth", d.key, full=True) is not None
