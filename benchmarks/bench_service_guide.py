@@ -235,21 +235,24 @@ def io_only(args, clip_path, depth_path, frames, depth, k, params, allowed, work
 
     guide = recon.run_recon(frames, depth, args.preset, k=k, renderer=renderer)
     rows: dict[str, list[float]] = {"frames_s": [], "depth_s": [], "write_s": []}
+    cpu: dict[str, list[float]] = {"frames_cpu_s": [], "depth_cpu_s": [], "write_cpu_s": []}  # all threads
     for i in range(args.repeats + 1):  # the first is a warm-up
         store = JobStore(work / f"io{i}", allowed)
         ctx = stages.Context(store)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         clip = stages.frames_stage(ctx, clip_path, FrameSettings.from_params(params))
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         stages.depth_stage(ctx, clip, DepthSettings.from_params(params["depth"]))
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         with store.write_stage("guide", f"bench{i}", {"bench": True}) as tmp:
             stages.write_guide_files(tmp, guide.color, guide.mask, clip.fps, guide.camera)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         if i:
             for name, dt in zip(rows, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 rows[name].append(dt)
-    out = {name: round(statistics.median(v), 4) for name, v in rows.items()}
+            for name, dt in zip(cpu, (c1 - c0, c2 - c1, c3 - c2), strict=True):
+                cpu[name].append(dt)
+    out = {name: round(statistics.median(v), 4) for name, v in {**rows, **cpu}.items()}
     out.update({"all_s": rows, "frames": len(frames), "width": frames.shape[2], "height": frames.shape[1]})
     out.update({"cpu_count": os.cpu_count(), "footage": str(clip_path), "depth": str(depth_path)})
     text = json.dumps(out, indent=1)
