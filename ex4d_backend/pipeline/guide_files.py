@@ -47,7 +47,6 @@ def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, fps: fl
     import cv2
 
     from ..cameras import save_camera_npz
-    from ..service import integrity
     from .hashed_io import worker_count, write_hashed
 
     (folder / "color").mkdir()
@@ -69,8 +68,7 @@ def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, fps: fl
         ]
         pngs = [pool.submit(png, "color", i, f) for i, f in enumerate(color)]
         pngs += [pool.submit(png, "mask", i, f) for i, f in enumerate(mask)]
-        save_camera_npz(folder / "camera.npz", camera)
-        integrity.remember(folder / "camera.npz", integrity.file_hash(folder / "camera.npz", memo=False))
+        save_camera_npz(folder / "camera.npz", camera)  # a few kB: the manifest hashes it
         for f in (*pngs, *videos):
             f.result()  # the first error, after every task has stopped (the pools' exits wait for them)
 
