@@ -201,3 +201,35 @@ def test_file_depth_stage_stores_the_file_depth_with_a_valid_manifest(tmp_path, 
     assert (d.meta["depth_min"], d.meta["depth_max"]) == (float(clip.depth.min()), float(clip.depth.max()))
     assert store.stage_meta("frames", c.key, full=True) is not None
     assert store.stage_meta("depth", d.key, full=True) is not None
+
+
+def test_guide_written_while_rendered_is_the_rendered_guide(tmp_path):
+    """The guide stage writes each chunk's PNGs while later chunks render (``GuideWriter``): the stored PNG
+    frames decode to exactly the returned guide (frame 0 too, which the frame-0 rule replaces after the
+    render), the stored meta.json holds the frame-0 flag and the per-frame unseen share of the final mask
+    (added after the render), and the manifest passes a full re-hash. Fails if a chunk is written before it
+    is final, frame 0 is written before the rule, or meta.json misses what is known only after the render."""
+    import json
+
+    import service_fixtures as sf
+
+    from ex4d_backend.pipeline import stages
+    from ex4d_backend.pipeline.settings import DepthSettings, FrameSettings, MeshSettings, RenderSettings
+    from ex4d_backend.render import guide_masked_share
+    from ex4d_backend.service.jobstore import JobStore
+
+    clip = sf.make_clip(tmp_path / "data", n_frames=9)
+    store = JobStore(tmp_path / "store", [clip.root])
+    ctx = stages.Context(store)
+    c = stages.frames_stage(ctx, clip.footage, FrameSettings())
+    d = stages.depth_stage(ctx, c, DepthSettings.from_params(clip.params()["depth"]))
+    cam = stages.camera_stage(ctx, c, d, clip.k, {"preset": "90"}, MeshSettings())
+    g = stages.guide_stage(ctx, c, d, clip.k, cam, MeshSettings(), RenderSettings("cpu"))
+    assert g.guide is not None and g.guide.frame0_is_source
+    np.testing.assert_array_equal(guide_files.read_png_folder(g.dir / "color", 3), g.guide.color)
+    np.testing.assert_array_equal(guide_files.read_png_folder(g.dir / "mask", 1), g.guide.mask)
+    np.testing.assert_array_equal(g.guide.color[0], clip.frames[0])
+    stored = json.loads((g.dir / "meta.json").read_text())
+    assert stored["frame0_is_source"] is True
+    assert stored["masked_share"] == [round(float(v), 6) for v in guide_masked_share(g.guide.mask)]
+    assert store.stage_meta("guide", g.key, full=True) is not None

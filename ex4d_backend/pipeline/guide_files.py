@@ -36,41 +36,86 @@ def read_png_folder(folder: Path, channels: int) -> np.ndarray:
 
 
 def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, fps: float, camera: CameraPath) -> None:
-    """The guide's files into ``folder`` (a stage's temporary folder): lossless PNG frames (the exact guide),
-    the two H.264 previews and the camera, each hashed as it is written (``hashed_io``).
+    """The guide's files into ``folder`` (a stage's temporary folder), for a guide already in memory
+    (:class:`GuideWriter`, every frame handed over at once)."""
+    with GuideWriter(folder, fps) as writer:
+        writer.add(color, mask, 0, len(color))
+        writer.finish(color, mask, camera)
 
-    Steps, all at once on :func:`hashed_io.worker_count` threads (zlib, swscale, x264 and hashlib release
-    the GIL): 1. the colour frames converted to the encoder's yuv420p (swscale, as the encoder itself would:
-    the same pixels); 2. the two previews encoded in memory on two threads of their own, the colour one
-    consuming step 1's frames in order, the mask one built directly from a grey lookup table (:func:`_mask_yuv`);
-    3. the PNG frames encoded (OpenCV, zlib level ``GUIDE_PNG_LEVEL``) and written; 4. the camera."""
-    import cv2
 
-    from ..cameras import save_camera_npz
-    from .hashed_io import worker_count, write_hashed
+class GuideWriter:
+    """Writes a guide's files into ``folder`` (a stage's temporary folder) while the guide is being rendered:
+    lossless PNG frames (the exact guide), the two H.264 previews and the camera, each hashed as it is
+    written (``hashed_io``).
 
-    (folder / "color").mkdir()
-    (folder / "mask").mkdir()
+    Steps, on :func:`hashed_io.worker_count` threads (zlib, swscale, x264 and hashlib release the GIL):
+    1. :meth:`add` (per rendered chunk; ``pipeline.guide.render_guide``'s ``on_chunk``): the chunk's PNG frames
+    encoded (OpenCV, zlib level ``GUIDE_PNG_LEVEL``) and written, its colour frames converted to the encoder's
+    yuv420p (swscale, as the encoder itself would: the same pixels); frame 0 waits for :meth:`finish` (the
+    frame-0 rule may replace it after the render); 2. :meth:`finish` (the final guide): frame 0 and any frame
+    not handed over, the two previews encoded in memory on two threads of their own (the colour one consuming
+    step 1's frames in order, the mask one built from a grey lookup table, :func:`_mask_yuv`), the camera; it
+    returns when every file is written. Use as a context manager: on an error, pending work is dropped."""
 
-    def png(sub: str, i: int, img: np.ndarray) -> None:
+    def __init__(self, folder: Path, fps: float):
+        from .hashed_io import worker_count
+
+        self.folder, self.fps = folder, fps
+        (folder / "color").mkdir()
+        (folder / "mask").mkdir()
+        self.pool = ThreadPoolExecutor(worker_count())
+        self.tasks: list = []
+        self.yuv: dict[int, object] = {}  # frame -> future of its yuv420p frame
+
+    def __enter__(self) -> GuideWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+
+    def _png(self, sub: str, i: int, img: np.ndarray) -> None:
+        import cv2
+
+        from .hashed_io import write_hashed
+
         if img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
         ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, GUIDE_PNG_LEVEL])
         if not ok:
-            raise OSError(f"cannot encode PNG frame {i} in {folder / sub}")
-        write_hashed(folder / sub / f"{PNG_PREFIX}{i:05d}.png", buf)
+            raise OSError(f"cannot encode PNG frame {i} in {self.folder / sub}")
+        write_hashed(self.folder / sub / f"{PNG_PREFIX}{i:05d}.png", buf)
 
-    with ThreadPoolExecutor(worker_count()) as pool, ThreadPoolExecutor(2) as encoders:
-        yuv = [pool.submit(_rgb_yuv, f) for f in color]  # first in the queue: the colour encoder waits on them
-        videos = [
-            encoders.submit(lambda: write_hashed(folder / "color.mp4", _h264((y.result() for y in yuv), fps))),
-            encoders.submit(lambda: write_hashed(folder / "mask.mp4", _h264(map(_mask_yuv, mask), fps))),
-        ]
-        pngs = [pool.submit(png, "color", i, f) for i, f in enumerate(color)]
-        pngs += [pool.submit(png, "mask", i, f) for i, f in enumerate(mask)]
-        save_camera_npz(folder / "camera.npz", camera)  # a few kB: the manifest hashes it
-        for f in (*pngs, *videos):
-            f.result()  # the first error, after every task has stopped (the pools' exits wait for them)
+    def _submit(self, color: np.ndarray, mask: np.ndarray, i: int) -> None:
+        self.yuv[i] = self.pool.submit(_rgb_yuv, color[i])  # first: the colour encoder waits on them
+        self.tasks.append(self.pool.submit(self._png, "color", i, color[i]))
+        self.tasks.append(self.pool.submit(self._png, "mask", i, mask[i]))
+
+    def add(self, color: np.ndarray, mask: np.ndarray, start: int, stop: int) -> None:
+        """Frames ``start`` .. ``stop - 1`` of ``color`` (T, H, W, 3) / ``mask`` (T, H, W) uint8 are final
+        (frame 0 excepted); the arrays must stay unchanged there."""
+        for i in range(max(start, 1), stop):
+            if i not in self.yuv:
+                self._submit(color, mask, i)
+
+    def finish(self, color: np.ndarray, mask: np.ndarray, camera: CameraPath) -> None:
+        """The final guide (frame 0 included): the remaining frames, the previews and the camera."""
+        from ..cameras import save_camera_npz
+        from .hashed_io import write_hashed
+
+        for i in range(len(color)):
+            if i == 0 or i not in self.yuv:
+                self._submit(color, mask, i)
+        yuv = [self.yuv[i] for i in range(len(color))]
+        with ThreadPoolExecutor(2) as encoders:
+            videos = [
+                encoders.submit(
+                    lambda: write_hashed(self.folder / "color.mp4", _h264((y.result() for y in yuv), self.fps))
+                ),
+                encoders.submit(lambda: write_hashed(self.folder / "mask.mp4", _h264(map(_mask_yuv, mask), self.fps))),
+            ]
+            save_camera_npz(self.folder / "camera.npz", camera)  # a few kB: the manifest hashes it
+            for f in (*self.tasks, *videos):
+                f.result()  # the first error (the pools' exits wait for the rest)
 
 
 def _even(img: np.ndarray) -> np.ndarray:

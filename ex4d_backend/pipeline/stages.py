@@ -34,7 +34,7 @@ from ..service.jobstore import JobStore, make_key, preallocated_npy
 from ..service.resident import ResidentGenerator, free_memory
 from . import housekeeping
 from .camera import camera_hash, resolve_camera
-from .guide_files import GUIDE_FILES, read_png_folder, write_guide_files  # noqa: F401 (re-exported)
+from .guide_files import GUIDE_FILES, GuideWriter, read_png_folder, write_guide_files  # noqa: F401 (re-exported)
 from .hashed_io import save_npy_hashed
 from .settings import (
     DepthSettings,
@@ -421,17 +421,6 @@ def guide_stage(
             _reused(ctx, "guide", key, True)
             return GuideEntry(key, ctx.store.stage_dir("guide", key), meta)
         cam = camera.path
-        guide = render_guide(
-            clip.frames,
-            depth.depth,
-            k,
-            cam,
-            mesh,
-            RenderSettings(backend, render.use_dwmesh),
-            source=None if source is None else source.path,
-            depth_scale=1.0 if source is None else source.scales,
-            progress=ctx.progress,
-        )
         t, h, w = depth.depth.shape
         meta = {
             "shot": clip.key,
@@ -439,17 +428,31 @@ def guide_stage(
             "camera_hash": camera_hash(cam),
             "renderer": backend,
             "use_dwmesh": bool(render.use_dwmesh),
-            "frame0_is_source": guide.frame0_is_source,
             "depth_scale_fit": {} if source is None else source.fit,
-            "masked_share": [round(float(v), 6) for v in guide_masked_share(guide.mask)],  # unseen, per frame
             "n_frames": t,
             "width": w,
             "height": h,
             "fps": clip.fps,
         }
-        ctx.progress("write", 0, 1, "guide files")
-        with ctx.store.write_stage("guide", key, meta) as tmp:
-            write_guide_files(tmp, guide.color, guide.mask, clip.fps, guide.camera)
+        # The files are written while the guide renders (each chunk as it is read back); the meta's last two
+        # entries are added once it is rendered (write_stage writes meta.json when the block ends).
+        with ctx.store.write_stage("guide", key, meta) as tmp, GuideWriter(tmp, clip.fps) as writer:
+            guide = render_guide(
+                clip.frames,
+                depth.depth,
+                k,
+                cam,
+                mesh,
+                RenderSettings(backend, render.use_dwmesh),
+                source=None if source is None else source.path,
+                depth_scale=1.0 if source is None else source.scales,
+                progress=ctx.progress,
+                on_chunk=writer.add,
+            )
+            meta["frame0_is_source"] = guide.frame0_is_source
+            meta["masked_share"] = [round(float(v), 6) for v in guide_masked_share(guide.mask)]  # unseen, per frame
+            ctx.progress("write", 0, 1, "guide files")
+            writer.finish(guide.color, guide.mask, guide.camera)
         ctx.progress("write", 1, 1, "done")
     _reused(ctx, "guide", key, False)
     return GuideEntry(key, ctx.store.stage_dir("guide", key), meta, guide)
