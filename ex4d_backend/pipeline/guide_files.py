@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,8 @@ class GuideWriter:
         write_hashed(self.folder / sub / f"{PNG_PREFIX}{i:05d}.png", buf)
 
     def _submit(self, color: np.ndarray, mask: np.ndarray, i: int) -> None:
-        self.yuv[i] = self.pool.submit(_rgb_yuv, color[i])  # first: the colour encoder waits on them
+        if i not in self.yuv:
+            self.yuv[i] = self.pool.submit(_rgb_yuv, color[i])  # first: the colour encoder waits on them
         self.tasks.append(self.pool.submit(self._png, "color", i, color[i]))
         self.tasks.append(self.pool.submit(self._png, "mask", i, mask[i]))
 
@@ -102,8 +103,12 @@ class GuideWriter:
         from ..cameras import save_camera_npz
         from .hashed_io import write_hashed
 
-        for i in range(len(color)):
-            if i == 0 or i not in self.yuv:
+        first = Future()  # frame 0 converted here: the colour encoder starts with it, ahead of the queue
+        first.set_result(_rgb_yuv(color[0]))
+        self.yuv[0] = first
+        self._submit(color, mask, 0)
+        for i in range(1, len(color)):
+            if i not in self.yuv:
                 self._submit(color, mask, i)
         yuv = [self.yuv[i] for i in range(len(color))]
         with ThreadPoolExecutor(2) as encoders:
