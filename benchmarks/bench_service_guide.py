@@ -3,6 +3,8 @@
     python benchmarks/bench_service_guide.py --footage shared/data/flower/input.mp4 --out results.json
     python benchmarks/bench_service_guide.py --synthetic --frames 49 --size 512
     python benchmarks/bench_service_guide.py --synthetic --cpu --frames 9 --size 128     # CPU smoke test
+    python benchmarks/bench_service_guide.py --cpu-tiny                                  # the same, 2 repeats
+    python benchmarks/bench_service_guide.py --footage F --cpu --io-only                 # CPU stages only
 
 Measures, each the median of ``--repeats`` runs after one warm-up (plugin build, numba compile, CUDA context):
 
@@ -12,6 +14,11 @@ Measures, each the median of ``--repeats`` runs after one warm-up (plugin build,
   file load, camera, DW-mesh + render, every write (frames, depth, guide PNGs + videos, manifests);
 - ``new_camera_s``: the ``render_guide`` job for a camera never seen before, frames and depth cached;
 - per-stage medians of both jobs (from the progress events: time from a stage's first event to the next's).
+
+``--io-only`` times only the CPU work of a new shot, each in a fresh store: ``frames_s`` (footage hash,
+decode, ``frames.npy`` + its hash), ``depth_s`` (depth file hash, read, checks, ``depth.npy`` + its hash) and
+``write_s`` (the guide's files and manifest, for a guide rendered once beforehand), so a before/after
+comparison on a busy CPU machine is not drowned by the renderer's time.
 
 The depth is a file: ``--depth PATH`` (.npy/.npz (T, H, W), depth in scene units), else a smooth synthetic
 depth (a tilted plane plus a bump, 2-6 units) written as an uncompressed .npz at the processing size. Results as JSON on
@@ -74,7 +81,7 @@ def sync() -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
+    src = ap.add_mutually_exclusive_group()
     src.add_argument("--footage", help="video file or image-sequence folder (e.g. the flower clip)")
     src.add_argument("--synthetic", action="store_true", help="the procedural scene (ex4d_backend.synthetic)")
     ap.add_argument("--depth", help="depth file (.npy/.npz) at the processing size; default: a smooth synthetic one")
@@ -84,7 +91,15 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="CPU renderer (smoke test)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", help="write the JSON here too")
+    ap.add_argument(
+        "--cpu-tiny", action="store_true", help="smoke test: --synthetic --cpu --frames 9 --size 128 --repeats 2"
+    )
+    ap.add_argument("--io-only", action="store_true", help="time only frames, depth and the guide write (see above)")
     args = ap.parse_args()
+    if args.cpu_tiny:
+        args.synthetic, args.cpu, args.frames, args.size, args.repeats = True, True, 9, 128, 2
+    if not (args.footage or args.synthetic):
+        ap.error("one of --footage, --synthetic or --cpu-tiny is required")
 
     import torch
 
@@ -123,6 +138,9 @@ def main() -> int:
         "renderer": renderer,
     }
     allowed = [clip_path.parent, depth_path.parent, work]
+
+    if args.io_only:
+        return io_only(args, clip_path, depth_path, frames, depth, k, params, allowed, work, renderer)
 
     # 1. run_recon, in memory.
     recon.run_recon(frames, depth, args.preset, k=k, renderer=renderer)  # warm-up
@@ -201,6 +219,42 @@ def main() -> int:
     }
     if not args.cpu:
         out["meets_goals"] = {name: out[name] <= goal for name, goal in GOALS.items()}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def io_only(args, clip_path, depth_path, frames, depth, k, params, allowed, work, renderer) -> int:
+    """``--io-only``: the new shot's CPU stages, each the median of ``--repeats`` runs in a fresh store."""
+    from ex4d_backend import recon
+    from ex4d_backend.pipeline import stages
+    from ex4d_backend.pipeline.settings import DepthSettings, FrameSettings
+    from ex4d_backend.service.jobstore import JobStore
+
+    guide = recon.run_recon(frames, depth, args.preset, k=k, renderer=renderer)
+    rows: dict[str, list[float]] = {"frames_s": [], "depth_s": [], "write_s": []}
+    cpu: dict[str, list[float]] = {"frames_cpu_s": [], "depth_cpu_s": [], "write_cpu_s": []}  # all threads
+    for i in range(args.repeats + 1):  # the first is a warm-up
+        store = JobStore(work / f"io{i}", allowed)
+        ctx = stages.Context(store)
+        t0, c0 = time.perf_counter(), time.process_time()
+        clip = stages.frames_stage(ctx, clip_path, FrameSettings.from_params(params))
+        t1, c1 = time.perf_counter(), time.process_time()
+        stages.depth_stage(ctx, clip, DepthSettings.from_params(params["depth"]))
+        t2, c2 = time.perf_counter(), time.process_time()
+        with store.write_stage("guide", f"bench{i}", {"bench": True}) as tmp:
+            stages.write_guide_files(tmp, guide.color, guide.mask, clip.fps, guide.camera)
+        t3, c3 = time.perf_counter(), time.process_time()
+        if i:
+            for name, dt in zip(rows, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                rows[name].append(dt)
+            for name, dt in zip(cpu, (c1 - c0, c2 - c1, c3 - c2), strict=True):
+                cpu[name].append(dt)
+    out = {name: round(statistics.median(v), 4) for name, v in {**rows, **cpu}.items()}
+    out.update({"all_s": rows, "frames": len(frames), "width": frames.shape[2], "height": frames.shape[1]})
+    out.update({"cpu_count": os.cpu_count(), "footage": str(clip_path), "depth": str(depth_path)})
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:

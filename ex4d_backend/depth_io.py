@@ -149,11 +149,14 @@ def read_depth_file(path: str | os.PathLike) -> np.ndarray:
         raise Ex4dError(f"depth must have shape (T, H, W), got {arr.shape}", where=str(p))
     if not np.issubdtype(arr.dtype, np.number):
         raise Ex4dError(f"depth must be numeric, got {arr.dtype}", where=str(p))
-    return arr.astype(np.float32)
+    return arr.astype(np.float32, copy=False)  # a fresh array already (read or stacked): never copied again
 
 
 def validate_depth(arr: np.ndarray, kind: str, where: str, repair: bool = False) -> np.ndarray:
     """Reject (or, with ``repair``, fill from valid neighbours) NaN, inf and, for depth, values <= 0."""
+    lo, hi = arr.min(initial=np.inf), arr.max(initial=-np.inf)  # NaN propagates: two passes, no masks
+    if np.isfinite(lo) and np.isfinite(hi) and (kind != "depth" or lo > 0) or arr.size == 0:
+        return arr
     bad = ~np.isfinite(arr)
     if kind == "depth":
         bad |= ~(arr > 0)
@@ -243,6 +246,8 @@ def load_depth(
         return disparity_to_depth(arr)
     if not (np.isfinite(scale) and scale > 0):
         raise Ex4dError(f"depth scale must be positive, got {scale}", where="--depth-scale")
+    if scale == 1.0 and float(arr.min()) >= DEPTH_MIN and float(arr.max()) <= DEPTH_MAX:
+        return arr.astype(np.float32, copy=False)  # x * 1 = x and nothing to clip: the same values, no copy
     return np.clip(arr * np.float32(scale), DEPTH_MIN, DEPTH_MAX).astype(np.float32)
 
 

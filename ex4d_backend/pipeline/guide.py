@@ -90,6 +90,7 @@ def render_guide(
     depth_scale: float | np.ndarray = 1.0,
     keep_mesh0: bool = False,
     progress: Progress | None = None,
+    on_chunk: Callable[[np.ndarray, np.ndarray, int, int], None] | None = None,
 ) -> Guide:
     """Colour and mask guide of ``camera`` (>= T frames, checked by the camera stage).
 
@@ -102,6 +103,8 @@ def render_guide(
         depth_scale: depth units -> world units, a number or (T,) per frame (``depth_scale.py``).
         keep_mesh0: keep frame 0's DW-mesh in the result (PLY export).
         progress: ``progress("render", chunk, n_chunks, message)``; may raise ``errors.Cancelled``.
+        on_chunk: ``on_chunk(color, mask, start, stop)`` once frames ``start`` .. ``stop - 1`` of the result's
+            arrays are final (frame 0 excepted: the frame-0 rule is applied last), e.g. to write them meanwhile.
     """
     t, h, w = depth.shape
     backend = resolve_renderer(render.renderer)
@@ -137,14 +140,20 @@ def render_guide(
             mask_h, ev_m = transfer.download_async(mask_t, "mask", slot)
             if pending is not None:
                 _finish(pending, color, mask)
+                if on_chunk:
+                    on_chunk(color, mask, pending[0], pending[1])
             pending = (start, stop, col_h, mask_h, ev_m)
         else:
             color[sl], mask[sl] = rgba_to_guide(rgba)
+            if on_chunk:
+                on_chunk(color, mask, start, stop)
         if keep_mesh0 and start == 0:
             mesh0 = DWMesh(m.vertices[:1].cpu(), m.faces.cpu(), m.invalid[:1].cpu(), m.colors[:1].cpu(), h, w)
         del m, rgba
     if pending is not None:
         _finish(pending, color, mask)
+        if on_chunk:
+            on_chunk(color, mask, pending[0], pending[1])
     cam = CameraPath(camera.extrinsics[:t], camera.intrinsics[:t], w, h, camera.name)
     frame0_is_source = apply_frame0_rule(color, mask, frames, cam, source, k0)
     if progress:

@@ -35,7 +35,8 @@ from ..service.resident import ResidentGenerator, free_memory
 from . import housekeeping
 from .camera import camera_hash, resolve_camera
 from .depth_adjust import adjusted
-from .guide_files import GUIDE_FILES, read_png_folder, write_guide_files  # noqa: F401 (re-exported)
+from .guide_files import GUIDE_FILES, GuideWriter, read_png_folder, write_guide_files  # noqa: F401 (re-exported)
+from .hashed_io import save_npy_hashed
 from .settings import (
     DepthSettings,
     FrameSettings,
@@ -158,7 +159,7 @@ def frames_stage(ctx: Context, footage: str | os.PathLike, s: FrameSettings) -> 
                 "height": f.size[1],
             }
             with ctx.store.write_stage("frames", key, meta) as tmp:
-                np.save(tmp / "frames.npy", f.frames)
+                save_npy_hashed(tmp / "frames.npy", f.frames)  # hashed while written: no re-read
             del f
             ctx.progress("frames", 1, 1, "done")
     _reused(ctx, "frames", key, cached)
@@ -214,33 +215,46 @@ def depth_stage(ctx: Context, clip: Clip, s: DepthSettings) -> Depth:
         meta = _lookup(ctx, "depth", key)
         cached = meta is not None
         if meta is None:
-            from ..depth import estimate
-
-            if model != "file":
-                ctx.resident.release()  # the depth model needs the VRAM the kept generator holds
             ctx.progress("depth", 0, 1, f"depth from {model}")
-            frames = np.ascontiguousarray(clip.frames)
-            result = estimate(
-                frames, model, models_dir=ctx.models_dir, device=s.device, progress=ctx.progress, **options
-            )
-            depth = np.ascontiguousarray(result.depth, dtype=np.float32)
-            if depth.shape != frames.shape[:3] or not np.isfinite(depth).all():
-                raise Ex4dError(f"the depth has shape {depth.shape}, the frames {frames.shape[:3]}", where="depth")
+            depth = _compute_depth(ctx, clip, s, model, options)
+            lo, hi = float(depth.min()), float(depth.max())  # NaN propagates: both finite <=> all finite
+            if depth.shape != clip.frames.shape[:3] or not (np.isfinite(lo) and np.isfinite(hi)):
+                raise Ex4dError(f"the depth has shape {depth.shape}, the frames {clip.frames.shape[:3]}", where="depth")
             meta = {
                 "shot": clip.key,
                 "model": model,
                 "options": {k: v for k, v in options.items() if k != "path"},
-                "depth_min": float(depth.min()),
-                "depth_max": float(depth.max()),
+                "depth_min": lo,
+                "depth_max": hi,
             }
             with ctx.store.write_stage("depth", key, meta) as tmp:
-                np.save(tmp / "depth.npy", depth)
-            del result, depth, frames
-            free_memory()
+                save_npy_hashed(tmp / "depth.npy", depth)  # hashed while written: no re-read
+            del depth
+            if model != "file":
+                free_memory()  # a depth model ran: collect it and hand its VRAM back (a file needs neither)
             ctx.progress("depth", 1, 1, "done")
     _reused(ctx, "depth", key, cached)
     d = ctx.store.stage_dir("depth", key)
     return adjusted(ctx, Depth(key, d, np.load(d / "depth.npy", mmap_mode="r"), meta), s.adjust)  # scale/offset/clip
+
+
+def _compute_depth(ctx: Context, clip: Clip, s: DepthSettings, model: str, options: dict) -> np.ndarray:
+    """(T, H, W) float32 C-contiguous depth of the clip: a file read once (``depth_io.load_depth``: checked,
+    resampled, scaled), or a depth model run on the frames."""
+    t, h, w = clip.frames.shape[:3]
+    if model == "file":
+        from ..depth import _check_frames  # the limits ``depth.estimate`` applies to every provider
+        from ..depth_io import load_depth
+
+        _check_frames(clip.frames, model)
+        opts = {k: v for k, v in options.items() if k != "path"}
+        return np.ascontiguousarray(load_depth(options["path"], size=(w, h), n_frames=t, **opts), dtype=np.float32)
+    from ..depth import estimate
+
+    ctx.resident.release()  # the depth model needs the VRAM the kept generator holds
+    frames = np.ascontiguousarray(clip.frames)
+    result = estimate(frames, model, models_dir=ctx.models_dir, device=s.device, progress=ctx.progress, **options)
+    return np.ascontiguousarray(result.depth, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,17 +438,6 @@ def guide_stage(
             _reused(ctx, "guide", key, True)
             return GuideEntry(key, ctx.store.stage_dir("guide", key), meta)
         cam = camera.path
-        guide = render_guide(
-            clip.frames,
-            depth.depth,
-            k,
-            cam,
-            mesh,
-            RenderSettings(backend, render.use_dwmesh),
-            source=None if source is None else source.path,
-            depth_scale=1.0 if source is None else source.scales,
-            progress=ctx.progress,
-        )
         t, h, w = depth.depth.shape
         meta = {
             "shot": clip.key,
@@ -442,17 +445,31 @@ def guide_stage(
             "camera_hash": camera_hash(cam),
             "renderer": backend,
             "use_dwmesh": bool(render.use_dwmesh),
-            "frame0_is_source": guide.frame0_is_source,
             "depth_scale_fit": {} if source is None else source.fit,
-            "masked_share": [round(float(v), 6) for v in guide_masked_share(guide.mask)],  # unseen, per frame
             "n_frames": t,
             "width": w,
             "height": h,
             "fps": clip.fps,
         }
-        ctx.progress("write", 0, 1, "guide files")
-        with ctx.store.write_stage("guide", key, meta) as tmp:
-            write_guide_files(tmp, guide.color, guide.mask, clip.fps, guide.camera)
+        # The files are written while the guide renders (each chunk as it is read back); the meta's last two
+        # entries are added once it is rendered (write_stage writes meta.json when the block ends).
+        with ctx.store.write_stage("guide", key, meta) as tmp, GuideWriter(tmp, clip.fps) as writer:
+            guide = render_guide(
+                clip.frames,
+                depth.depth,
+                k,
+                cam,
+                mesh,
+                RenderSettings(backend, render.use_dwmesh),
+                source=None if source is None else source.path,
+                depth_scale=1.0 if source is None else source.scales,
+                progress=ctx.progress,
+                on_chunk=writer.add,
+            )
+            meta["frame0_is_source"] = guide.frame0_is_source
+            meta["masked_share"] = [round(float(v), 6) for v in guide_masked_share(guide.mask)]  # unseen, per frame
+            ctx.progress("write", 0, 1, "guide files")
+            writer.finish(guide.color, guide.mask, guide.camera)
         ctx.progress("write", 1, 1, "done")
     _reused(ctx, "guide", key, False)
     return GuideEntry(key, ctx.store.stage_dir("guide", key), meta, guide)

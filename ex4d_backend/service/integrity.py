@@ -96,4 +96,20 @@ def verify(folder: Path, files: object, *, full: bool = False) -> str | None:
     return None
 
 
-__all__ = ["file_hash", "manifest", "verify"]
+__all__ = ["file_hash", "hasher", "manifest", "remember", "verify"]
+
+
+def hasher():
+    """A new BLAKE2b-128 hash object: what :func:`file_hash` computes, for writers that hash as they write."""
+    return hashlib.blake2b(digest_size=16)
+
+
+def remember(path: Path, digest: str) -> None:
+    """Record ``digest`` (from :func:`hasher` over exactly the bytes just written) as ``path``'s hash, so the
+    manifest of a new stage folder need not read the file again. Memoised like :func:`file_hash`, by the
+    file's (device, inode, size, mtime, ctime): any later change to the file is hashed again."""
+    stamp = _stamp(os.stat(path))
+    with _MEMO_LOCK:
+        if len(_MEMO) >= _MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[stamp] = digest
