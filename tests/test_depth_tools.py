@@ -132,7 +132,7 @@ def test_a_new_adjustment_reuses_the_raw_depth(tmp_path, monkeypatch):
     """Changing only the adjustment derives a new depth entry from the stored raw depth: the depth source
     (a model, or here the file reader) runs once for three adjustments; no adjustment keeps the raw entry's
     key (old caches stay valid). Fails if the adjustment is folded into the raw depth's key."""
-    from ex4d_backend import depth as depth_pkg
+    from ex4d_backend import depth_io
     from ex4d_backend.pipeline import stages
     from ex4d_backend.pipeline.settings import DepthSettings, FrameSettings
     from ex4d_backend.service.jobstore import JobStore
@@ -140,8 +140,8 @@ def test_a_new_adjustment_reuses_the_raw_depth(tmp_path, monkeypatch):
     clip = sf.make_clip(tmp_path / "data", width=32, height=24, n_frames=2)
     ctx = stages.Context(JobStore(tmp_path / "store", [tmp_path]))
     calls = []
-    real = depth_pkg.estimate
-    monkeypatch.setattr(depth_pkg, "estimate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = depth_io.load_depth  # the file depth's reader (the depth stage imports it at call time)
+    monkeypatch.setattr(depth_io, "load_depth", lambda *a, **k: calls.append(1) or real(*a, **k))
     c = stages.frames_stage(ctx, clip.footage, FrameSettings())
     raw = stages.depth_stage(ctx, c, DepthSettings(path=str(clip.depth_path)))
     keys = {raw.key}
