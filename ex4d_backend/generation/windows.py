@@ -257,6 +257,7 @@ class ShotReport:
     outputs: dict = field(default_factory=dict)
     windows: list[dict] = field(default_factory=list)  # per window: key, cached, seconds
     composite: dict | None = None  # guide size, the box of it the generation shows, feather width
+    source_frames: list[int] = field(default_factory=list)  # the source frame of each result frame
 
 
 # ---------------------------------------------------------------------------------------- the cache
@@ -438,6 +439,26 @@ def shot_plan(color_path, mask_path, settings: ShotSettings, fps: float | None =
     return guide_size, size, plan, float(fps or guide_fps)
 
 
+def check_settings(settings: ShotSettings) -> None:
+    """Everything about ``settings`` that can be checked without the guide (window, overlap, variant,
+    sampling, an explicit size, resize): one clear error, before any stage runs."""
+    from .sizing import parse_size
+
+    validate_window(settings.window)
+    resolve_overlap(settings.window, settings.overlap, settings.variant)
+    if settings.sampling not in FRAME_SAMPLINGS:
+        raise Ex4dError(
+            f"unknown frame sampling '{settings.sampling}'", where="frame_sampling", hint=", ".join(FRAME_SAMPLINGS)
+        )
+    if settings.resize not in RESIZE_MODES:
+        raise Ex4dError(f"unknown resize mode '{settings.resize}'", where="resize", hint=", ".join(RESIZE_MODES))
+    for name, v in (("width", settings.width), ("height", settings.height)):
+        if v is not None and (v < 16 or v % 16):
+            raise Ex4dError(f"the {name} must be a positive multiple of 16, got {v}", where=name)
+    if settings.width is None and settings.height is None:
+        parse_size(settings.size)
+
+
 def generate_windows(
     generator,
     color_path,
@@ -522,6 +543,7 @@ def generate_shot(
         )
         mark = outputs.overlay or (lambda f: f)
         for _, src, frame in frames:
+            report.source_frames.append(int(src))
             writer.write(mark(frame.copy()) if outputs.overlay else frame)
             if compositor is not None:
                 comp_writer.write(mark(compositor(full_c.frame(src), full_m.frame(src), frame)))
@@ -548,6 +570,7 @@ __all__ = [
     "blend_weights",
     "chain_guide",
     "chained_frames",
+    "check_settings",
     "generate_shot",
     "generate_windows",
     "shot_plan",

@@ -146,17 +146,27 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
 
 
 def exec_generate(ctx: Context, p: dict) -> dict:
+    from ..generation.windows import check_settings
+
+    gs = GenerateSettings.from_params(p)
+    check_settings(gs.shot_settings())  # window, overlap, sampling, size: before any stage runs
     clip, guide = _guide(ctx, p)
-    gen = stages.generate_stage(ctx, clip, guide, GenerateSettings.from_params(p))
+    gen = stages.generate_stage(ctx, clip, guide, gs)
     d, meta = gen.dir, gen.meta
     return {
         "frames_dir": str(d / "frames"),
         "video_mp4": str(d / "video.mp4"),
+        "composite_dir": str(d / "composite"),
+        "composite_mp4": str(d / "composite.mp4"),
         "n_frames": meta["n_frames"],
         "width": meta["width"],
         "height": meta["height"],
+        "size": meta["size"],
+        "composite_size": (meta.get("composite") or {}).get("size"),
         "fps": meta["fps"],
         "source_frames": meta["source_frames"],
+        "plan": meta["plan"],
+        "windows": meta["windows"],
         "camera_hash": meta["camera_hash"],
         "settings": meta["settings"],
         "guide_dir": str(guide.dir),

@@ -227,7 +227,12 @@ GENERATE = {
     "negative_prompt": {"type": "string", "maxLength": 10000},
     "height": {"type": "integer", "minimum": 16, "maximum": 4096, "multipleOf": 16},
     "width": {"type": "integer", "minimum": 16, "maximum": 4096, "multipleOf": 16},
-    "num_frames": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "num_frames": {"type": "integer", "minimum": 5, "maximum": 1001},  # the window, 4k + 1 (checked by the job)
+    "size": {"type": "string", "pattern": "^(auto|[0-9]{2,4}x[0-9]{2,4})$"},  # "auto": the guide's aspect
+    "chain_variant": {"enum": ["given", "i2v", "guide"]},  # generation.windows.CHAIN_VARIANTS
+    "overlap": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": 500}]},
+    "frame_sampling": {"enum": ["windows", "reference"]},  # generation.windows.FRAME_SAMPLINGS
+    "resize": {"enum": ["crop", "stretch"]},  # generation.conditioning.RESIZE_MODES
     "vram_profile": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
     "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
 }
