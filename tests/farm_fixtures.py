@@ -99,6 +99,8 @@ def result_files(result: dict) -> dict[str, bytes]:
     out = {}
     if "frames_dir" in result:
         out.update({f"frames/{k}": v for k, v in tree_bytes(result["frames_dir"]).items()})
+        if "composite_dir" in result:  # the full-resolution composite (issue 14)
+            out.update({f"composite/{k}": v for k, v in tree_bytes(result["composite_dir"]).items()})
         guide = Path(result["guide_dir"])
     else:
         guide = Path(result["color_dir"]).parent

@@ -151,6 +151,8 @@ def exec_generate(ctx: Context, p: dict) -> dict:
     gs = GenerateSettings.from_params(p)
     check_settings(gs.shot_settings())  # window, overlap, sampling, size: before any stage runs
     clip, guide = _guide(ctx, p)
+    if p.get("upto_window") is not None:  # a farm step of a long shot: windows 0..k into the store
+        return {**stages.generate_windows_stage(ctx, guide, gs, int(p["upto_window"])), "guide_dir": str(guide.dir)}
     gen = stages.generate_stage(ctx, clip, guide, gs)
     d, meta = gen.dir, gen.meta
     return {

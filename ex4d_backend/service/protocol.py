@@ -234,6 +234,7 @@ GENERATE = {
     "overlap": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": 500}]},
     "frame_sampling": {"enum": ["windows", "reference"]},  # generation.windows.FRAME_SAMPLINGS
     "resize": {"enum": ["crop", "stretch"]},  # generation.conditioning.RESIZE_MODES
+    "upto_window": {"type": "integer", "minimum": 0, "maximum": 100000},  # a farm step: windows 0..k only
     "vram_profile": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
     "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
 }
