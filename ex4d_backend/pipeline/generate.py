@@ -40,8 +40,8 @@ def generator_key(s: dict, models_dir: str | None) -> dict:
 
 
 def _acquire_generator(ctx: Context, s: dict):
-    """(the loaded generator of resolved settings ``s``, whether it was still loaded): the service keeps
-    one resident (``ResidentGenerator``); call ``ctx.resident.done(ok)`` after the work."""
+    """(the loaded generator of resolved settings ``s``, the "load" progress message to report): the
+    service keeps one resident (``ResidentGenerator``); call ``ctx.resident.done(ok)`` after the work."""
     from ..generation import load_generator
 
     def load():
@@ -51,8 +51,7 @@ def _acquire_generator(ctx: Context, s: dict):
         )
 
     gen, reused = ctx.resident.acquire((s["generator"], str(ctx.models_dir), s["device"], s["vram_profile"]), load)
-    ctx.progress("load", 1, 1, "the generator was still loaded" if reused else "loaded")
-    return gen
+    return gen, "the generator was still loaded" if reused else "loaded"
 
 
 def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSettings) -> GenerateEntry:
@@ -72,7 +71,7 @@ def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSett
         meta = _lookup(ctx, "generate", key)
         cached = meta is not None
         if meta is None:
-            gen = _acquire_generator(ctx, s)
+            gen, loaded = _acquire_generator(ctx, s)
             overlay = None
             if s["generator"] == "preview":  # chain from unlabelled frames; the label goes on every written frame
                 from ..generation.preview import _label
@@ -86,6 +85,7 @@ def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSett
             }
             ok = False
             try:
+                ctx.progress("load", 1, 1, loaded)  # may raise Cancelled: inside the try (resident.done)
                 with ctx.store.write_stage("generate", key, meta) as tmp:
                     rep = generate_shot(
                         gen,
@@ -132,11 +132,12 @@ def generate_windows_stage(ctx: Context, guide: GuideEntry, gs: GenerateSettings
     from ..generation.windows import generate_windows
 
     s = gs.resolved()
-    gen = _acquire_generator(ctx, s)
+    gen, loaded = _acquire_generator(ctx, s)
     if s["generator"] == "preview":
         gen.label = False  # as generate_stage: the windows chain from unlabelled frames
     ok = False
     try:
+        ctx.progress("load", 1, 1, loaded)
         rep = generate_windows(
             gen,
             guide.dir / "color",
