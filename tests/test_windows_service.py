@@ -37,6 +37,10 @@ def _params(clip: sf.Clip, **extra) -> dict:
     )
 
 
+def _pngs(folder: str) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(Path(folder).glob("*.png"))]
+
+
 def _ranked_source(result: np.ndarray, guide: np.ndarray, mask: np.ndarray) -> list[int]:
     """For each result frame, the guide frame it matches best (mean error over the seen pixels of the
     lower half, where the preview keeps the guide's colour and draws no label)."""
@@ -118,6 +122,11 @@ def test_cancelled_job_resumes_at_the_next_window(served):
         slow.close()
     assert [(w["index"], w["cached"]) for w in r["windows"]] == [(0, True), (1, False)]
     assert r["cached"]["guide"] is True and r["cached"]["generate"] is False
+    forced = client.submit("generate", {**params, "force": True})  # force: every window generated again
+    client.wait(forced, 300)
+    forced = forced.raise_for_error()
+    assert [(w["index"], w["cached"]) for w in forced["windows"]] == [(0, False), (1, False)]
+    assert _pngs(forced["frames_dir"]) == _pngs(clean["frames_dir"])
     for name in ("frames_dir", "composite_dir"):
         ours, ref = sorted(Path(r[name]).glob("*.png")), sorted(Path(clean[name]).glob("*.png"))
         assert [p.name for p in ours] == [p.name for p in ref] and len(ours) == N_FRAMES

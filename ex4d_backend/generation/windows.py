@@ -265,19 +265,20 @@ class WindowCache:
     """Window results in a job store (``<store>/cache/window-<key>/frames.npy`` + ``meta.json``), or
     nothing (``store=None``). A result is reused only if its frames' SHA-256 matches its meta."""
 
-    def __init__(self, store=None):
+    def __init__(self, store=None, *, recompute: bool = False):
         if store is not None and not hasattr(store, "write_stage"):
             from ..service.jobstore import JobStore
 
             store = JobStore(store)
         self.store = store
+        self.recompute = recompute  # never reuse a cached window (a forced job), still save the new ones
 
     def lock(self, key: str):
         stage_lock = getattr(self.store, "stage_lock", None)
         return stage_lock(WINDOW_STAGE, key) if stage_lock else contextlib.nullcontext()
 
     def load(self, key: str) -> np.ndarray | None:
-        if self.store is None:
+        if self.store is None or self.recompute:
             return None
         meta = self.store.stage_meta(WINDOW_STAGE, key)
         if meta is None:
@@ -497,11 +498,12 @@ def generate_shot(
     store=None,
     generator_key: dict | None = None,
     progress: Progress | None = None,
+    recompute: bool = False,
 ) -> ShotReport:
     """Generate a whole shot from guide files (video or PNG folders) and write the results.
 
     ``store``: a :class:`~ex4d_backend.service.jobstore.JobStore` (or its folder) that caches each
-    window; None caches nothing. ``generator_key``: what identifies the generator's weights and pixel-
+    window; None caches nothing; ``recompute``: generate every window again (and cache the new ones). ``generator_key``: what identifies the generator's weights and pixel-
     affecting options in the cache keys (e.g. ``{"generator": "ex4d", "rope": "float32"}``).
     Returns the plan, the generation size, the frame rate, the written paths and per-window records."""
     from ..composite import Compositor
@@ -536,7 +538,7 @@ def generate_shot(
             size,
             color_r,
             mask_r,
-            cache=WindowCache(store),
+            cache=WindowCache(store, recompute=recompute),
             generator_key=generator_key,
             progress=progress,
             records=report.windows,

@@ -103,6 +103,7 @@ def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSett
                         store=ctx.store,
                         generator_key=generator_key(s, ctx.models_dir),
                         progress=ctx.progress,
+                        recompute=ctx.force_stage == "generate",  # ``force``: the windows too
                     )
                     ctx.progress("save", 0, 1, "results")
                     meta.update(
