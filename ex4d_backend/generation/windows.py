@@ -153,7 +153,12 @@ def resolve_overlap(length: int, overlap: int | None, variant: str) -> int:
 
 
 def plan_windows(
-    n: int, *, length: int = DEFAULT_WINDOW, overlap: int | None = None, variant: str = "given", sampling="windows"
+    n: int,
+    *,
+    length: int = DEFAULT_WINDOW,
+    overlap: int | None = None,
+    variant: str = C.CHAIN_VARIANT,
+    sampling: str = C.FRAME_SAMPLING,
 ) -> WindowPlan:
     """The windows for a shot of ``n`` source frames (module doc)."""
     validate_window(length)
@@ -221,12 +226,12 @@ class ShotSettings:
 
     window: int = DEFAULT_WINDOW
     overlap: int | None = None
-    variant: str = "given"
-    sampling: str = "windows"
-    size: str = "auto"
+    variant: str = C.CHAIN_VARIANT
+    sampling: str = C.FRAME_SAMPLING
+    size: str = C.GEN_SIZE
     width: int | None = None
     height: int | None = None
-    resize: str = "crop"
+    resize: str = C.RESIZE
     steps: int = C.STEPS
     cfg: float = C.CFG
     shift: float = C.SHIFT
