@@ -31,8 +31,12 @@ STEPS = 25  # denoising steps
 CFG = 5.0  # classifier-free guidance scale
 SHIFT = 5.0  # flow-matching sigma shift
 SEED = 0
-GEN_HEIGHT = 512
+GEN_HEIGHT = 512  # the reference's size (a square guide's "auto" size, generation/sizing.py)
 GEN_WIDTH = 512
+GEN_SIZE = "auto"  # the generation size follows the guide's aspect (generation/sizing.py); or "WxH"
+CHAIN_VARIANT = "given"  # how windows of a long shot are chained (generation/windows.py)
+FRAME_SAMPLING = "windows"  # every source frame once; "reference": one linspace window
+RESIZE = "crop"  # guide -> generation size: centre crop to the aspect, or "stretch" (the reference)
 VRAM_PROFILE = "full"
 DEVICE = "auto"
 GEN_DEFAULTS = {  # the generation settings above by their protocol names (the add-on's copies are tested against it)
@@ -41,9 +45,12 @@ GEN_DEFAULTS = {  # the generation settings above by their protocol names (the a
     "cfg": CFG,
     "shift": SHIFT,
     "seed": SEED,
-    "height": GEN_HEIGHT,
-    "width": GEN_WIDTH,
-    "num_frames": NUM_FRAMES,
+    "size": GEN_SIZE,  # width / height given explicitly override it
+    "num_frames": NUM_FRAMES,  # the window length (4k + 1)
+    "chain_variant": CHAIN_VARIANT,
+    "overlap": None,  # None: the chain variant's default (generation/windows.py DEFAULT_OVERLAP)
+    "frame_sampling": FRAME_SAMPLING,
+    "resize": RESIZE,
     "vram_profile": VRAM_PROFILE,
     "device": DEVICE,
 }

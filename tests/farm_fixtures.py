@@ -57,10 +57,18 @@ def run_job_inproc(capfd, job: Path, store: Path, *extra: str) -> dict:
 
 
 def make_project(
-    root: Path, shot: str, *, n_frames: int = 5, preset: str = "60", generate: bool = True, size=(64, 48)
+    root: Path,
+    shot: str,
+    *,
+    n_frames: int = 5,
+    preset: str = "60",
+    generate: bool = True,
+    size=(64, 48),
+    window: int = 0,
 ) -> Path:
     """A project folder holding a synthetic clip under ``shots/<shot>/`` and ``jobs/<shot>.json``, a
-    portable job (paths relative to the project root). Returns the job file."""
+    portable job (paths relative to the project root). ``window``: the generation window (default: one
+    window holding the whole clip; smaller: a windowed shot). Returns the job file."""
     clip = sf.make_clip(root / "shots" / shot, width=size[0], height=size[1], n_frames=n_frames)
     params = {
         "footage": f"shots/{shot}/clip",
@@ -70,7 +78,8 @@ def make_project(
         "renderer": "cpu",
     }
     if generate:
-        params.update(generator="preview", width=size[0], height=size[1], num_frames=n_frames)
+        fit = 4 * ((max(n_frames, 2) + 2) // 4) + 1  # the 4k + 1 window holding the clip (5 for 4 or 5 frames)
+        params.update(generator="preview", width=size[0], height=size[1], num_frames=window or fit)
     job = {"ex4d_job": 1, "project_root": "..", "type": "generate" if generate else "render_guide", "params": params}
     path = root / "jobs" / f"{shot}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +99,8 @@ def result_files(result: dict) -> dict[str, bytes]:
     out = {}
     if "frames_dir" in result:
         out.update({f"frames/{k}": v for k, v in tree_bytes(result["frames_dir"]).items()})
+        if "composite_dir" in result:  # the full-resolution composite (issue 14)
+            out.update({f"composite/{k}": v for k, v in tree_bytes(result["composite_dir"]).items()})
         guide = Path(result["guide_dir"])
     else:
         guide = Path(result["color_dir"]).parent

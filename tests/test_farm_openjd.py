@@ -113,3 +113,37 @@ def test_openjd_run_gives_the_outputs_of_ex4d_run(tmp_path, capfd):
     ref_job = jobs[1].with_name("s1_guide_ref.json")
     ref_job.write_text(json.dumps(ref_doc))
     assert ff.result_files(guide) == ff.result_files(ff.run_job_inproc(capfd, ref_job, tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_a_long_shot_is_a_step_per_window_that_openjd_runs(tmp_path, capfd):
+    """A 2-window shot exports as ``long-generate-w0`` then ``long-generate`` (depending on it); the
+    template validates with openjd-model, and ``openjd run --step long-generate --run-dependencies`` runs
+    both steps in order to results with the bytes of ``ex4d run`` of the job (issue 19 with issue 14)."""
+    job = ff.make_project(tmp_path / "p", "long", n_frames=13, window=9)
+    out_dir = tmp_path / "out"
+    code, out, err = ff.run_inproc(
+        capfd, "farm", "export", "--engine", "openjd", str(job), str(out_dir), "--ex4d", str(_wrapper(tmp_path))
+    )
+    assert code == 0, err
+    assert json.loads(out)["steps"] == ["long-generate-w0", "long-generate"]
+    tmpl = json.loads((out_dir / "ex4d.template.json").read_text())
+    steps = {s["name"]: s for s in tmpl["steps"]}
+    assert "dependencies" not in steps["long-generate-w0"]
+    assert steps["long-generate"]["dependencies"] == [{"dependsOn": "long-generate-w0"}]
+    assert json.loads((out_dir / "jobs" / "long.generate-w0.json").read_text())["params"]["upto_window"] == 0
+    decoded = openjd_model.decode_job_template(template=tmpl)
+    values = {"Store": openjd_model.ParameterValue(type=openjd_model.ParameterValueType.PATH, value="/store")}
+    openjd_model.create_job(job_template=decoded, job_parameter_values=values)
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [_openjd(), "run", str(out_dir / "ex4d.template.json"), "--step", "long-generate", "--run-dependencies",
+         "-p", f"Store={store}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert len(list(store.glob("cache/window-*/meta.json"))) == 2
+    ours = ff.run_job_inproc(capfd, out_dir / "jobs" / "long.generate.json", store)
+    assert ours["cached"]["generate"] is True  # computed by the OpenJD session
+    ref = ff.run_job_inproc(capfd, job, tmp_path / "ref")
+    assert ff.result_files(ours) == ff.result_files(ref) and ours["n_frames"] == 13

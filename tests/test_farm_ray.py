@@ -164,3 +164,25 @@ def test_cancel_stops_running_and_queued_steps(tmp_path, cluster, capfd):
     with pytest.raises(ProcessLookupError):
         os.kill(st["pid"], 0)
     assert not list((store / "cache").glob("generate-*"))
+
+
+@pytest.mark.slow
+def test_a_windowed_shot_on_ray_matches_ex4d_run(tmp_path, cluster):
+    """A 2-window shot (13 frames, window 9) beside a one-window shot on the local cluster: the long
+    shot's window steps ran in order (each started after the one before finished), and its result has
+    the bytes of ``ex4d run`` of the job (issue 19 with issue 14's windows)."""
+    long = ff.make_project(tmp_path / "p", "long", n_frames=13, window=9)
+    short = ff.make_project(tmp_path / "p", "short", preset="90")
+    store = tmp_path / "store"
+    sub = subm.create([str(long), str(short)], store=store, engine="ray")
+    final = ray_engine.submit(sub, store=str(store))
+    assert final["state"] == "done", final
+    steps = {s["id"]: s for s in final["steps"]}
+    order = ["long.generate-w0", "long.generate"]
+    assert set(steps) == {*order, "short.generate"}
+    for a, b in zip(order, order[1:], strict=False):
+        assert steps[a]["updated"] <= steps[b]["started"], (a, b)
+    ours = steps["long.generate"]["result"]
+    assert [w["cached"] for w in ours["windows"]] == [True, False]
+    ref = ff.ex4d_run(long, tmp_path / "ref")
+    assert ff.result_files(ours) == ff.result_files(ref) and ours["n_frames"] == 13

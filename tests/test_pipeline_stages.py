@@ -108,7 +108,8 @@ def test_defaults_are_the_references():
     assert d["render"] == {"renderer": "auto", "use_dwmesh": True}
     assert d["frames"]["max_side"] == 1024
     g = d["generate"]
-    assert (g["steps"], g["cfg"], g["shift"], g["num_frames"], g["height"], g["width"]) == (25, 5.0, 5.0, 49, 512, 512)
+    assert (g["steps"], g["cfg"], g["shift"], g["num_frames"]) == (25, 5.0, 5.0, 49)
+    assert (g["size"], g["height"], g["width"], g["frame_sampling"]) == ("auto", None, None, "windows")  # issue 14
     assert g["prompt"].startswith("4K ultra HD, surround motion") and g["negative_prompt"].startswith("Bright tones")
     k = settings.IntrinsicsSettings().matrix(640, 360)
     np.testing.assert_array_equal(k, [[500, 0, 320], [0, 500, 180], [0, 0, 1]])

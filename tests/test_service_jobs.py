@@ -171,11 +171,18 @@ def test_generate_preview(env):
     clip, client, store = env
     t = len(clip.frames)
     params = clip.params(
-        camera={"preset": "30"}, renderer="cpu", generator="preview", width=64, height=48, num_frames=5
+        camera={"preset": "30"},
+        renderer="cpu",
+        generator="preview",
+        width=64,
+        height=48,
+        num_frames=5,
+        frame_sampling="reference",  # the reference's single linspace window (tests/test_service_windows.py: all)
     )
     req, events = sf.run(client, "generate", params)
     r = req.raise_for_error()
-    sf.check_progress_order(events, ["inputs", "frames", "depth", "camera", "render", "write", "save"])
+    stages = ["inputs", "frames", "depth", "camera", "render", "write", "window", "preview", "save"]
+    sf.check_progress_order(events, stages, loop=("window", "preview"))
     frames = _read_dir(r["frames_dir"])
     assert frames.shape == (5, 48, 64, 3) and r["n_frames"] == 5
     assert r["source_frames"][0] == 0 and r["source_frames"][-1] == t - 1

@@ -56,7 +56,17 @@ def _clip_frames(context) -> int:
     backend says clearly when that is shorter than the clip). Never probes the footage on the main thread."""
     s = context.scene.ex4d
     n = s.n_frames or (context.scene.frame_end - context.scene.frame_start + 1)
-    return min(n, s.max_frames) if s.max_frames else n
+    n = min(n, s.max_frames) if s.max_frames else n
+    cap = preview_range_frames(context)
+    return min(n, cap) if cap else n
+
+
+def preview_range_frames(context) -> int:
+    """Clip frames up to the end of the scene's preview range (0: the option is off, or no preview range)."""
+    scene = context.scene
+    if not (scene.ex4d_job.use_preview_range and scene.use_preview_range):
+        return 0
+    return max(1, scene.frame_preview_end - scene.frame_start + 1)
 
 
 def _camera_job(
@@ -109,11 +119,9 @@ def generate_job(context, generator: str, job_cls: type[Job] | None = None, fini
             "prompt": s.prompt,
             "cfg": float(js.cfg),
             "shift": float(js.shift),
-            "width": int(js.width),
-            "height": int(js.height),
-            "num_frames": int(js.num_frames),
             "vram_profile": _pref(context, "vram_profile", "full"),
             "device": _pref(context, "device", "auto"),
+            **shot_params(context),
         }
     )
     if js.negative_prompt:
@@ -123,6 +131,38 @@ def generate_job(context, generator: str, job_cls: type[Job] | None = None, fini
     require = require_ex4d_generator if generator == "EX4D" else None
     job = _camera_job(context, "generate", params, paths, _finish_generate, f"Generate ({generator.lower()})", require)
     return stereo_ui.extend(context, job)  # issue 18: stereo eyes, EXR passes, the camera background
+
+
+# -- long and wide shots (issue 14) ----------------------------------------------------------------
+def shot_params(context) -> dict:
+    """The generate request's size and window settings (PROTOCOL.md ``generate``): size ``auto`` (the
+    footage's aspect) unless Width / Height are set, the window, chaining, overlap (0: the default) and frame sampling; the
+    whole clip, or up to the end of the scene's preview range (``max_frames`` from the clip's start)."""
+    js = context.scene.ex4d_job
+    out: dict = {
+        "num_frames": int(js.num_frames),
+        "frame_sampling": js.frame_sampling,
+        "chain_variant": js.chain_variant,
+    }
+    out["size"] = "auto"  # width / height 0: auto; one given: the other from the footage's aspect
+    if js.width:
+        out["width"] = int(js.width)
+    if js.height:
+        out["height"] = int(js.height)
+    if js.overlap:
+        out["overlap"] = int(js.overlap)
+    if preview_range_frames(context):
+        out["max_frames"] = _clip_frames(context)
+    return out
+
+
+def result_kinds(result: dict) -> list[tuple[str, str, str]]:
+    """(strip kind, result folder, name suffix) of each result a generate job returned: the generated
+    frames, and the full-resolution composite when there is one."""
+    kinds = [(strips.RESULT_KIND, result["frames_dir"], "")]
+    if result.get("composite_dir"):
+        kinds.append((strips.COMPOSITE_KIND, result["composite_dir"], " composite"))
+    return kinds
 
 
 def _pref(context, name: str, default: str) -> str:
@@ -182,21 +222,35 @@ def _finish_guide(job: Job, result: dict):
 
 
 def _finish_generate(job: Job, result: dict):
+    """One strip per result kind (generated frames; the composite at the guide's resolution), both fitted
+    to the render size, strip frame k at scene frame ``clip start + k`` (``frame_sampling`` reference: the
+    frame made from clip frame k, ``source_frames``)."""
     scene, x = job.scene, job.extra
-    gen_files = data.sorted_images(backend.store_path(result["frames_dir"]))
-    idx = outputs.retime_indices(result.get("source_frames") or list(range(len(gen_files))), x["n_frames"])
+    idx = outputs.retime_indices(result.get("source_frames") or list(range(int(result["n_frames"]))), x["n_frames"])
     settings = dict(result.get("settings") or {})
     prefix = f"{settings.get('generator', 'gen')}_{result['camera_hash'][:10]}"
     dest, existing = outputs.version_dir(x["out_dir"], prefix, result.get("job", ""))
+    kinds = result_kinds(result)
+    folders = {strips.RESULT_KIND: dest, strips.COMPOSITE_KIND: dest / "composite"}
     if existing:
-        for st in strips.strips_where(results_scene.strips_scene(scene), kind=strips.RESULT_KIND):
-            if strips.strip_folder(st) == str(dest.resolve()):
-                job.extra["strip_name"] = st.name
-                return f"EX-4D: this result is already loaded: strip '{st.name}' ({dest})"
-        files = data.sorted_images(dest)
-    else:
-        files = yield from outputs.copy_sequence(
-            [gen_files[min(j, len(gen_files) - 1)] for j in idx], dest, scene.frame_start
+        loaded = [
+            st
+            for st in strips.strips_where(results_scene.strips_scene(scene))
+            if st.get("ex4d_kind") in folders and strips.strip_folder(st) == str(folders[st.get("ex4d_kind")].resolve())
+        ]
+        if loaded:
+            job.extra["strip_name"] = loaded[0].name
+            return f"EX-4D: this result is already loaded: strip '{loaded[0].name}' ({dest})"
+    files: dict[str, list] = {}
+    for kind, folder, _ in kinds:
+        if existing and folders[kind].is_dir():
+            files[kind] = data.sorted_images(folders[kind])
+            continue
+        src = data.sorted_images(backend.store_path(folder))
+        if not src:
+            continue
+        files[kind] = yield from outputs.copy_sequence(
+            [src[min(j, len(src) - 1)] for j in idx], folders[kind], scene.frame_start
         )
     job_copy = outputs.portable_job_file(result.get("job_file", ""), dest) if result.get("job_file") else None
     meta = {
@@ -217,22 +271,37 @@ def _finish_generate(job: Job, result: dict):
         "width": int(result.get("width", 0)),
         "height": int(result.get("height", 0)),
         "num_frames": int(settings.get("num_frames", 0)),
+        "frame_sampling": settings.get("frame_sampling", "reference"),
         "settings": settings,
         "source_frames": result.get("source_frames", []),
+        "plan": result.get("plan", {}),
         "job": result.get("job", ""),
         "job_file": job_copy.name if job_copy else "",
         "footage": scene.ex4d.footage_path,
         "frames_dir": outputs.rel(dest),
     }
+    if strips.COMPOSITE_KIND in files:
+        meta["composite_dir"] = outputs.rel(folders[strips.COMPOSITE_KIND])
+        meta["composite_size"] = result.get("composite_size") or []
     history.record_version(dest, meta, scene, history_ui.backend_python(job))  # sidecar, thumbnail
     (dest / "settings.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     yield
-    strip = strips.add_image_strip(results_scene.target(scene), f"EX4D {dest.name}", files, scene.frame_start, meta)
-    results_scene.place(scene, strip)
-    job.extra["strip_name"] = strip.name
-    text = (
-        f"EX-4D: {len(files)} frames ({settings.get('generator')}) in {job.seconds()} -> {dest} (strip '{strip.name}')"
-    )
+    names = []
+    for kind, _, suffix in kinds:
+        if kind in files:
+            strip = strips.add_image_strip(
+                results_scene.target(scene),
+                f"EX4D {dest.name}{suffix}",
+                files[kind],
+                scene.frame_start,
+                {**meta, "kind": kind},
+            )
+            results_scene.place(scene, strip)
+            names.append(strip.name)
+    job.extra["strip_name"] = names[0]
+    job.extra["strip_names"] = names
+    n = len(files[strips.RESULT_KIND])
+    text = f"EX-4D: {n} frames ({settings.get('generator')}) in {job.seconds()} -> {dest} (strips {', '.join(names)})"
     if x["warning"]:
         job.report_level = "WARNING"
         text += f" -- {x['warning']}"

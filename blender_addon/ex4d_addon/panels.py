@@ -110,10 +110,15 @@ class EX4D_PT_jobs(bpy.types.Panel):
     def draw(self, context):
         js = context.scene.ex4d_job
         col = self.layout.column()
-        row = col.row(align=True)
+        row = col.row(align=True)  # 0 x 0: auto, the footage's aspect (issue 14)
         row.prop(js, "width")
         row.prop(js, "height")
-        col.prop(js, "num_frames")
+        col.prop(js, "frame_sampling")
+        row = col.row(align=True)
+        row.prop(js, "num_frames")
+        row.prop(js, "overlap")
+        col.prop(js, "chain_variant")
+        col.prop(js, "use_preview_range")
         row = col.row(align=True)
         row.prop(js, "cfg")
         row.prop(js, "shift")

@@ -34,8 +34,11 @@ ENV_VAR = "EX4D_BACKEND_PYTHON"
 DEFAULT_STEPS = 25
 DEFAULT_CFG = 5.0
 DEFAULT_SHIFT = 5.0
-DEFAULT_SIZE = 512
 DEFAULT_NUM_FRAMES = 49
+# -- long and wide shots (issue 14): the backend's GEN_DEFAULTS size / chain_variant / frame_sampling
+DEFAULT_SIZE_MODE = "auto"  # width = height = 0 in the generation settings
+DEFAULT_CHAIN_VARIANT = "given"
+DEFAULT_FRAME_SAMPLING = "windows"
 DEFAULT_FOCAL_PX = 500.0
 DEFAULT_MAX_SIDE = 1024
 REL = compat.blend_relative_path_options()  # path properties that keep a "//" (relative to the .blend) path
@@ -351,21 +354,52 @@ class EX4D_JobSettings(bpy.types.PropertyGroup):
 
     width: IntProperty(  # type: ignore[valid-type]
         name="Width",
-        description="Generated width (px, multiple of 16)",
-        default=DEFAULT_SIZE,
-        min=16,
+        description="Generated width (px, multiple of 16). 0: auto, the footage's aspect at the model's 480P "
+        "area (832 x 480 for 16:9, 480 x 832 for 9:16, 512 x 512 square; one side given: the other from it)",
+        default=0,
+        min=0,
         max=4096,
         step=16,
     )
     height: IntProperty(  # type: ignore[valid-type]
-        name="Height", description="Generated height (px, multiple of 16)", default=DEFAULT_SIZE, min=16, max=4096
-    )
+        name="Height", description="Generated height (px, multiple of 16). 0: auto (see Width)", default=0, min=0,
+        max=4096,
+    )  # fmt: skip
     num_frames: IntProperty(  # type: ignore[valid-type]
-        name="Frames",
-        description="Generated frames (4k + 1), sampled over the clip (the reference: 49)",
+        name="Window",
+        description="Frames per generator call (4k + 1: 49, or 81). Every clip frame is generated, as "
+        "chained windows of this length (with Frame Sampling 'Reference': this many frames over the clip)",
         default=DEFAULT_NUM_FRAMES,
-        min=1,
-        max=1000,
+        min=5,
+        max=1001,
+    )
+    # -- long and wide shots (issue 14) ----------------------------------------------------------------
+    chain_variant: EnumProperty(  # type: ignore[valid-type]
+        name="Chaining",
+        description="How each window continues the one before (docs/long_shots.md)",
+        items=[
+            ("given", "Given Overlap", "The overlap frames are the previous window's output (default)"),
+            ("i2v", "First Frame", "Only the shared first frame comes from the previous window"),
+            ("guide", "Guide", "Frame 0 from the previous window, the rest of the overlap from the guide"),
+        ],
+        default=DEFAULT_CHAIN_VARIANT,
+    )
+    overlap: IntProperty(  # type: ignore[valid-type]
+        name="Overlap", description="Frames shared by consecutive windows (0: the chaining's default)", default=0,
+        min=0, max=500,
+    )  # fmt: skip
+    frame_sampling: EnumProperty(  # type: ignore[valid-type]
+        name="Frame Sampling",
+        items=[
+            ("windows", "Every Frame", "Every clip frame at the clip's rate, as chained windows"),
+            ("reference", "Reference", "One window sampled over the whole clip (the reference: a time-lapse)"),
+        ],
+        default=DEFAULT_FRAME_SAMPLING,
+    )
+    use_preview_range: BoolProperty(  # type: ignore[valid-type]
+        name="Preview Range",
+        description="Generate the clip up to the end of the scene's preview range only (from the clip's start)",
+        default=False,
     )
     cfg: FloatProperty(name="CFG", default=DEFAULT_CFG, min=0.0, max=100.0)  # type: ignore[valid-type]
     shift: FloatProperty(name="Shift", default=DEFAULT_SHIFT, min=0.0, max=100.0)  # type: ignore[valid-type]

@@ -33,6 +33,7 @@ SLICE_BUDGET = 0.03  # seconds of work a slice aims at (prepare / finish generat
 # The stages a job goes through, in pipeline order ("Step n of N"), and their rough share of the time
 # (the progress bar). A stage not listed is inserted where it shows up.
 GUIDE_STAGES = ("inputs", "frames", "depth", "mesh", "camera", "render", "write")
+WINDOW_LOOP = ("window", "preview", "condition", "denoise", "decode")  # once per window of a generate job
 STAGE_WEIGHT = {"depth": 2.0, "mesh": 3.0, "render": 3.0, "write": 1.5, "load": 3.0, "preview": 3.0,
                 "condition": 2.0, "denoise": 40.0, "decode": 3.0}  # fmt: skip
 
@@ -50,8 +51,8 @@ def expected_stages(type_: str, params: dict) -> list[str]:
         return list(GUIDE_STAGES) if type_ == "render_guide" else ["inputs", "frames", "depth", "mesh", "camera"]
     if type_ == "generate":
         if params.get("generator") == "preview":
-            return [*GUIDE_STAGES, "load", "preview", "save"]
-        return [*GUIDE_STAGES, "load", "condition", "denoise", "decode", "save"]
+            return [*GUIDE_STAGES, "load", "window", "preview", "save"]
+        return [*GUIDE_STAGES, "load", "window", "condition", "denoise", "decode", "save"]
     return [type_]
 
 
@@ -313,16 +314,23 @@ class Job:
             self._set_status(f"{self.label}: queued ({event.get('position')})", 0.0, "waiting for another job")
         elif kind == "progress":
             stage = event.get("stage", "")
+            if stage == "window":  # a generate job's window loop (issue 14): n of N
+                self.window = (int(event.get("step", 0)), int(event.get("total", 0)))
             if stage != self.stage:
                 later = [i for i in range(self.stage_pos + 1, len(self.stages)) if self.stages[i] == stage]
                 if later:  # stages skipped on the way count as done
                     self.stage_pos = later[0]
+                elif stage in WINDOW_LOOP and stage in self.stages:  # the next window: back to its stage
+                    self.stage_pos = self.stages.index(stage)
                 else:
                     self.stage_pos += 1
                     self.stages.insert(self.stage_pos, stage)
                 self.stage = stage
             step, total = int(event.get("step", 0)), int(event.get("total", 0))
             within = min(1.0, step / total) if total else 0.0
+            done_w, n_w = getattr(self, "window", (0, 0))
+            if stage in WINDOW_LOOP and stage != "window" and n_w:  # this window's share of all windows
+                within = min(1.0, (done_w + within) / n_w)
             weights = [STAGE_WEIGHT.get(st, 1.0) for st in self.stages]
             done = sum(weights[: self.stage_pos]) + weights[self.stage_pos] * within
             frac = max(self.fraction, min(1.0, done / sum(weights)))

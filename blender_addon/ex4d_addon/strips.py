@@ -14,6 +14,7 @@ from . import compat, data
 from .outputs import rel
 
 GUIDE_KIND, RESULT_KIND = "guide", "generate"
+COMPOSITE_KIND = "composite"  # the full-resolution composite of a generate result (issue 14)
 
 
 def free_channel(scene: bpy.types.Scene, start: int, end: int) -> int:
@@ -37,7 +38,8 @@ def add_image_strip(
     settings: dict | None = None,
 ):
     """An image-sequence strip of ``files`` (same folder) at ``frame_start`` on a free channel, scaled to fit
-    the render frame (``fit_method='FIT'``: a 512 x 512 result in a 1920 x 1080 scene fills its height),
+    the render frame (``fit_method='FIT'``: a 512 x 512 result in a 1920 x 1080 scene fills its height; an
+    832 x 480 result or a composite at the footage's aspect fills the frame),
     its folder stored relative to the .blend. ``settings`` become custom properties ``ex4d_<key>``."""
     files = [Path(f) for f in files]
     if not files:

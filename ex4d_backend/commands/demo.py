@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         labels = ["source", f"guide colour ({cam})", "guide mask"]
         # 3. The weight-free PREVIEW generator, as a generate stage.
         if not args.no_preview:
-            gs = GenerateSettings(generator="preview", height=args.height, width=args.width, num_frames=args.frames)
+            gs = GenerateSettings(generator="preview", height=args.height, width=args.width)  # every frame (windows)
             result = stages.generate_stage(ctx, shot.clip, shot.guide, gs)
             for key, name in (("video", f"preview_{cam}.mp4"), ("frames", f"preview_{cam}")):
                 src = result.dir / ("video.mp4" if key == "video" else "frames")

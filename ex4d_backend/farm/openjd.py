@@ -8,7 +8,7 @@
 Each step runs ``{{Param.Ex4d}} run {{Param.JobsDir}}/<shot>.<step>.json --store {{Param.Store}}``,
 depends on the step before it in its shot (``dependencies``) and asks for a GPU where its stages need
 one (``hostRequirements.amounts``: ``amount.worker.gpu`` >= 1 for depth from a model and for EX-4D
-generation). ``Store`` and ``JobsDir`` are PATH parameters, so a render manager's path mapping (AWS
+generation). A long shot's windows are steps ``<shot>-generate-w<k>`` chained the same way (``farm.plan``). ``Store`` and ``JobsDir`` are PATH parameters, so a render manager's path mapping (AWS
 Deadline Cloud's storage profiles) rewrites them per worker; the job files name their inputs relative to
 their project root, which they locate relative to ``JobsDir``. ``openjd run DIR/ex4d.template.json
 --step NAME -p Store=...`` runs one step locally (``openjd-cli``).

@@ -13,14 +13,21 @@ job store (content-keyed, locked per stage) and computes only its own, so the sp
 last step is the job itself, byte for byte the result ``ex4d run JOB.json`` gives. Independent jobs share
 nothing but cache entries and run in parallel.
 
-Windows of one long shot (issue 14) will be generate steps ``generate-w0``, ``generate-w1``, ... each
-depending on the previous window (``after``), so an engine runs them in order; this backend has no windows
-yet, so a job has one generate step.
+A long shot (issue 14: ``frame_sampling`` "windows", more frames than one window) generates its windows as
+ordered steps: ``generate-w0``, ``generate-w1``, ... ``generate-w<N-2>`` are the generate job with
+``upto_window`` k (windows 0 .. k computed, or found in the shared store, and cached; no result written), each
+depending on the one before, and the final ``generate`` step computes the last window and writes the
+results. So an engine runs the windows of one shot in order (a window is conditioned on the previous one's
+output) and the shots in parallel; a killed window step is retried and continues from the store. Window
+steps are never merged away (each is one window of GPU work, a resumable unit). The window count comes from
+the footage's frame count (``max_frames`` applied); a wrong count only changes how the work is split, never
+the result: the final step is the job itself.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +35,7 @@ from pathlib import Path
 from ..atomic import write_bytes
 from ..jobfile import JOB_FILE_VERSION, LoadedJob, complete_params, map_inputs, shot_name
 
+log = logging.getLogger("ex4d_backend.farm")
 DEPTH_MODELS_WITHOUT_GPU = ("file",)  # depth sources that need no GPU
 
 
@@ -42,6 +50,7 @@ class Step:
     gpus: int
     after: list[str] = field(default_factory=list)  # ids of steps that must finish first
     final: bool = False  # the job itself (its result is the job's result)
+    window: int | None = None  # a window step of a long shot (params carry ``upto_window``)
 
     @property
     def id(self) -> str:
@@ -78,7 +87,10 @@ def plan_job(job: LoadedJob, shot: str) -> list[Step]:
     if job.type == "generate":
         steps.append(Step(shot, "guide", "render_guide", _subset("render_guide", p), guide_gpus))
         gen_gpus = 0 if p.get("generator") == "preview" or p.get("device") == "cpu" else 1
-        steps.append(Step(shot, "generate", "generate", _subset("generate", p), gen_gpus, final=True))
+        gen_params = _subset("generate", p)
+        for k in range(n_windows(p) - 1):
+            steps.append(Step(shot, f"generate-w{k}", "generate", {**gen_params, "upto_window": k}, gen_gpus, window=k))
+        steps.append(Step(shot, "generate", "generate", gen_params, gen_gpus, final=True))
     else:
         gpus = guide_gpus if job.type == "render_guide" else 0
         steps.append(Step(shot, STEP_NAMES[job.type], job.type, _subset(job.type, p), gpus, final=True))
@@ -88,12 +100,48 @@ def plan_job(job: LoadedJob, shot: str) -> list[Step]:
     return steps
 
 
+def footage_frames(params: dict) -> int:
+    """The number of frames the job's guide will have: the footage's frame count (a video's packets, an
+    image sequence's files), at most ``max_frames`` (0 = all). Nothing is decoded but the first frame."""
+    from ..footage import list_image_sequence, read_footage
+    from ..service.info import _count_video_frames
+
+    path = Path(params["footage"])
+    if path.is_dir():
+        total = len(list_image_sequence(path))
+    else:
+        total = read_footage(path, max_frames=1, max_side=None).total_frames
+        if total <= 1:
+            total = _count_video_frames(path)
+    cap = int(params.get("max_frames") or 0)
+    return min(total, cap) if cap > 0 else int(total)
+
+
+def n_windows(params: dict) -> int:
+    """How many windows the generate job's shot has (``generation.windows.plan_windows``); 1 for
+    ``frame_sampling`` "reference" or a shot that fits one window."""
+    from ..errors import Ex4dError
+    from ..generation.windows import plan_windows
+    from ..pipeline.settings import GenerateSettings
+
+    shot = GenerateSettings.from_params(params).shot_settings()
+    if shot.sampling != "windows":
+        return 1
+    try:
+        n = footage_frames(params)
+    except (Ex4dError, OSError) as exc:  # not readable here (another host's path): one step does all windows
+        log.warning("cannot count the frames of %s (%s): the shot's windows run as one step", params["footage"], exc)
+        return 1
+    plan = plan_windows(max(n, 1), length=shot.window, overlap=shot.overlap, variant=shot.variant)
+    return len(plan.windows)
+
+
 def _merge_same_hardware(steps: list[Step]) -> list[Step]:
     """A step followed by one that asks for the same GPUs is left out: the later step computes its stages
     anyway (one process start and one task fewer; the split only pays where the hardware changes)."""
     out: list[Step] = []
     for step in steps:
-        if out and out[-1].gpus == step.gpus:
+        if out and out[-1].gpus == step.gpus and out[-1].window is None:
             out.pop()
         out.append(step)
     return out

@@ -153,7 +153,12 @@ def resolve_overlap(length: int, overlap: int | None, variant: str) -> int:
 
 
 def plan_windows(
-    n: int, *, length: int = DEFAULT_WINDOW, overlap: int | None = None, variant: str = "given", sampling="windows"
+    n: int,
+    *,
+    length: int = DEFAULT_WINDOW,
+    overlap: int | None = None,
+    variant: str = C.CHAIN_VARIANT,
+    sampling: str = C.FRAME_SAMPLING,
 ) -> WindowPlan:
     """The windows for a shot of ``n`` source frames (module doc)."""
     validate_window(length)
@@ -221,12 +226,12 @@ class ShotSettings:
 
     window: int = DEFAULT_WINDOW
     overlap: int | None = None
-    variant: str = "given"
-    sampling: str = "windows"
-    size: str = "auto"
+    variant: str = C.CHAIN_VARIANT
+    sampling: str = C.FRAME_SAMPLING
+    size: str = C.GEN_SIZE
     width: int | None = None
     height: int | None = None
-    resize: str = "crop"
+    resize: str = C.RESIZE
     steps: int = C.STEPS
     cfg: float = C.CFG
     shift: float = C.SHIFT
@@ -257,6 +262,7 @@ class ShotReport:
     outputs: dict = field(default_factory=dict)
     windows: list[dict] = field(default_factory=list)  # per window: key, cached, seconds
     composite: dict | None = None  # guide size, the box of it the generation shows, feather width
+    source_frames: list[int] = field(default_factory=list)  # the source frame of each result frame
 
 
 # ---------------------------------------------------------------------------------------- the cache
@@ -264,19 +270,20 @@ class WindowCache:
     """Window results in a job store (``<store>/cache/window-<key>/frames.npy`` + ``meta.json``), or
     nothing (``store=None``). A result is reused only if its frames' SHA-256 matches its meta."""
 
-    def __init__(self, store=None):
+    def __init__(self, store=None, *, recompute: bool = False):
         if store is not None and not hasattr(store, "write_stage"):
             from ..service.jobstore import JobStore
 
             store = JobStore(store)
         self.store = store
+        self.recompute = recompute  # never reuse a cached window (a forced job), still save the new ones
 
     def lock(self, key: str):
         stage_lock = getattr(self.store, "stage_lock", None)
         return stage_lock(WINDOW_STAGE, key) if stage_lock else contextlib.nullcontext()
 
     def load(self, key: str) -> np.ndarray | None:
-        if self.store is None:
+        if self.store is None or self.recompute:
             return None
         meta = self.store.stage_meta(WINDOW_STAGE, key)
         if meta is None:
@@ -438,6 +445,26 @@ def shot_plan(color_path, mask_path, settings: ShotSettings, fps: float | None =
     return guide_size, size, plan, float(fps or guide_fps)
 
 
+def check_settings(settings: ShotSettings) -> None:
+    """Everything about ``settings`` that can be checked without the guide (window, overlap, variant,
+    sampling, an explicit size, resize): one clear error, before any stage runs."""
+    from .sizing import parse_size
+
+    validate_window(settings.window)
+    resolve_overlap(settings.window, settings.overlap, settings.variant)
+    if settings.sampling not in FRAME_SAMPLINGS:
+        raise Ex4dError(
+            f"unknown frame sampling '{settings.sampling}'", where="frame_sampling", hint=", ".join(FRAME_SAMPLINGS)
+        )
+    if settings.resize not in RESIZE_MODES:
+        raise Ex4dError(f"unknown resize mode '{settings.resize}'", where="resize", hint=", ".join(RESIZE_MODES))
+    for name, v in (("width", settings.width), ("height", settings.height)):
+        if v is not None and (v < 16 or v % 16):
+            raise Ex4dError(f"the {name} must be a positive multiple of 16, got {v}", where=name)
+    if settings.width is None and settings.height is None:
+        parse_size(settings.size)
+
+
 def generate_windows(
     generator,
     color_path,
@@ -476,11 +503,12 @@ def generate_shot(
     store=None,
     generator_key: dict | None = None,
     progress: Progress | None = None,
+    recompute: bool = False,
 ) -> ShotReport:
     """Generate a whole shot from guide files (video or PNG folders) and write the results.
 
     ``store``: a :class:`~ex4d_backend.service.jobstore.JobStore` (or its folder) that caches each
-    window; None caches nothing. ``generator_key``: what identifies the generator's weights and pixel-
+    window; None caches nothing; ``recompute``: generate every window again (and cache the new ones). ``generator_key``: what identifies the generator's weights and pixel-
     affecting options in the cache keys (e.g. ``{"generator": "ex4d", "rope": "float32"}``).
     Returns the plan, the generation size, the frame rate, the written paths and per-window records."""
     from ..composite import Compositor
@@ -515,13 +543,14 @@ def generate_shot(
             size,
             color_r,
             mask_r,
-            cache=WindowCache(store),
+            cache=WindowCache(store, recompute=recompute),
             generator_key=generator_key,
             progress=progress,
             records=report.windows,
         )
         mark = outputs.overlay or (lambda f: f)
         for _, src, frame in frames:
+            report.source_frames.append(int(src))
             writer.write(mark(frame.copy()) if outputs.overlay else frame)
             if compositor is not None:
                 comp_writer.write(mark(compositor(full_c.frame(src), full_m.frame(src), frame)))
@@ -548,6 +577,7 @@ __all__ = [
     "blend_weights",
     "chain_guide",
     "chained_frames",
+    "check_settings",
     "generate_shot",
     "generate_windows",
     "shot_plan",

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 
+from .. import constants as C
 from .windows import CHAIN_VARIANTS, DEFAULT_WINDOW, FRAME_SAMPLINGS, ShotOutputs, ShotSettings, generate_shot
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--frame-sampling",
         choices=FRAME_SAMPLINGS,
-        default="windows",
+        default=C.FRAME_SAMPLING,
         help="windows: every guide frame at the guide's fps, as chained windows; reference: ONE window of "
         "--window frames sampled with linspace over the whole guide (the reference's time-lapse)",
     )
@@ -31,13 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--chain-variant",
         choices=CHAIN_VARIANTS,
-        default="given",
+        default=C.CHAIN_VARIANT,
         help="given: the overlap is given from the previous window + linear cross-fade; i2v: only the shared "
         "first frame (I2V image) is given; guide: I2V frame given, rest of the overlap from the guide, cross-fade",
     )
     g.add_argument(
         "--size",
-        default="auto",
+        default=C.GEN_SIZE,
         help="auto (follows the guide's aspect: 832x480 for 16:9, 480x832 for 9:16, 512x512 square; "
         "--width/--height override) or WxH, multiples of 16",
     )

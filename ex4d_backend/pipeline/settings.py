@@ -138,9 +138,14 @@ class GenerateSettings(_FromParams):
     seed: int = C.SEED
     prompt: str | None = None
     negative_prompt: str | None = None
-    height: int = C.GEN_HEIGHT
-    width: int = C.GEN_WIDTH
-    num_frames: int = C.NUM_FRAMES
+    size: str = C.GEN_SIZE  # "auto" (the guide's aspect, generation/sizing.py) or "WxH"
+    height: int | None = None  # explicit width / height override ``size``
+    width: int | None = None
+    num_frames: int = C.NUM_FRAMES  # the window length (4k + 1)
+    chain_variant: str = C.CHAIN_VARIANT
+    overlap: int | None = None  # None: the variant's default
+    frame_sampling: str = C.FRAME_SAMPLING  # "windows": every frame; "reference": one linspace window
+    resize: str = C.RESIZE
     vram_profile: str = C.VRAM_PROFILE
     device: str = C.DEVICE
 
@@ -151,6 +156,28 @@ class GenerateSettings(_FromParams):
         s["prompt"] = prompt if self.prompt is None else self.prompt
         s["negative_prompt"] = negative if self.negative_prompt is None else self.negative_prompt
         return s
+
+    def shot_settings(self):
+        """The :class:`~ex4d_backend.generation.windows.ShotSettings` of these settings."""
+        from ..generation.windows import ShotSettings
+
+        s = self.resolved()
+        return ShotSettings(
+            window=s["num_frames"],
+            overlap=s["overlap"],
+            variant=s["chain_variant"],
+            sampling=s["frame_sampling"],
+            size=s["size"],
+            width=s["width"],
+            height=s["height"],
+            resize=s["resize"],
+            steps=s["steps"],
+            cfg=s["cfg"],
+            shift=s["shift"],
+            seed=s["seed"],
+            prompt=s["prompt"],
+            negative_prompt=s["negative_prompt"],
+        )
 
 
 STAGE_SETTINGS = {

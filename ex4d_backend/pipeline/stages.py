@@ -40,7 +40,7 @@ from .hashed_io import save_npy_hashed
 from .settings import (
     DepthSettings,
     FrameSettings,
-    GenerateSettings,
+    GenerateSettings,  # noqa: F401 (re-exported)
     IntrinsicsSettings,
     MeshSettings,
     RenderSettings,
@@ -476,84 +476,17 @@ def guide_stage(
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. generate
+# 6. generate: ``pipeline/generate.py`` (windows, composite, resume), re-exported here
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class GenerateEntry:
-    key: str
-    dir: Path
-    meta: dict
+GENERATE_NAMES = ("GenerateEntry", "generate_stage", "generate_windows_stage", "generator_key")
 
 
-def generate_frames(gen, color: np.ndarray, mask: np.ndarray, s: dict, progress: Progress, **extra) -> np.ndarray:
-    """Run a loaded generator on a guide with resolved settings ``s`` (``GenerateSettings.resolved()``)."""
-    return gen(
-        color,
-        mask,
-        height=s["height"],
-        width=s["width"],
-        num_frames=s["num_frames"],
-        steps=s["steps"],
-        cfg=s["cfg"],
-        shift=s["shift"],
-        seed=s["seed"],
-        prompt=s["prompt"],
-        negative_prompt=s["negative_prompt"],
-        callback=progress,
-        **extra,
-    )
+def __getattr__(name: str):
+    if name in GENERATE_NAMES:  # imported on first use (the generate module imports this one)
+        from . import generate
 
-
-def generate_stage(ctx: Context, clip: Clip, guide: GuideEntry, gs: GenerateSettings) -> GenerateEntry:
-    """Guide -> the generated shot (``frames/`` PNGs, ``video.mp4``)."""
-    from ..generation import load_generator
-    from ..generation.conditioning import sample_indices
-
-    s = gs.resolved()
-    key = make_key(STAGE_VERSION, "generate", guide.key, {f: v for f, v in s.items() if f != "device"})
-    with _locked(ctx, "generate", key):
-        meta = _lookup(ctx, "generate", key)
-        cached = meta is not None
-        if meta is None:
-            color, mask = guide.arrays()
-
-            def load():
-                ctx.progress("load", 0, 1, f"loading the {s['generator']} generator")
-                return load_generator(
-                    s["generator"], models_dir=ctx.models_dir, device=s["device"], vram_profile=s["vram_profile"]
-                )
-
-            gen_key = (s["generator"], str(ctx.models_dir), s["device"], s["vram_profile"])
-            gen, reused = ctx.resident.acquire(gen_key, load)
-            ok = False
-            try:
-                ctx.progress("load", 1, 1, "the generator was still loaded" if reused else "loaded")
-                frames = generate_frames(gen, color, mask, s, ctx.progress)
-                ok = True
-            finally:
-                ctx.resident.done(ok)  # kept for the next job, or closed (a cancel, an error, keep-alive 0)
-                del gen
-                free_memory()
-            from ..footage import write_png_sequence, write_video
-
-            meta = {
-                "shot": clip.key,
-                "settings": s,
-                "camera_hash": guide.meta["camera_hash"],
-                "source_frames": sample_indices(len(color), s["num_frames"]).tolist(),
-                "fps": clip.fps,
-                "n_frames": len(frames),
-                "width": s["width"],
-                "height": s["height"],
-            }
-            with ctx.store.write_stage("generate", key, meta) as tmp:
-                ctx.progress("save", 0, 2, "frames")
-                write_png_sequence(tmp / "frames", frames)
-                ctx.progress("save", 1, 2, "video")
-                write_video(tmp / "video.mp4", frames, clip.fps)
-            ctx.progress("save", 2, 2, "done")
-    _reused(ctx, "generate", key, cached)
-    return GenerateEntry(key, ctx.store.stage_dir("generate", key), meta)
+        return getattr(generate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -185,11 +185,16 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
 
 
 def exec_generate(ctx: Context, p: dict) -> dict:
+    from ..generation.windows import check_settings
+
+    gs = GenerateSettings.from_params(p)
+    check_settings(gs.shot_settings())  # window, overlap, sampling, size: before any stage runs
     if "stereo" in p or "eye" in p or p.get("exr"):  # issue 18: per eye, side by side, EXR passes
         return stereo_jobs.exec_generate(ctx, p, _shot(ctx, p), generate_payload)
     clip, guide = _guide(ctx, p)
-    gen = stages.generate_stage(ctx, clip, guide, GenerateSettings.from_params(p))
-    return generate_payload(gen, guide)
+    if p.get("upto_window") is not None:  # a farm step of a long shot: windows 0..k into the store
+        return {**stages.generate_windows_stage(ctx, guide, gs, int(p["upto_window"])), "guide_dir": str(guide.dir)}
+    return generate_payload(stages.generate_stage(ctx, clip, guide, gs), guide)
 
 
 def generate_payload(gen: stages.GenerateEntry, guide: stages.GuideEntry) -> dict:
@@ -198,11 +203,17 @@ def generate_payload(gen: stages.GenerateEntry, guide: stages.GuideEntry) -> dic
     return {
         "frames_dir": str(d / "frames"),
         "video_mp4": str(d / "video.mp4"),
+        "composite_dir": str(d / "composite"),
+        "composite_mp4": str(d / "composite.mp4"),
         "n_frames": meta["n_frames"],
         "width": meta["width"],
         "height": meta["height"],
+        "size": meta["size"],
+        "composite_size": (meta.get("composite") or {}).get("size"),
         "fps": meta["fps"],
         "source_frames": meta["source_frames"],
+        "plan": meta["plan"],
+        "windows": meta["windows"],
         "camera_hash": meta["camera_hash"],
         "settings": meta["settings"],
         "guide_dir": str(guide.dir),

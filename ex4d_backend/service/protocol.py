@@ -230,6 +230,7 @@ RENDER = {
     "renderer": {"enum": list(RENDERERS)},
     "use_dwmesh": {"type": "boolean"},
 }
+_NULL_OR_SIDE = {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 16, "maximum": 4096, "multipleOf": 16}]}
 GENERATE = {
     "generator": {"enum": list(GENERATORS)},
     "steps": {"type": "integer", "minimum": 1, "maximum": 1000},
@@ -238,9 +239,15 @@ GENERATE = {
     "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
     "prompt": {"type": "string", "maxLength": 10000},
     "negative_prompt": {"type": "string", "maxLength": 10000},
-    "height": {"type": "integer", "minimum": 16, "maximum": 4096, "multipleOf": 16},
-    "width": {"type": "integer", "minimum": 16, "maximum": 4096, "multipleOf": 16},
-    "num_frames": {"type": "integer", "minimum": 1, "maximum": 1000},
+    "height": _NULL_OR_SIDE,  # null: from ``size``
+    "width": _NULL_OR_SIDE,
+    "num_frames": {"type": "integer", "minimum": 5, "maximum": 1001},  # the window, 4k + 1 (checked by the job)
+    "size": {"type": "string", "pattern": "^(auto|[0-9]{2,4}x[0-9]{2,4})$"},  # "auto": the guide's aspect
+    "chain_variant": {"enum": ["given", "i2v", "guide"]},  # generation.windows.CHAIN_VARIANTS
+    "overlap": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1, "maximum": 500}]},
+    "frame_sampling": {"enum": ["windows", "reference"]},  # generation.windows.FRAME_SAMPLINGS
+    "resize": {"enum": ["crop", "stretch"]},  # generation.conditioning.RESIZE_MODES
+    "upto_window": {"type": "integer", "minimum": 0, "maximum": 100000},  # a farm step: windows 0..k only
     "vram_profile": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,32}$"},
     "device": {"type": "string", "pattern": "^(auto|cpu|cuda(:[0-9]{1,2})?)$"},
 }

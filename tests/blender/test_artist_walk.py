@@ -302,7 +302,8 @@ def test_defaults_equal_the_backends(addon):
     assert (
         props.DEFAULT_STEPS == ref["steps"] and props.DEFAULT_CFG == ref["cfg"] and props.DEFAULT_SHIFT == ref["shift"]
     )
-    assert props.DEFAULT_SIZE == ref["width"] == ref["height"] and props.DEFAULT_NUM_FRAMES == ref["num_frames"]
+    assert props.DEFAULT_SIZE_MODE == ref["size"] and props.DEFAULT_NUM_FRAMES == ref["num_frames"]
+    assert props.DEFAULT_CHAIN_VARIANT == ref["chain_variant"] and props.DEFAULT_FRAME_SAMPLING == ref["frame_sampling"]
     assert props.DEFAULT_PROMPT == ref["prompt"] and props.DEFAULT_FOCAL_PX == ref["focal_px"]
     sc = bpy.context.scene
     assert sc.ex4d.steps == ref["steps"] and sc.ex4d_job.cfg == ref["cfg"] and sc.ex4d.prompt == ref["prompt"]

@@ -246,7 +246,7 @@ def test_render_guide_card(scene, ops, card_clip, tmp_blend_dir):
 # Pipeline order of the stages the backend reports (names of one step share a rank; the generation's
 # write/save comes after its load, the guide's before).
 RANKS = {"inputs": 0, "frames": 1, "depth": 2, "mesh": 3, "camera": 4, "render": 5, "guide": 5, "write": 6,
-         "save": 6, "load": 7, "condition": 8, "preview": 8, "generate": 8, "denoise": 8, "decode": 8}  # fmt: skip
+         "save": 6, "load": 7, "condition": 8, "preview": 8, "generate": 8, "denoise": 8, "decode": 8, "window": 8}  # fmt: skip
 
 
 def _check_order(events: list[dict]) -> list[str]:
@@ -274,6 +274,7 @@ def test_generate_preview_end_to_end(scene, ops, card_clip, tmp_blend_dir):
     sc.ex4d.seed, sc.ex4d.steps, sc.ex4d.prompt = 7, 3, "a red card in front of a blue wall"
     js = sc.ex4d_job
     js.width, js.height, js.num_frames = 64, 48, 5  # 4k + 1 frames sampled over the clip: 0, 1, 2, 3, 5
+    js.frame_sampling = "reference"  # the reference's one linspace window (every frame: test_long_shot.py)
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_blend_dir / "gen.blend"))
     # Occupy channel 1 over the clip: the result must go to a free channel (of the results scene).
     strips = addon_module("compat").vse_strips(addon_module("results_scene").target(sc))
