@@ -136,7 +136,15 @@ def test_generate_both_eyes_and_one_eye(env):
     result EXR holds the generated colour with the guide mask resized; ``eye: right`` alone gives the same
     right-eye frames (the same stage entry); ``eye`` without ``stereo`` is one clear error."""
     client, params = env
-    gen = {**params, "generator": "preview", "width": 96, "height": 64, "num_frames": 5, "exr": True}
+    gen = {
+        **params,
+        "generator": "preview",
+        "width": 96,
+        "height": 64,
+        "num_frames": 5,
+        "frame_sampling": "reference",
+        "exr": True,
+    }
     req, _ = sf.run(client, "generate", gen)
     r = req.raise_for_error()
     left, right = read_png_folder(r["left_frames_dir"], 3), read_png_folder(r["right_frames_dir"], 3)
@@ -188,7 +196,15 @@ def test_second_eye_reuses_the_first_eyes_result(env):
     mw = CV_TO_BLENDER @ FLIP_YZ
     mw[:3, 3] = CV_TO_BLENDER[:3, :3] @ np.array([tx, 0.0, 0.0])
     cam = {"blender": {**params["camera"]["blender"], "matrix_world": [mw.tolist()] * T}}
-    base = {**params, "camera": cam, "generator": "preview", "width": W, "height": H, "num_frames": 5}
+    base = {
+        **params,
+        "camera": cam,
+        "generator": "preview",
+        "width": W,
+        "height": H,
+        "num_frames": 5,
+        "frame_sampling": "reference",
+    }
     out = {}
     for mode in ("independent", "reuse_first"):
         req, _ = sf.run(client, "generate", {**base, "stereo": {**params["stereo"], "second_eye": mode}, "exr": True})
@@ -201,7 +217,8 @@ def test_second_eye_reuses_the_first_eyes_result(env):
         ):
             lk, le, rk, re_ = (np.broadcast_to(a, (T, *a.shape[-2:])) for a in
                                (lc["intrinsics"], lc["extrinsics"], rc["intrinsics"], rc["extrinsics"]))  # fmt: skip
-        rmask = read_png_folder(Path(r["eyes"]["right"]["guide_dir"]) / "mask", 1)
+        if mode == "independent":  # the right eye's own guide (reuse_first reports its filled copy)
+            rmask = read_png_folder(Path(r["eyes"]["right"]["guide_dir"]) / "mask", 1)
         errs, n = [], 0
         for j, t in enumerate(r["source_frames"]):
             warped, hit = warp_to_eye(left[j], lz[j], lk[t], le[t], rk[t], re_[t])

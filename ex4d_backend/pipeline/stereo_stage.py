@@ -220,6 +220,7 @@ def reuse_first_eye(
     import cv2
 
     from .guide import Guide
+    from .guide_files import write_guide_files
 
     color, mask = (a.copy() for a in second.guide.arrays())
     z = _passes(shot, first.camera, first.guide, render).z
@@ -242,4 +243,8 @@ def reuse_first_eye(
         filled += int(fill.sum())
     meta = {**second.guide.meta, "reused_first_eye": first_gen.key, "reused_pixels": filled}
     key = make_key(stages.STAGE_VERSION, "guide_second_eye", second.guide.key, first_gen.key)
-    return stages.GuideEntry(key, second.guide.dir, meta, Guide(color, mask, cs))
+    with stages._locked(ctx, "guide", key):  # a guide entry of its own: the generate stage reads its PNG folders
+        if stages._lookup(ctx, "guide", key) is None:
+            with ctx.store.write_stage("guide", key, meta) as tmp:
+                write_guide_files(tmp, color, mask, float(meta.get("fps", shot.clip.fps)), cs)
+    return stages.GuideEntry(key, ctx.store.stage_dir("guide", key), meta, Guide(color, mask, cs))
