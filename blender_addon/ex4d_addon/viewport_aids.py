@@ -85,7 +85,8 @@ def apply_face_aids(obj: bpy.types.Object, hide_occlusion: bool, hide_border: bo
         return None
     mesh = obj.data
     if hide_border and BORDER_ATTRIBUTE not in mesh.attributes:
-        w, h = (int(v) for v in obj.get("ex4d_grid", obj["ex4d_size"]))  # vertex grid (the proxy's)
+        grid: Any = obj.get("ex4d_grid") or obj["ex4d_size"]  # the vertex grid (the proxy's)
+        w, h = (int(v) for v in grid)
         faces = mesh_object._faces(obj)
         if faces is None:
             raise ValueError("the DW-mesh has no triangle grid topology")
