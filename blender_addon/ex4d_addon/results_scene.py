@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import compat, data
+from . import compat, strips
 
 RESULTS_SCENE = "EX4D Results"
 RESULT_BG_KIND = "result"  # the ``ex4d_kind`` of an image shown as a camera background for a result
@@ -78,21 +78,7 @@ def strips_scene(scene) -> bpy.types.Scene:
 def show_result_on_camera(cam_obj, image: bpy.types.Image, frame_start: int, n_frames: int) -> None:
     """Show ``image`` (a result sequence) as ``cam_obj``'s background, above the guide and replacing an
     earlier EX-4D result (compositing: line CG up with the result through the camera)."""
-    cam = cam_obj.data
-    bg = None
-    for b in cam.background_images:
-        if b.image is not None and b.image.get("ex4d_kind") == RESULT_BG_KIND:
-            bg = b
-            break
-    if bg is None:
-        bg = cam.background_images.new()
-    bg.image = image
-    image["ex4d_kind"] = RESULT_BG_KIND
-    data.configure_image_user(bg.image_user, image, frame_start, n_frames)
-    bg.alpha = 1.0
-    bg.display_depth = "FRONT"
-    bg.show_background_image = True
-    cam.show_background_images = True
+    strips.show_on_camera(cam_obj, image, frame_start, n_frames, kind=RESULT_BG_KIND, depth="FRONT")
 
 
 def make_multiview(strip) -> None:

@@ -90,19 +90,25 @@ def load_sequence_image(files: list[Path], name: str) -> bpy.types.Image:
     return img
 
 
-def show_on_camera(cam_obj, image: bpy.types.Image, frame_start: int, n_frames: int) -> None:
-    """Show ``image`` (a sequence) as ``cam_obj``'s background, replacing an earlier EX-4D guide."""
+def show_on_camera(
+    cam_obj, image: bpy.types.Image, frame_start: int, n_frames: int, kind: str = GUIDE_KIND, depth: str = ""
+) -> None:
+    """Show ``image`` (a sequence) as ``cam_obj``'s background, replacing an earlier EX-4D background of
+    the same ``kind`` (the guide's, or a result's); ``depth``: the display depth (``FRONT``/``BACK``) or
+    as it is."""
     cam = cam_obj.data
     bg = None
     for b in cam.background_images:
-        if b.image is not None and b.image.get("ex4d_kind") == GUIDE_KIND:
+        if b.image is not None and b.image.get("ex4d_kind") == kind:
             bg = b
             break
     if bg is None:
         bg = cam.background_images.new()
     bg.image = image
-    image["ex4d_kind"] = GUIDE_KIND
+    image["ex4d_kind"] = kind
     data.configure_image_user(bg.image_user, image, frame_start, n_frames)
     bg.alpha = 1.0
+    if depth:
+        bg.display_depth = depth
     bg.show_background_image = True
     cam.show_background_images = True
