@@ -20,7 +20,7 @@ from typing import Any
 import bpy
 from bpy.props import BoolProperty, FloatProperty, PointerProperty, StringProperty
 
-from . import props
+from . import panel_base, props
 
 PREVIEW_MATERIAL = "EX4D Depth Preview"
 IGNORED_PARAMS = ("device", "renderer")  # request params that never change the DW-mesh
@@ -219,14 +219,9 @@ class EX4D_OT_import_depth_exr(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class EX4D_PT_depth(bpy.types.Panel):
+class EX4D_PT_depth(panel_base.SubPanel, bpy.types.Panel):
     bl_idname = "EX4D_PT_depth"
     bl_label = "Depth Tools"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
-    bl_parent_id = "EX4D_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):
         layout = self.layout

@@ -18,7 +18,7 @@ import bpy
 import bpy.utils.previews
 from bpy.props import CollectionProperty, IntProperty, PointerProperty, StringProperty
 
-from . import compat, data, history, outputs, props, results_scene, strips
+from . import compat, data, history, outputs, panel_base, props, results_scene, strips
 
 _previews: Any = None
 POLL_S = 0.5  # how often a timer looks for finished thumbnails
@@ -231,14 +231,9 @@ class EX4D_UL_versions(bpy.types.UIList):
             row.label(text=label, icon="IMAGE_DATA", translate=False)
 
 
-class EX4D_PT_history(bpy.types.Panel):
+class EX4D_PT_history(panel_base.SubPanel, bpy.types.Panel):
     bl_idname = "EX4D_PT_history"
     bl_label = "Shot History"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
-    bl_parent_id = "EX4D_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):
         layout = self.layout

@@ -25,7 +25,7 @@ import bpy
 from bpy.app.handlers import persistent
 from bpy.props import BoolProperty, FloatProperty, StringProperty
 
-from . import backend, meter_math, ops_jobs, props, runner, sampling
+from . import backend, meter_math, ops_jobs, panel_base, props, runner, sampling
 from .backend_client import BackendError
 from .runner import Job
 
@@ -319,13 +319,10 @@ class EX4D_OT_update_meter(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class EX4D_PT_meter(bpy.types.Panel):
+class EX4D_PT_meter(panel_base.SubPanel, bpy.types.Panel):
     bl_idname = "EX4D_PT_meter"
     bl_label = "Disocclusion Meter"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
-    bl_parent_id = "EX4D_PT_main"
+    bl_options: set[str] = set()  # open by default
 
     def draw(self, context):
         layout = self.layout

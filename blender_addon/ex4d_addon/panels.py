@@ -10,7 +10,7 @@ from __future__ import annotations
 import bpy
 from bpy.app.translations import pgettext_iface as iface_
 
-from . import depth_tools, props, runner, stereo_ui
+from . import depth_tools, panel_base, props, runner, stereo_ui
 
 
 def _op(layout, idname: str, **kw):
@@ -24,12 +24,9 @@ def _lines(layout, text: str, icon: str, alert: bool = False, width: int = 60) -
         col.label(text=text[i : i + width], icon=icon if i == 0 else "BLANK1", translate=False)
 
 
-class EX4D_PT_main(bpy.types.Panel):
+class EX4D_PT_main(panel_base.SidebarPanel, bpy.types.Panel):
     bl_idname = "EX4D_PT_main"
     bl_label = "EX-4D"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
 
     def draw(self, context):
         layout = self.layout
@@ -98,14 +95,9 @@ class EX4D_PT_main(bpy.types.Panel):
             _lines(box, s.last_error, "ERROR", alert=True)
 
 
-class EX4D_PT_jobs(bpy.types.Panel):
+class EX4D_PT_jobs(panel_base.SubPanel, bpy.types.Panel):
     bl_label = "Generation Settings"
     bl_idname = "EX4D_PT_jobs"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
-    bl_parent_id = "EX4D_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):
         js = context.scene.ex4d_job
@@ -131,16 +123,11 @@ class EX4D_PT_jobs(bpy.types.Panel):
             col.operator("ex4d.cancel_job", icon="CANCEL")
 
 
-class EX4D_PT_farm(bpy.types.Panel):
+class EX4D_PT_farm(panel_base.SubPanel, bpy.types.Panel):
     """Submit to Farm beside Generate, and the scene's last submissions (state, progress, Load / Cancel)."""
 
     bl_label = "Farm"
     bl_idname = "EX4D_PT_farm"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
-    bl_parent_id = "EX4D_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
     SHOWN = 5  # the newest submissions listed
 
     def draw(self, context):

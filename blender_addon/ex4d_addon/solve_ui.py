@@ -12,7 +12,7 @@ import bpy
 from bpy.app.translations import pgettext_iface as iface_
 from mathutils import Matrix
 
-from . import mesh_object, props, runner, source_camera
+from . import mesh_object, panel_base, props, runner, source_camera
 
 LENS_FIELDS = ("sensor_fit", "sensor_width", "sensor_height", "shift_x", "shift_y")
 LOCKED_OFF_NAME = "EX4D Locked-off"
@@ -199,16 +199,11 @@ class EX4D_OT_follow_camera_solve(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class EX4D_PT_source(bpy.types.Panel):
+class EX4D_PT_source(panel_base.SubPanel, bpy.types.Panel):
     """Moving source camera: the solve, the depth scale and its fit, the frame-0 check."""
 
     bl_label = "Moving Source Camera"
     bl_idname = "EX4D_PT_source"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
-    bl_parent_id = "EX4D_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw_header(self, context):
         self.layout.prop(source_camera.settings(context.scene), "use_moving_source", text="")

@@ -20,7 +20,7 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty
 
-from . import data, mesh_object, props, results_scene, strips
+from . import data, mesh_object, panel_base, props, results_scene, strips
 
 MODIFIER = "EX4D Viewport Aids"
 NODE_GROUP = "EX4D Hide Faces"
@@ -221,14 +221,9 @@ class EX4D_AidSettings(bpy.types.PropertyGroup):
     )  # fmt: skip
 
 
-class EX4D_PT_aids(bpy.types.Panel):
+class EX4D_PT_aids(panel_base.SubPanel, bpy.types.Panel):
     bl_idname = "EX4D_PT_aids"
     bl_label = "Viewport Aids"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "EX-4D"
-    bl_parent_id = "EX4D_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context):
         layout, a = self.layout, context.scene.ex4d_aids
