@@ -166,19 +166,12 @@ def exec_camera_preset(ctx: Context, p: dict) -> dict:
 def exec_render_guide(ctx: Context, p: dict) -> dict:
     shot = _shot(ctx, p)
     clip, guide = shot.clip, shot.guide
-    d = guide.dir
     extras = stereo_jobs.guide_extras(ctx, p, shot) if ("stereo" in p or p.get("exr")) else {}  # issue 18
     return {
-        "color_mp4": str(d / "color.mp4"),
-        "mask_mp4": str(d / "mask.mp4"),
-        "color_dir": str(d / "color"),
-        "mask_dir": str(d / "mask"),
-        "camera_npz": str(d / "camera.npz"),
-        "camera_hash": guide.meta["camera_hash"],
+        **stereo_jobs.guide_fields(guide),  # files, camera hash, per-frame unseen share
         "camera": guide.meta["camera"],
         "frame0_is_source": guide.meta.get("frame0_is_source", True),
         "depth_scale_fit": guide.meta.get("depth_scale_fit", {}),
-        "masked_share": guide.meta.get("masked_share", []),
         **_clip_result(clip),
         **extras,
     }

@@ -22,7 +22,8 @@ from ..pipeline.stereo_stage import (
 )
 
 
-def _guide_fields(guide: stages.GuideEntry) -> dict:
+def guide_fields(guide: stages.GuideEntry) -> dict:
+    """The result fields of a guide entry (render_guide's, and each eye's)."""
     d = guide.dir
     return {
         "color_dir": str(d / "color"),
@@ -50,7 +51,7 @@ def guide_extras(ctx: stages.Context, p: dict, shot: stages.Shot) -> dict:
     if s is None:
         return out
     eyes = eye_guides(ctx, shot, s, render)
-    fields = {eye: _guide_fields(e.guide) for eye, e in eyes.items()}
+    fields = {eye: guide_fields(e.guide) for eye, e in eyes.items()}
     if p.get("exr"):
         for eye, e in eyes.items():
             fields[eye]["exr_dir"] = str(exr_stage(ctx, shot, e.camera, e.guide, render).dir / "exr")
