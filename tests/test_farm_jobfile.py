@@ -91,6 +91,7 @@ def test_written_job_carries_every_setting_at_the_backend_defaults(tmp_path, cap
     expected = set(protocol.PARAMS["generate"]["properties"]) - {"force", "lens", "sensor_width"}
     expected -= {"sensor_height", "sensor_fit"}  # only with a lens
     expected -= {"source_camera", "depth_scale"}  # optional inputs of a moving source: no default
+    expected -= {"stereo", "eye", "exr", "upto_window"}  # optional modes (stereo eyes, EXR passes, a farm window step)
     assert set(doc["params"]) == expected
     assert doc["params"]["footage"] == "shots/s1/clip"  # relative to the project root
     full = ff.run_job_inproc(capfd, full_path, tmp_path / "store")
