@@ -116,3 +116,13 @@ def set_ffmpeg_output(scene: bpy.types.Scene) -> None:
     settings.file_format = "FFMPEG"
     scene.render.ffmpeg.format = "MPEG4"
     scene.render.ffmpeg.codec = "H264"
+
+
+def set_modifier_input(mod: Any, identifier: str, value: Any) -> None:
+    """Set a Geometry Nodes modifier's group input ``identifier`` (``Socket_N``): Blender 5.2 moved the
+    inputs from ID properties on the modifier (``mod["Socket_1"]``) to ``mod.properties.inputs.Socket_1.value``."""
+    inputs = getattr(getattr(mod, "properties", None), "inputs", None)
+    if inputs is not None and hasattr(inputs, identifier):
+        getattr(inputs, identifier).value = value
+    else:
+        mod[identifier] = value

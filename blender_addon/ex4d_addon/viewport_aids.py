@@ -20,7 +20,7 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty
 
-from . import data, mesh_object, panel_base, props, results_scene, strips
+from . import compat, data, mesh_object, panel_base, props, results_scene, strips
 
 MODIFIER = "EX4D Viewport Aids"
 NODE_GROUP = "EX4D Hide Faces"
@@ -96,8 +96,8 @@ def apply_face_aids(obj: bpy.types.Object, hide_occlusion: bool, hide_border: bo
         mod.node_group = _node_group()
         mod.show_render = False  # a viewport aid: renders (F12, the Workbench checks) are unchanged
     ng = mod.node_group
-    mod[_socket_id(ng, IN_OCC)] = bool(hide_occlusion)
-    mod[_socket_id(ng, IN_BORDER)] = bool(hide_border)
+    compat.set_modifier_input(mod, _socket_id(ng, IN_OCC), bool(hide_occlusion))
+    compat.set_modifier_input(mod, _socket_id(ng, IN_BORDER), bool(hide_border))
     mod.show_viewport = bool(hide_occlusion or hide_border)
     obj.update_tag()
     return mod
