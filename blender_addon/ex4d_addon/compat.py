@@ -126,3 +126,9 @@ def set_modifier_input(mod: Any, identifier: str, value: Any) -> None:
         getattr(inputs, identifier).value = value
     else:
         mod[identifier] = value
+
+
+def strip_content_start(strip: Any) -> int:
+    """The scene frame of a strip's first content frame: ``content_start`` (5.2; ``frame_start`` warns
+    there, removed in 6.0), ``frame_start`` before."""
+    return int(first_attr(strip, "content_start", "frame_start"))

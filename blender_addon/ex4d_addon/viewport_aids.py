@@ -140,7 +140,7 @@ def latest_result(scene, cam_obj) -> tuple[list, int] | None:
         return None
     st = max(found, key=lambda s: (str(s.get("ex4d_version", "")), s.name))
     folder = bpy.path.abspath(st.directory)
-    return [f"{folder}/{e.filename}" for e in st.elements], int(st.frame_start)
+    return [f"{folder}/{e.filename}" for e in st.elements], compat.strip_content_start(st)
 
 
 def apply_ab(scene, cam_obj, view: str) -> str:

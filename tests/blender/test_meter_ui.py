@@ -220,7 +220,7 @@ def test_aids_toggle_what_they_say(shot, tmp_path):
     assert len(ab) == 1 and ab[0].show_background_image and ab[0].display_depth == "FRONT"
     folder = Path(bpy.path.abspath(ab[0].image.filepath)).parent
     assert folder.resolve() == Path(bpy.path.abspath(strip.directory)).resolve()
-    assert ab[0].image_user.frame_start == strip.frame_start
+    assert ab[0].image_user.frame_start == addon_module("compat").strip_content_start(strip)
     aids.ab_view = "PLATE"  # the same background, switched to the plate
     assert [b.image.name for b in cam.data.background_images if b.image].count(cam.data[va.AB_KEY]) == 1
     assert Path(bpy.path.abspath(ab[0].image.filepath)).parent == Path(bpy.path.abspath(sc.ex4d.footage_path))
