@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = {"bpy4.2": "fast", "bpy4.5": "fast", "bpy5.0": "full", "bpy5.2": "full"}
+SUITES = {"bpy4.2": "fast", "bpy4.5": "fast", "bpy5.0": "full", "bpy5.2": "fast"}  # fast: without the slow tests
 
 
 @pytest.mark.blender

@@ -150,7 +150,6 @@ def test_live_meter_equals_the_full_guide_for_three_moves(shot):
     assert FRAME_START <= frame < FRAME_START + T and share == pytest.approx(max(info["shares"]))
 
 
-@pytest.mark.slow
 def test_aids_toggle_what_they_say(shot, tmp_path):
     """Hide occlusion faces / border sheets: the evaluated mesh loses exactly the flagged faces (the occlusion
     attribute of this frame, the faces touching the border ring by vertex index); off brings them back. The
