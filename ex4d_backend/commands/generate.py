@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--resize",
         choices=("crop", "stretch"),
-        default="crop",
+        default=d.resize,
         help="crop keeps the guide's aspect (centred crop); stretch squashes like the reference",
     )
     p.add_argument(
