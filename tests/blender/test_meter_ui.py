@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import addon_module, backend_py
-from panel_layout import RecordingLayout
 
 bpy = pytest.importorskip("bpy")
 
@@ -226,6 +225,30 @@ def test_aids_toggle_what_they_say(shot, tmp_path):
     assert Path(bpy.path.abspath(ab[0].image.filepath)).parent == Path(bpy.path.abspath(sc.ex4d.footage_path))
 
 
+class _Layout:
+    """Records a panel's draw calls; checks every property and operator it names exists."""
+
+    def __init__(self, log):
+        self.log, self.alert, self.enabled = log, False, True
+
+    def box(self, **_kw):
+        return _Layout(self.log)
+
+    row = column = box
+
+    def label(self, text="", icon="NONE", translate=True):
+        self.log.append(("label", text))
+
+    def prop(self, data, name, **_kw):
+        assert name in data.bl_rna.properties, f"{data} has no property {name}"
+        self.log.append(("prop", name))
+
+    def operator(self, idname, **_kw):
+        mod, name = idname.split(".")
+        getattr(getattr(bpy.ops, mod), name).get_rna_type()
+        self.log.append(("operator", idname))
+
+
 def test_panels_show_the_stored_meter(scene):
     """Known shares on the novel camera (clip frames from scene frame 5): the meter panel names the worst frame
     and the frames over the threshold; the aids panel's toggles exist. Catches a panel that reads another
@@ -243,11 +266,11 @@ def test_panels_show_the_stored_meter(scene):
     ):
         scene.ex4d_meter.threshold = threshold
         log: list = []
-        bpy.types.EX4D_PT_meter.draw(type("P", (), {"layout": RecordingLayout(log)})(), bpy.context)
+        bpy.types.EX4D_PT_meter.draw(type("P", (), {"layout": _Layout(log)})(), bpy.context)
         labels = [x for kind, x in log if kind == "label"]
         assert "Worst: frame 7, 60% unseen" in labels and expected in labels, labels
         assert ("operator", "ex4d.update_meter") in log and ("prop", "live") in log
     log = []
-    bpy.types.EX4D_PT_aids.draw(type("P", (), {"layout": RecordingLayout(log)})(), bpy.context)
+    bpy.types.EX4D_PT_aids.draw(type("P", (), {"layout": _Layout(log)})(), bpy.context)
     assert {x for kind, x in log if kind == "prop"} == {
         "hide_occlusion", "hide_border", "guide_overlay", "guide_opacity", "ab_view"}  # fmt: skip

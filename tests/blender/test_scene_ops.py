@@ -15,7 +15,6 @@ import bpy
 import numpy as np
 import pytest
 from conftest import ADDON, addon_module, backend_py
-from panel_layout import RecordingLayout
 
 CV_TO_BLENDER = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
 PRESETS = ("30", "60", "90", "180", "ZOOM_IN", "ZOOM_OUT")
@@ -359,11 +358,37 @@ def test_sample_camera_evaluates_parents_constraints_and_lens(scene):
         assert np.array(parent.matrix_world)[0, 3] == pytest.approx(frame_parent_x, abs=0.2)
 
 
+class _Layout:
+    """Records a panel's draw calls; checks every property and operator it names exists."""
+
+    def __init__(self, log):
+        self.log, self.alert = log, False
+
+    def box(self, **_kw):
+        return _Layout(self.log)
+
+    row = column = box
+
+    def label(self, text="", icon="NONE", translate=True):
+        assert translate or text == text.strip(), text
+        self.log.append(("label", text))
+
+    def prop(self, data, name, **_kw):
+        assert name in data.bl_rna.properties, f"{data} has no property {name}"
+        self.log.append(("prop", name))
+
+    def operator(self, idname, **_kw):
+        mod, name = idname.split(".")
+        rna = getattr(getattr(bpy.ops, mod), name).get_rna_type()
+        self.log.append(("operator", idname))
+        return type("Props", (), {"__setattr__": lambda s, k, v: rna.properties[k]})()
+
+
 def test_panel_draws_the_whole_path(scene, clip):
     _import(clip)
     scene.ex4d.last_error = "EX-4D: something went wrong -- a hint [internal]"
     log = []
-    panel = type("P", (), {"layout": RecordingLayout(log)})()
+    panel = type("P", (), {"layout": _Layout(log)})()
     bpy.types.EX4D_PT_main.draw(panel, bpy.context)
     ops = [x for kind, x in log if kind == "operator"]
     for op in ("ex4d.import_footage", "ex4d.build_dwmesh", "ex4d.add_camera_preset"):

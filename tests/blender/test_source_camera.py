@@ -19,7 +19,6 @@ import pytest
 from bpy_extras.object_utils import world_to_camera_view
 from conftest import addon_module, backend_py
 from mathutils import Matrix, Vector
-from panel_layout import RecordingLayout
 
 CV_TO_BLENDER = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])  # X = x, Y = z, Z = -y
 FLIP_YZ = np.diag([1.0, -1.0, -1.0, 1.0])
@@ -55,9 +54,33 @@ def _jitter(n: int) -> list:
     return [tuple(rng.uniform(-0.05, 0.05, 3)) + tuple(rng.uniform(-2.0, 2.0, 3)) for _ in range(n)]
 
 
+class _Layout:
+    """Records a panel's draw calls (labels, operators), checking that the properties it names exist."""
+
+    def __init__(self, log):
+        self.log, self.alert, self.active = log, False, True
+
+    def row(self, **_kw):
+        return _Layout(self.log)
+
+    column = box = row
+
+    def label(self, text="", icon="NONE", translate=True):  # noqa: ARG002
+        self.log.append(("label", text))
+
+    def prop(self, data, name, **_kw):
+        assert name in data.bl_rna.properties, f"{data} has no property {name}"
+        self.log.append(("prop", name))
+
+    def operator(self, idname, **_kw):
+        mod, name = idname.split(".")
+        getattr(getattr(bpy.ops, mod), name).get_rna_type()
+        self.log.append(("operator", idname))
+
+
 def _panel_log() -> list:
     log: list = []
-    bpy.types.EX4D_PT_source.draw(type("P", (), {"layout": RecordingLayout(log)})(), bpy.context)
+    bpy.types.EX4D_PT_source.draw(type("P", (), {"layout": _Layout(log)})(), bpy.context)
     return log
 
 
