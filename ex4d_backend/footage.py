@@ -18,7 +18,6 @@ clip at full resolution) and cancel is checked between frames.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -228,7 +227,7 @@ def _read_video(p: Path, max_frames: int | None, sizer: _Sizer) -> tuple[list[np
         try:
             for frame in container.decode(stream):
                 safe_io.check_cancel()
-                frames.append(sizer(frame.to_ndarray(format="rgb24")))
+                frames.append(sizer(frame_rgb(frame)))
                 if frame.pts is not None and frame.time_base is not None:
                     times.append(frame.pts * frame.time_base)
                     tick = frame.time_base
@@ -246,6 +245,13 @@ def _read_video(p: Path, max_frames: int | None, sizer: _Sizer) -> tuple[list[np
             # Stopped early: the container's frame count, or (Matroska/WebM store none) its video packets.
             total = max(stream.frames or _count_video_packets(p), len(frames))
     return frames, float(rate), int(total)
+
+
+def frame_rgb(frame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded ``av.VideoFrame``: swscale's conversion on one thread, the same pixels
+    as ``frame.to_ndarray(format="rgb24")`` (checked by the tests) about 5x faster, since that default
+    (``threads=0``) starts a thread pool for every frame (512²: 4 ms against 0.8 ms)."""
+    return frame.reformat(format="rgb24", threads=1).to_ndarray()
 
 
 def _count_video_packets(p: Path) -> int:
@@ -465,11 +471,14 @@ def write_png_sequence(folder: str | os.PathLike, frames: np.ndarray, *, prefix:
     return final
 
 
-def content_hash(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, or of a folder's image files (names and bytes), as hex. Reads through
-    ``safe_io`` (regular files inside the sandbox) and stops with ``Cancelled`` between chunks."""
+def content_hash(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    """XXH3-128 of a file's bytes, or of a folder's image files (names and bytes), as hex: the identity of an
+    input in cache keys (a non-cryptographic hash, like the store's manifests: ``service.integrity``). Reads
+    through ``safe_io`` (regular files inside the sandbox) and stops with ``Cancelled`` between chunks."""
+    import xxhash
+
     p = Path(path)
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     files = list_image_sequence(p) if p.is_dir() else [p]
     for f in files:
         h.update(f.name.encode() if p.is_dir() else b"")
@@ -483,6 +492,7 @@ def content_hash(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
 __all__ = [
     "Footage",
     "content_hash",
+    "frame_rgb",
     "processing_size",
     "read_footage",
     "read_image_rgb",

@@ -41,6 +41,22 @@ def test_video_round_trip(tmp_path, suffix: str, fps: float) -> None:
     np.testing.assert_allclose(got.frames[..., 2].mean(axis=(1, 2)), 10 + 22 * np.arange(7), atol=2)
 
 
+@pytest.mark.parametrize("size", [(48, 64), (46, 62), (360, 640)])
+def test_decoded_frames_are_pyavs_default_conversion(tmp_path, size) -> None:
+    """``read_footage`` converts each decoded frame with swscale on one thread (``footage.frame_rgb``, 5x
+    faster); the pixels are exactly PyAV's own default ``to_ndarray(format="rgb24")`` of the same frames.
+    Fails if the fast path converts with other flags, another colour matrix or range, or another library."""
+    import av
+
+    h, w = size
+    rng = np.random.default_rng(1)
+    frames = np.clip(smooth_frames(5, h, w).astype(int) + rng.integers(-40, 40, (5, h, w, 3)), 0, 255)
+    path = footage.write_video(tmp_path / "c.mp4", frames.astype(np.uint8), 24.0)
+    with av.open(str(path)) as c:
+        want = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    np.testing.assert_array_equal(footage.read_footage(path, max_side=None).frames, want)
+
+
 def test_write_video_odd_size_and_grey(tmp_path) -> None:
     grey = np.tile(np.linspace(0, 255, 33, dtype=np.uint8)[None, None, :], (3, 21, 1))  # (T, H, W), odd sizes
     got = footage.read_footage(footage.write_video(tmp_path / "g.mp4", grey, 10), max_side=None)

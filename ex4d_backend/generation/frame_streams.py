@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NOT_FOUND, Ex4dError
-from ..footage import DEFAULT_SEQUENCE_FPS, IMAGE_SUFFIXES, list_image_sequence, read_image_rgb
+from ..footage import DEFAULT_SEQUENCE_FPS, IMAGE_SUFFIXES, frame_rgb, list_image_sequence, read_image_rgb
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -60,7 +60,7 @@ class FrameReader:
 
         self._container = av.open(str(self.path))
         for frame in self._container.decode(self._container.streams.video[0]):
-            yield frame.to_ndarray(format="rgb24")
+            yield frame_rgb(frame)
 
     def _prepare(self, img: np.ndarray) -> np.ndarray:
         if self.channel0:

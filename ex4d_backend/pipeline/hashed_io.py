@@ -2,7 +2,7 @@
 
 Every file a stage writes into its temporary folder goes through :func:`write_hashed` or
 :func:`save_npy_hashed`: the file is created new (never over an existing one), the bytes written are
-hashed (BLAKE2b-128, ``service.integrity.hasher``) while they are written, and the digest is recorded
+hashed (XXH3-128, ``service.integrity.hasher``) while they are written, and the digest is recorded
 (``integrity.remember``), so ``JobStore.write_stage``'s content manifest costs a ``stat`` per file instead
 of a second read. The manifest is the same as a fresh hash of the files would give.
 """

@@ -1,15 +1,16 @@
-"""Content manifests of stage results: sizes plus BLAKE2b hashes recorded at write time, checked on reuse.
+"""Content manifests of stage results: sizes plus XXH3-128 hashes recorded at write time, checked on reuse.
 
 ``manifest(folder)`` lists every file below a stage folder (``meta.json`` itself excepted) as
-``{relative path: [size in bytes, blake2b-128 hex]}``; :func:`verify` recomputes it. A check costs one
-hashing pass (about 1 GB/s) the first time a process sees a file; after that the result is memoised by the
+``{relative path: [size in bytes, xxh3-128 hex]}``; :func:`verify` recomputes it. The hash guards against
+damage (a truncated, edited or swapped file), not against an attacker who can write the store, so it is the
+non-cryptographic XXH3 (``xxhash``, about 20 GB/s: a 50 MB depth in 3 ms, BLAKE2b took 55 ms). A check costs
+one hashing pass the first time a process sees a file; after that the result is memoised by the
 file's (device, inode, size, mtime, ctime), so reuse stays cheap and any change to a file (a write, a
 truncation, a replaced file: all change ctime, which no user can set back) is hashed again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable
@@ -26,7 +27,7 @@ def _stamp(st: os.stat_result) -> tuple:
 
 
 def file_hash(path: Path, *, cancelled: Callable[[], bool] | None = None, memo: bool = True) -> str:
-    """BLAKE2b-128 of a file's bytes (hex); ``cancelled()`` is checked between 4 MiB chunks and raises
+    """XXH3-128 of a file's bytes (:func:`hasher`, hex); ``cancelled()`` is checked between 4 MiB chunks and raises
     ``errors.Cancelled``."""
     from ..errors import Cancelled
 
@@ -37,7 +38,7 @@ def file_hash(path: Path, *, cancelled: Callable[[], bool] | None = None, memo: 
             with _MEMO_LOCK:
                 if stamp in _MEMO:
                     return _MEMO[stamp]
-        h = hashlib.blake2b(digest_size=16)
+        h = hasher()
         while block := fh.read(CHUNK):
             h.update(block)
             if cancelled is not None and cancelled():
@@ -100,8 +101,11 @@ __all__ = ["file_hash", "hasher", "manifest", "remember", "verify"]
 
 
 def hasher():
-    """A new BLAKE2b-128 hash object: what :func:`file_hash` computes, for writers that hash as they write."""
-    return hashlib.blake2b(digest_size=16)
+    """A new XXH3-128 hash object (``update``, ``hexdigest``): what :func:`file_hash` computes, for writers
+    that hash as they write."""
+    import xxhash
+
+    return xxhash.xxh3_128()
 
 
 def remember(path: Path, digest: str) -> None:
