@@ -13,6 +13,8 @@ Measures, each the median of ``--repeats`` runs after one warm-up (plugin build,
 - ``new_shot_s``: the ``render_guide`` job on a new shot (an empty job store): footage hash + decode, depth
   file load, camera, DW-mesh + render, every write (frames, depth, guide PNGs + videos, manifests);
 - ``new_camera_s``: the ``render_guide`` job for a camera never seen before, frames and depth cached;
+- ``videos_of_a_stored_guide_s``: the same job with ``"videos": true`` on a guide already stored: the guide
+  videos stage (two H.264 videos, what ``ex4d recon`` exports; the add-on reads only the PNG frames);
 - per-stage medians of both jobs (from the progress events: time from a stage's first event to the next's).
 
 ``--io-only`` times only the CPU work of a new shot, each in a fresh store: ``frames_s`` (footage hash,
@@ -152,12 +154,12 @@ def main() -> int:
         sync()
         recon_times.append(time.perf_counter() - t0)
 
-    def job(store: JobStore, camera: dict) -> tuple[float, dict, dict]:
+    def job(store: JobStore, camera: dict, **extra) -> tuple[float, dict, dict]:
         clock = StageClock()
         ctx = jobs.Context(store, clock)
         sync()
         t0 = time.perf_counter()
-        result = jobs.run_job("render_guide", {**params, "camera": camera}, ctx)
+        result = jobs.run_job("render_guide", {**params, "camera": camera, **extra}, ctx)
         sync()
         end = time.perf_counter()
         return end - t0, clock.durations(end), result
@@ -185,6 +187,15 @@ def main() -> int:
         cam_times.append(dt)
         cam_stages.append(stages)
     assert result["cached"] == {"frames": True, "depth": True, "guide": False}, result["cached"]
+    new_camera_result = result
+
+    # 4. The guide videos (``"videos": true``) of a guide already stored: the H.264 encoding alone.
+    video_times = []
+    for i in range(args.repeats):
+        dt, _, r = job(store, new_camera(i), videos=True)
+        video_times.append(dt)
+    assert r["cached"] == {"frames": True, "depth": True, "guide": True, "guide_videos": False}, r["cached"]
+    result = new_camera_result
 
     def med_stages(rows: list[dict]) -> dict:
         names = {n for r in rows for n in r}
@@ -207,7 +218,8 @@ def main() -> int:
         "new_camera_s": round(statistics.median(cam_times), 4),
         "new_shot_stages_s": med_stages(shot_stages),
         "new_camera_stages_s": med_stages(cam_stages),
-        "all_s": {"recon": recon_times, "new_shot": shot_times, "new_camera": cam_times},
+        "videos_of_a_stored_guide_s": round(statistics.median(video_times), 4),
+        "all_s": {"recon": recon_times, "new_shot": shot_times, "new_camera": cam_times, "videos": video_times},
         "guide_bytes": sum(p.stat().st_size for p in guide_dir.rglob("*") if p.is_file()),
         "store_bytes_one_shot": sum(
             p.stat().st_size for p in (work / "store-shot1" / "cache").rglob("*") if p.is_file()
@@ -245,7 +257,7 @@ def io_only(args, clip_path, depth_path, frames, depth, k, params, allowed, work
         stages.depth_stage(ctx, clip, DepthSettings.from_params(params["depth"]))
         t2, c2 = time.perf_counter(), time.process_time()
         with store.write_stage("guide", f"bench{i}", {"bench": True}) as tmp:
-            stages.write_guide_files(tmp, guide.color, guide.mask, clip.fps, guide.camera)
+            stages.write_guide_files(tmp, guide.color, guide.mask, guide.camera)
         t3, c3 = time.perf_counter(), time.process_time()
         if i:
             for name, dt in zip(rows, (t1 - t0, t2 - t1, t3 - t2), strict=True):

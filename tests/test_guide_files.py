@@ -1,5 +1,6 @@
-"""The guide stage's files and the stages' hashed writes (issue 12 speed work): what is written is exactly what
-the plain library calls would write, and the content manifest is what a fresh hash of the files gives."""
+"""The guide stage's files, the guide videos stage's and the stages' hashed writes (issue 12 speed work): what
+is written is exactly what the plain library calls would write, and the content manifest is what a fresh hash
+of the files gives."""
 
 from __future__ import annotations
 
@@ -29,36 +30,53 @@ def _guide(t: int, h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 def _fresh_manifest(folder) -> dict:
-    """Sizes and BLAKE2b hashes read from the files now (no memo): the ground truth for a manifest."""
+    """Sizes and XXH3-128 hashes (``xxhash`` itself, over the whole file read now): the ground truth for a
+    manifest."""
+    import xxhash
+
     out = {}
     for root, _dirs, names in os.walk(folder):
         for name in names:
             p = os.path.join(root, name)
-            out[os.path.relpath(p, folder)] = [os.path.getsize(p), integrity.file_hash(p, memo=False)]
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, folder)] = [os.path.getsize(p), xxhash.xxh3_128(fh.read()).hexdigest()]
     return out
+
+
+def _png_flags() -> list[int]:
+    """The guide's PNG encoding, written literally: zlib level 1, the "up" filter, zlib's RLE strategy."""
+    return [
+        cv2.IMWRITE_PNG_COMPRESSION, 1,
+        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
+        cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("size", [(48, 64), (47, 63)])  # even, and odd sides (padded for yuv420p)
 def test_guide_files_are_the_plain_encodings_and_the_manifest_is_fresh(tmp_path, monkeypatch, size):
-    """Each PNG is byte for byte ``cv2.imencode`` of the frame at zlib level 1 and decodes to the frame; with
-    one x264 slice both previews are byte for byte ``footage.write_video`` of the RGB/grey frames (PyAV's own
-    RGB conversion), so the parallel swscale conversion and the mask's grey lookup table change no pixel;
-    the manifest from the hashes taken while writing equals a fresh hash of every file. Fails if a PNG is
-    encoded differently, the frame order is mixed up between threads, the grey table is wrong, or a hash is
-    taken over other bytes than those written."""
+    """Each PNG is byte for byte ``cv2.imencode`` of the frame (zlib level 1, "up" filter, RLE) and decodes to
+    the frame; with one x264 slice both videos are byte for byte ``footage.write_video`` of the RGB/grey
+    frames (PyAV's own RGB conversion), so the parallel swscale conversion and the mask's grey lookup table
+    change no pixel; the manifests from the hashes taken while writing equal a fresh hash of every file.
+    Fails if a PNG is encoded differently, the frame order is mixed up between threads, the grey table is
+    wrong, or a hash is taken over other bytes than those written."""
     h, w = size
     color, mask, cam = _guide(5, h, w)
     monkeypatch.setattr(guide_files, "GUIDE_X264_SLICES", 1)
-    out = tmp_path / "guide"
+    out, videos = tmp_path / "guide", tmp_path / "videos"
     out.mkdir()
-    guide_files.write_guide_files(out, color, mask, 12.0, cam)
+    videos.mkdir()
+    guide_files.write_guide_files(out, color, mask, cam)
+    guide_files.write_guide_videos(videos, color, mask, 12.0)
+    assert sorted(x.name for x in out.iterdir()) == sorted(guide_files.GUIDE_FILES)
+    assert sorted(x.name for x in videos.iterdir()) == sorted(guide_files.VIDEO_FILES)
 
     for i in range(len(color)):
         png_c = (out / "color" / f"frame_{i:05d}.png").read_bytes()
         png_m = (out / "mask" / f"frame_{i:05d}.png").read_bytes()
         bgr = cv2.cvtColor(color[i], cv2.COLOR_RGB2BGR)
-        assert png_c == cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
-        assert png_m == cv2.imencode(".png", mask[i], [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+        assert png_c == cv2.imencode(".png", bgr, _png_flags())[1].tobytes()
+        assert png_m == cv2.imencode(".png", mask[i], _png_flags())[1].tobytes()
     np.testing.assert_array_equal(guide_files.read_png_folder(out / "color", 3), color)
     np.testing.assert_array_equal(guide_files.read_png_folder(out / "mask", 1), mask)
 
@@ -66,10 +84,11 @@ def test_guide_files_are_the_plain_encodings_and_the_manifest_is_fresh(tmp_path,
     ref.mkdir()
     write_video(ref / "c.mp4", color, 12.0, preset=guide_files.GUIDE_X264_PRESET)
     write_video(ref / "m.mp4", mask, 12.0, preset=guide_files.GUIDE_X264_PRESET)
-    assert (out / "color.mp4").read_bytes() == (ref / "c.mp4").read_bytes()
-    assert (out / "mask.mp4").read_bytes() == (ref / "m.mp4").read_bytes()
+    assert (videos / "color.mp4").read_bytes() == (ref / "c.mp4").read_bytes()
+    assert (videos / "mask.mp4").read_bytes() == (ref / "m.mp4").read_bytes()
 
     assert integrity.manifest(out) == _fresh_manifest(out)
+    assert integrity.manifest(videos) == _fresh_manifest(videos)
 
 
 def test_sliced_previews_are_deterministic_and_faithful(tmp_path):
@@ -78,13 +97,13 @@ def test_sliced_previews_are_deterministic_and_faithful(tmp_path):
     (run-to-run or machine-dependent bytes), or a broken slice setup."""
     from ex4d_backend.footage import read_footage
 
-    color, mask, cam = _guide(6, 64, 96, seed=1)
+    color, mask, _ = _guide(6, 64, 96, seed=1)
     color[:] = cv2.GaussianBlur(color.reshape(-1, 96, 3), (5, 5), 2).reshape(color.shape)  # compressible
     outs = []
     for i in range(3):
         d = tmp_path / f"g{i}"
         d.mkdir()
-        guide_files.write_guide_files(d, color, mask, 24.0, cam)
+        guide_files.write_guide_videos(d, color, mask, 24.0)
         outs.append(((d / "color.mp4").read_bytes(), (d / "mask.mp4").read_bytes()))
     assert outs[0] == outs[1] == outs[2]
     write_video(tmp_path / "one_slice.mp4", color, 24.0, preset=guide_files.GUIDE_X264_PRESET)
@@ -118,7 +137,7 @@ def test_grey_table_is_swscales_conversion_of_grey_rgb():
     ],
 )
 def test_save_npy_hashed_is_np_save_with_a_fresh_hash(tmp_path, arr):
-    """The file is byte for byte ``np.save``'s and its remembered hash equals a fresh BLAKE2b of the file.
+    """The file is byte for byte ``np.save``'s and its remembered hash equals a fresh XXH3-128 of the file.
     Fails if the header or data differ from numpy's format, or the hash covers other bytes."""
     p = tmp_path / "a.npy"
     save_npy_hashed(p, arr)
@@ -203,12 +222,13 @@ def test_file_depth_stage_stores_the_file_depth_with_a_valid_manifest(tmp_path, 
     assert store.stage_meta("depth", d.key, full=True) is not None
 
 
-def test_guide_written_while_rendered_is_the_rendered_guide(tmp_path):
-    """The guide stage writes each chunk's PNGs while later chunks render (``GuideWriter``): the stored PNG
-    frames decode to exactly the returned guide (frame 0 too, which the frame-0 rule replaces after the
-    render), the stored meta.json holds the frame-0 flag and the per-frame unseen share of the final mask
-    (added after the render), and the manifest passes a full re-hash. Fails if a chunk is written before it
-    is final, frame 0 is written before the rule, or meta.json misses what is known only after the render."""
+def test_stored_guide_is_the_rendered_guide_and_videos_come_on_request(tmp_path):
+    """The guide stage's PNG frames decode to exactly the returned guide (frame 0 too, which the frame-0 rule
+    replaces after the render), its meta.json holds the frame-0 flag and the per-frame unseen share of the
+    final mask, the manifest passes a full re-hash, and the folder holds no video; the guide videos stage,
+    from the stored PNGs (a reused guide), gives the same bytes as from the arrays just rendered. Fails if
+    frame 0 is written before the rule, meta.json misses what is known only after the render, the guide stage
+    encodes videos again, or the videos stage reads other frames than the guide's."""
     import json
 
     import service_fixtures as sf
@@ -233,3 +253,17 @@ def test_guide_written_while_rendered_is_the_rendered_guide(tmp_path):
     assert stored["frame0_is_source"] is True
     assert stored["masked_share"] == [round(float(v), 6) for v in guide_masked_share(g.guide.mask)]
     assert store.stage_meta("guide", g.key, full=True) is not None
+    assert not list(g.dir.glob("*.mp4"))
+    fresh = stages.guide_videos_stage(ctx, g)  # the arrays in memory
+    assert ctx.cached["guide_videos"] is False and store.stage_meta("guide_videos", fresh.key, full=True)
+    mp4 = {n: (fresh.dir / n).read_bytes() for n in guide_files.VIDEO_FILES}
+    store2 = JobStore(tmp_path / "store2", [clip.root])
+    ctx2 = stages.Context(store2)
+    c2 = stages.frames_stage(ctx2, clip.footage, FrameSettings())
+    d2 = stages.depth_stage(ctx2, c2, DepthSettings.from_params(clip.params()["depth"]))
+    cam2 = stages.camera_stage(ctx2, c2, d2, clip.k, {"preset": "90"}, MeshSettings())
+    stages.guide_stage(ctx2, c2, d2, clip.k, cam2, MeshSettings(), RenderSettings("cpu"))
+    reused = stages.guide_stage(ctx2, c2, d2, clip.k, cam2, MeshSettings(), RenderSettings("cpu"))
+    assert reused.guide is None  # from the store: the videos stage reads its PNGs
+    again = stages.guide_videos_stage(ctx2, reused)
+    assert {n: (again.dir / n).read_bytes() for n in guide_files.VIDEO_FILES} == mp4

@@ -45,7 +45,8 @@ def test_cli_and_service_guides_are_byte_identical_and_share_the_store(tmp_path,
     store_a, store_b = tmp_path / "store_a", tmp_path / "store_b"
     client = sf.start_client(store_a, [clip.root])
     try:
-        served = client.request("render_guide", clip.params(camera={"preset": "90"}, renderer="cpu"), timeout=180)
+        params = clip.params(camera={"preset": "90"}, renderer="cpu", videos=True)  # + the guide videos stage
+        served = client.request("render_guide", params, timeout=180)
         info = client.request("store_info", {}, timeout=60)
     finally:
         client.close()
@@ -86,8 +87,8 @@ def test_cli_and_service_guides_are_byte_identical_and_share_the_store(tmp_path,
     assert sorted(p.name for p in store_a.glob("cache/*-*")) == entries
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     out_a = tmp_path / "out_a"
-    assert (out_a / "color_90.mp4").read_bytes() == (guide_dir / "color.mp4").read_bytes()
-    assert (out_a / "mask_90.mp4").read_bytes() == (guide_dir / "mask.mp4").read_bytes()
+    assert (out_a / "color_90.mp4").read_bytes() == Path(served["color_mp4"]).read_bytes()
+    assert (out_a / "mask_90.mp4").read_bytes() == Path(served["mask_mp4"]).read_bytes()
     assert _files(out_a / "color_90") == _files(guide_dir / "color")
 
 

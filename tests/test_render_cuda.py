@@ -92,3 +92,43 @@ def test_cuda_card_strip_matches_cpu() -> None:
     assert not masks["cuda"][rows, 32:34].any()
     differ = masks["cpu"] != masks["cuda"]
     assert differ.sum() <= 0.05 * H * W  # antialiasing moves silhouette-edge pixels only
+
+
+def test_the_clip_kept_on_the_device_renders_the_same_guide(monkeypatch) -> None:
+    """``render_guide`` with a ``resident_key``: the first render uploads the clip and keeps it on the device,
+    the next render with that key uses it (no upload), and both give byte for byte the guides of a render
+    without a key; another key, other arrays or a released clip upload again; a clip too large is never
+    kept. Fails if the kept clip misses a chunk, is filled after its use, or is reused for other arrays."""
+    from ex4d_backend import transfer
+    from ex4d_backend.pipeline import resident_clip
+    from ex4d_backend.pipeline.guide import render_guide
+    from ex4d_backend.pipeline.settings import MeshSettings, RenderSettings
+
+    w, h, n = 96, 64, 11  # several chunks
+    frames, depth, k = synthetic.make_scene(w, h, n)
+    rs = RenderSettings("cuda")
+    cams = [cameras.preset_path(p, n, k, depth[0], w, h) for p in ("90", "zoom_out")]
+    uploads = []
+    real_upload = transfer.upload
+    monkeypatch.setattr(transfer, "upload", lambda *a, **kw: uploads.append(a[1]) or real_upload(*a, **kw))
+    for cam in cams:
+        resident_clip.release()
+        want = render_guide(frames, depth, k, cam, MeshSettings(), rs)
+        assert uploads and resident_clip._CLIP is None  # no key: nothing kept
+        uploads.clear()
+        first = render_guide(frames, depth, k, cam, MeshSettings(), rs, resident_key="shot-a")
+        assert uploads and resident_clip.get("shot-a", depth.shape) is not None
+        uploads.clear()
+        again = render_guide(frames, depth, k, cam, MeshSettings(), rs, resident_key="shot-a")
+        assert not uploads  # the kept clip
+        for got in (first, again):
+            np.testing.assert_array_equal(got.color, want.color)
+            np.testing.assert_array_equal(got.mask, want.mask)
+    other = np.ascontiguousarray(frames[:, ::-1])
+    got = render_guide(other, depth, k, cams[0], MeshSettings(), rs, resident_key="shot-b")
+    assert uploads and resident_clip.get("shot-a", depth.shape) is None  # one clip at a time
+    np.testing.assert_array_equal(got.color, render_guide(other, depth, k, cams[0], MeshSettings(), rs).color)
+    resident_clip.release()
+    monkeypatch.setattr(resident_clip, "MAX_BYTES", 1000)
+    render_guide(frames, depth, k, cams[0], MeshSettings(), rs, resident_key="shot-a")
+    assert resident_clip._CLIP is None

@@ -68,8 +68,8 @@ CORRUPTIONS = [  # (stage, file, damage)
     ("mesh", "occlusion.npy", _flip),
     ("mesh", "occlusion.npy", _truncate),  # (no colors.npy: the vertex colours are the frames)
     ("mesh", "meta.json", _delete),
-    ("guide", "color.mp4", _flip),
-    ("guide", "mask.mp4", _truncate),
+    ("guide_videos", "color.mp4", _flip),
+    ("guide_videos", "mask.mp4", _truncate),
     ("guide", "color/frame_00000.png", _truncate),  # (no mask.npy: the PNG frames are the exact guide)
     ("guide", "color/frame_00003.png", _delete),
     ("guide", "mask/frame_00001.png", _flip),
@@ -122,12 +122,13 @@ def test_every_corruption_is_caught_and_repaired(tmp_path):
         "depth": ("estimate_depth", depth),
         "mesh": ("build_dwmesh", clip.params()),
         "guide": ("render_guide", guide),
+        "guide_videos": ("render_guide", {**guide, "videos": True}),
     }
     try:
         first = {stage: client.request(type_, p, timeout=180) for stage, (type_, p) in jobs.items()}
         pristine = {d.name: _snapshot(d) for d in (store / "cache").iterdir() if not d.name.startswith(".")}
         stages = {name.split("-")[0]: name for name in pristine}
-        assert set(stages) >= {"frames", "depth", "mesh", "guide"}
+        assert set(stages) >= {"frames", "depth", "mesh", "guide", "guide_videos"}
         caught = []
         for stage, rel, damage in CORRUPTIONS:
             target = store / "cache" / stages[stage] / rel

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
             where="--cam",
         )
         cam = shot.guide.meta["camera"]
-        paths = export_guide(shot.guide.dir, out, cam, mesh_of=(shot.clip, shot.depth, shot.k, shot.mesh))
+        videos = stages.guide_videos_stage(ctx, shot.guide).dir
+        paths = export_guide(shot.guide.dir, videos, out, cam, mesh_of=(shot.clip, shot.depth, shot.k, shot.mesh))
         for key, path in paths.items():
             print(f"{key}: {path}")
         color, mask = shot.guide.arrays()

@@ -208,15 +208,15 @@ def run(args: argparse.Namespace) -> int:
         for eye, eye_cam in stereo_cameras(args.stereo, shot.camera.path):  # issue 18: both eyes, one DW-mesh
             cam = stages.camera_stage(ctx, shot.clip, shot.depth, shot.k, eye_cam, shot.mesh, source=shot.source)
             render = RenderSettings(args.renderer, not args.no_dwmesh)
-            eyes.append(
-                (eye, stages.guide_stage(ctx, shot.clip, shot.depth, shot.k, cam, shot.mesh, render, shot.source))
-            )
+            guide = stages.guide_stage(ctx, shot.clip, shot.depth, shot.k, cam, shot.mesh, render, shot.source)
+            eyes.append((eye, guide, stages.guide_videos_stage(ctx, guide)))
+        preview = stages.guide_videos_stage(ctx, shot.guide)  # the exported videos
     finally:
         bars.close()
     if not shot.guide.meta.get("frame0_is_source", True):
         log.warning("the novel camera does not start at the source camera: guide frame 0 is rendered (with holes)")
     mesh_of = (shot.clip, shot.depth, shot.k, shot.mesh) if args.save_mesh else None
-    paths = export_guide(shot.guide.dir, args.output_dir, cam_name, png=args.png, mesh_of=mesh_of)
+    paths = export_guide(shot.guide.dir, preview.dir, args.output_dir, cam_name, png=args.png, mesh_of=mesh_of)
     if args.exr:  # compositing passes (issue 18): colour, mask as alpha, the DW-mesh's depth as Z
         from ..passes import recon_passes, write_exr_sequence
 
@@ -225,8 +225,10 @@ def run(args: argparse.Namespace) -> int:
                           source=src.path, depth_scale=src.scales, renderer=args.renderer,
                           mesh_filter=args.mesh_filter)  # fmt: skip
         paths["exr_frames"] = write_exr_sequence(Path(args.output_dir) / f"exr_{cam_name}", ps)
-    for eye, guide in eyes:
-        for key, path in export_guide(guide.dir, args.output_dir, f"{cam_name}_{eye}", png=args.png).items():
+    for eye, guide, eye_preview in eyes:
+        for key, path in export_guide(
+            guide.dir, eye_preview.dir, args.output_dir, f"{cam_name}_{eye}", png=args.png
+        ).items():
             paths[f"{eye}_{key}"] = path
     for key, path in paths.items():
         print(f"{key}: {path}")

@@ -43,6 +43,9 @@ def _acquire_generator(ctx: Context, s: dict):
     """(the loaded generator of resolved settings ``s``, the "load" progress message to report): the
     service keeps one resident (``ResidentGenerator``); call ``ctx.resident.done(ok)`` after the work."""
     from ..generation import load_generator
+    from .resident_clip import release
+
+    release()  # the generator needs the VRAM of the clip the guide renderer keeps
 
     def load():
         ctx.progress("load", 0, 1, f"loading the {s['generator']} generator")

@@ -3,7 +3,8 @@
 Used by ``ex4d recon`` (``recon.run_recon``), the service's ``render_guide``/``generate`` jobs, ``ex4d demo``
 and ``ex4d run`` alike. Steps, per chunk of frames (:func:`chunk_frames`):
 
-1. upload the chunk's depth and frames (CUDA: through pinned, double-buffered staging buffers);
+1. upload the chunk's depth and frames (CUDA: through pinned, double-buffered staging buffers; none when the
+   clip is still on the device from the previous render of the same shot, ``pipeline.resident_clip``);
 2. build its DW-meshes on the device (``dwmesh.build_dwmesh``, border ring at ``mesh.border_depth``; the
    source intrinsics per frame for a zooming source camera);
 3. rasterise them from the novel camera (``render.rasterize_novel``: frame t's mesh placed by the moving
@@ -25,6 +26,7 @@ from .. import transfer
 from ..cameras import CameraPath
 from ..dwmesh import DWMesh, build_dwmesh
 from ..render import guide_tensors, rasterize_novel, resolve_renderer, rgba_to_guide
+from . import resident_clip
 from .settings import MeshSettings, RenderSettings
 
 Progress = Callable[[str, int, int, str], None]
@@ -90,7 +92,7 @@ def render_guide(
     depth_scale: float | np.ndarray = 1.0,
     keep_mesh0: bool = False,
     progress: Progress | None = None,
-    on_chunk: Callable[[np.ndarray, np.ndarray, int, int], None] | None = None,
+    resident_key: str | None = None,
 ) -> Guide:
     """Colour and mask guide of ``camera`` (>= T frames, checked by the camera stage).
 
@@ -103,8 +105,9 @@ def render_guide(
         depth_scale: depth units -> world units, a number or (T,) per frame (``depth_scale.py``).
         keep_mesh0: keep frame 0's DW-mesh in the result (PLY export).
         progress: ``progress("render", chunk, n_chunks, message)``; may raise ``errors.Cancelled``.
-        on_chunk: ``on_chunk(color, mask, start, stop)`` once frames ``start`` .. ``stop - 1`` of the result's
-            arrays are final (frame 0 excepted: the frame-0 rule is applied last), e.g. to write them meanwhile.
+        resident_key: the identity of ``frames`` and ``depth`` (the stage keys): on CUDA the clip stays on the
+            device after the render (``pipeline.resident_clip``) and the next render with this key uses it
+            instead of reading and uploading the arrays again.
     """
     t, h, w = depth.shape
     backend = resolve_renderer(render.renderer)
@@ -117,14 +120,24 @@ def render_guide(
     mesh0 = None
     n_chunks = -(-t // chunk)
     pending: tuple | None = None  # CUDA: (start, stop, pinned colour, pinned mask, event) being read back
+    kept = fill = None  # CUDA: the clip kept on the device (resident_clip), or the one being filled
+    if backend == "cuda" and resident_key:
+        kept = resident_clip.get(resident_key, (t, h, w))
+        fill = None if kept is not None else resident_clip.allocate(resident_key, (t, h, w), device)
     for i, start in enumerate(range(0, t, chunk)):
         stop = min(t, start + chunk)
         if progress:
             progress("render", i, n_chunks, f"frames {start}-{stop - 1}")
-        if backend == "cuda":  # pinned, asynchronous copies; chunk i's read-back overlaps chunk i+1's work
+        if kept is not None:  # the clip is on the device already
+            slot = i % 2
+            d, c = kept.depth[start:stop], kept.frames[start:stop]
+        elif backend == "cuda":  # pinned, asynchronous copies; chunk i's read-back overlaps chunk i+1's work
             slot = i % 2
             d = transfer.upload(depth[start:stop], "depth", slot, device)
             c = transfer.upload(frames[start:stop], "frames", slot, device)
+            if fill is not None:
+                fill.depth[start:stop].copy_(d, non_blocking=True)
+                fill.frames[start:stop].copy_(c, non_blocking=True)
         else:
             d = torch.from_numpy(np.array(depth[start:stop], dtype=np.float32))  # a copy: the store's are read-only
             c = torch.from_numpy(np.array(frames[start:stop]))
@@ -140,20 +153,16 @@ def render_guide(
             mask_h, ev_m = transfer.download_async(mask_t, "mask", slot)
             if pending is not None:
                 _finish(pending, color, mask)
-                if on_chunk:
-                    on_chunk(color, mask, pending[0], pending[1])
             pending = (start, stop, col_h, mask_h, ev_m)
         else:
             color[sl], mask[sl] = rgba_to_guide(rgba)
-            if on_chunk:
-                on_chunk(color, mask, start, stop)
         if keep_mesh0 and start == 0:
             mesh0 = DWMesh(m.vertices[:1].cpu(), m.faces.cpu(), m.invalid[:1].cpu(), m.colors[:1].cpu(), h, w)
         del m, rgba
     if pending is not None:
         _finish(pending, color, mask)
-        if on_chunk:
-            on_chunk(color, mask, pending[0], pending[1])
+    if fill is not None:
+        resident_clip.keep(fill)  # complete: every chunk was copied in (same stream, before the read-backs)
     cam = CameraPath(camera.extrinsics[:t], camera.intrinsics[:t], w, h, camera.name)
     frame0_is_source = apply_frame0_rule(color, mask, frames, cam, source, k0)
     if progress:

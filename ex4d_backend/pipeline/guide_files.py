@@ -1,25 +1,26 @@
-"""The guide stage's files: lossless PNG frames (the exact guide), H.264 previews and the camera."""
+"""The guide stage's files (lossless PNG frames: the exact guide, and the camera) and the guide videos
+stage's (two H.264 videos of the guide)."""
 
 from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..cameras import CameraPath
 
-GUIDE_FILES = ("color.mp4", "mask.mp4", "color", "mask", "camera.npz")  # PNG folders hold frame_00000.png ...
+GUIDE_FILES = ("color", "mask", "camera.npz")  # the guide stage's; the PNG folders hold frame_00000.png ...
+VIDEO_FILES = ("color.mp4", "mask.mp4")  # ``stages.guide_videos_stage``'s
 PNG_PREFIX = "frame_"
 GUIDE_X264_PRESET = (
     "ultrafast"  # the videos are previews (the PNGs are the exact guide); crf 12 keeps them near-lossless
 )
 GUIDE_X264_SLICES = 8  # x264 sliced threads of the previews (deterministic for a fixed count; ~ N x faster)
-GUIDE_PNG_LEVEL = (
-    1  # zlib level of the exact PNG frames: lossless at any level; 1 is several times faster than the default 3
-)
+GUIDE_PNG_LEVEL = 1  # zlib level of the exact PNG frames: lossless at any level; 1 is several times faster than 3
+GUIDE_PNG_FLAGS = ("UP", "RLE")  # PNG row filter, zlib strategy: a 512² frame in 5 ms, not libpng's adaptive 11 ms
 
 
 def read_png_folder(folder: Path, channels: int) -> np.ndarray:
@@ -35,92 +36,75 @@ def read_png_folder(folder: Path, channels: int) -> np.ndarray:
     return np.stack(imgs)
 
 
-def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, fps: float, camera: CameraPath) -> None:
-    """The guide's files into ``folder`` (a stage's temporary folder), for a guide already in memory
-    (:class:`GuideWriter`, every frame handed over at once)."""
-    with GuideWriter(folder, fps) as writer:
-        writer.add(color, mask, 0, len(color))
-        writer.finish(color, mask, camera)
+def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, camera: CameraPath) -> None:
+    """The guide stage's files into ``folder`` (a stage's temporary folder): the PNG frames ``color/`` and
+    ``mask/`` (the exact guide) and ``camera.npz``, each hashed as it is written (``hashed_io``).
 
+    ``color`` (T, H, W, 3) RGB and ``mask`` (T, H, W) uint8. The frames are encoded (OpenCV; zlib level
+    ``GUIDE_PNG_LEVEL``, ``GUIDE_PNG_FLAGS``) and written on :func:`hashed_io.worker_count` threads (zlib and
+    the hash release the GIL), after the render rather than during it: encoder threads overlapping the
+    renderer's Python loop slowed both (H200: 0.29 s overlapped against 0.20 s one after the other)."""
+    from ..cameras import save_camera_npz
+    from .hashed_io import worker_count, write_hashed
 
-class GuideWriter:
-    """Writes a guide's files into ``folder`` (a stage's temporary folder) while the guide is being rendered:
-    lossless PNG frames (the exact guide), the two H.264 previews and the camera, each hashed as it is
-    written (``hashed_io``).
-
-    Steps, on :func:`hashed_io.worker_count` threads (zlib, swscale, x264 and hashlib release the GIL):
-    1. :meth:`add` (per rendered chunk; ``pipeline.guide.render_guide``'s ``on_chunk``): the chunk's PNG frames
-    encoded (OpenCV, zlib level ``GUIDE_PNG_LEVEL``) and written, its colour frames converted to the encoder's
-    yuv420p (swscale, as the encoder itself would: the same pixels); frame 0 waits for :meth:`finish` (the
-    frame-0 rule may replace it after the render); 2. :meth:`finish` (the final guide): frame 0 and any frame
-    not handed over, the two previews encoded in memory on two threads of their own (the colour one consuming
-    step 1's frames in order, the mask one built from a grey lookup table, :func:`_mask_yuv`), the camera; it
-    returns when every file is written. Use as a context manager: on an error, pending work is dropped."""
-
-    def __init__(self, folder: Path, fps: float):
-        from .hashed_io import worker_count
-
-        self.folder, self.fps = folder, fps
-        (folder / "color").mkdir()
-        (folder / "mask").mkdir()
-        self.pool = ThreadPoolExecutor(worker_count())
-        self.tasks: list = []
-        self.yuv: dict[int, object] = {}  # frame -> future of its yuv420p frame
-
-    def __enter__(self) -> GuideWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
-
-    def _png(self, sub: str, i: int, img: np.ndarray) -> None:
+    def png(sub: str, i: int, img: np.ndarray) -> None:
         import cv2
-
-        from .hashed_io import write_hashed
 
         if img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-        ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, GUIDE_PNG_LEVEL])
+        ok, buf = cv2.imencode(".png", img, png_flags())
         if not ok:
-            raise OSError(f"cannot encode PNG frame {i} in {self.folder / sub}")
-        write_hashed(self.folder / sub / f"{PNG_PREFIX}{i:05d}.png", buf)
+            raise OSError(f"cannot encode PNG frame {i} in {folder / sub}")
+        write_hashed(folder / sub / f"{PNG_PREFIX}{i:05d}.png", buf)
 
-    def _submit(self, color: np.ndarray, mask: np.ndarray, i: int) -> None:
-        if i not in self.yuv:
-            self.yuv[i] = self.pool.submit(_rgb_yuv, color[i])  # first: the colour encoder waits on them
-        self.tasks.append(self.pool.submit(self._png, "color", i, color[i]))
-        self.tasks.append(self.pool.submit(self._png, "mask", i, mask[i]))
+    (folder / "color").mkdir()
+    (folder / "mask").mkdir()
+    with ThreadPoolExecutor(worker_count()) as pool:
+        tasks = [
+            pool.submit(png, sub, i, arr[i])
+            for i in range(len(color))
+            for sub, arr in (("color", color), ("mask", mask))
+        ]
+        save_camera_npz(folder / "camera.npz", camera)  # a few kB: the manifest hashes it
+        try:
+            for f in tasks:
+                f.result()  # the first error
+        except BaseException:
+            for f in tasks:
+                f.cancel()
+            raise
 
-    def add(self, color: np.ndarray, mask: np.ndarray, start: int, stop: int) -> None:
-        """Frames ``start`` .. ``stop - 1`` of ``color`` (T, H, W, 3) / ``mask`` (T, H, W) uint8 are final
-        (frame 0 excepted); the arrays must stay unchanged there."""
-        for i in range(max(start, 1), stop):
-            if i not in self.yuv:
-                self._submit(color, mask, i)
 
-    def finish(self, color: np.ndarray, mask: np.ndarray, camera: CameraPath) -> None:
-        """The final guide (frame 0 included): the remaining frames, the previews and the camera."""
-        from ..cameras import save_camera_npz
-        from .hashed_io import write_hashed
+def png_flags() -> list[int]:
+    """OpenCV ``imencode`` flags of the guide's PNG frames: zlib level ``GUIDE_PNG_LEVEL``, the PNG "up" filter
+    on every row and zlib's run-length strategy (``GUIDE_PNG_FLAGS``)."""
+    import cv2
 
-        first = Future()  # frame 0 converted here: the colour encoder starts with it, ahead of the queue
-        first.set_result(_rgb_yuv(color[0]))
-        self.yuv[0] = first
-        self._submit(color, mask, 0)
-        for i in range(1, len(color)):
-            if i not in self.yuv:
-                self._submit(color, mask, i)
-        yuv = [self.yuv[i] for i in range(len(color))]
-        with ThreadPoolExecutor(2) as encoders:
-            videos = [
-                encoders.submit(
-                    lambda: write_hashed(self.folder / "color.mp4", _h264((y.result() for y in yuv), self.fps))
-                ),
-                encoders.submit(lambda: write_hashed(self.folder / "mask.mp4", _h264(map(_mask_yuv, mask), self.fps))),
-            ]
-            save_camera_npz(self.folder / "camera.npz", camera)  # a few kB: the manifest hashes it
-            for f in (*self.tasks, *videos):
-                f.result()  # the first error (the pools' exits wait for the rest)
+    return [
+        cv2.IMWRITE_PNG_COMPRESSION,
+        GUIDE_PNG_LEVEL,
+        cv2.IMWRITE_PNG_FILTER,
+        getattr(cv2, "IMWRITE_PNG_FILTER_" + GUIDE_PNG_FLAGS[0]),
+        cv2.IMWRITE_PNG_STRATEGY,
+        getattr(cv2, "IMWRITE_PNG_STRATEGY_" + GUIDE_PNG_FLAGS[1]),
+    ]
+
+
+def write_guide_videos(folder: Path, color: np.ndarray, mask: np.ndarray, fps: float) -> None:
+    """The guide videos stage's files into ``folder``: ``color.mp4`` and ``mask.mp4`` (H.264, near-lossless
+    previews of the guide for people and other tools; the PNG frames stay the exact guide), encoded in
+    memory at once on two threads, the colour frames converted to yuv420p on the others (swscale, as the
+    encoder itself would: the same pixels; the mask ones by a grey lookup table, :func:`_mask_yuv`)."""
+    from .hashed_io import worker_count, write_hashed
+
+    with ThreadPoolExecutor(worker_count()) as pool, ThreadPoolExecutor(2) as encoders:
+        yuv = [pool.submit(_rgb_yuv, c) for c in color]
+        videos = [
+            encoders.submit(lambda: write_hashed(folder / "color.mp4", _h264((y.result() for y in yuv), fps))),
+            encoders.submit(lambda: write_hashed(folder / "mask.mp4", _h264(map(_mask_yuv, mask), fps))),
+        ]
+        for f in videos:
+            f.result()
 
 
 def _even(img: np.ndarray) -> np.ndarray:

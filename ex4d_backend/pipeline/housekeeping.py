@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("frames", "depth", "mesh", "camera", "guide", "generate")
+STAGES = ("frames", "depth", "mesh", "camera", "guide", "guide_videos", "generate")
 USAGE = "usage"
 
 

@@ -9,6 +9,7 @@ whose result lives in ``<store>/cache/<stage>-<key>/``, ``key`` a content hash o
     camera   the camera path's matrices and intrinsics + size
     guide    depth + K + MeshSettings + camera + renderer + use_dwmesh (+ the source path and depth
              scales, only for a moving source: ``pipeline.source``)
+    guide_videos  guide (its two H.264 videos, made only when asked for)
     generate guide + GenerateSettings
 
 so a camera change reuses frames and depth, and ``ex4d recon`` reuses what the service computed (and the
@@ -32,10 +33,10 @@ from ..cameras import CameraPath
 from ..errors import Ex4dError
 from ..service.jobstore import JobStore, make_key, preallocated_npy
 from ..service.resident import ResidentGenerator, free_memory
-from . import housekeeping
+from . import housekeeping, resident_clip
 from .camera import camera_hash, resolve_camera
 from .depth_adjust import adjusted
-from .guide_files import GUIDE_FILES, GuideWriter, read_png_folder, write_guide_files  # noqa: F401 (re-exported)
+from .guide_files import GUIDE_FILES, read_png_folder, write_guide_files, write_guide_videos  # noqa: F401
 from .hashed_io import save_npy_hashed
 from .settings import (
     DepthSettings,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:  # torch is imported by the stages that render, never at impor
     from .guide import Guide
 
 Progress = Callable[[str, int, int, str], None]
-STAGE_VERSION = 2  # bump when a change alters stage results, so stale cache entries are never reused
+STAGE_VERSION = 3  # bump when a change alters stage results, so stale cache entries are never reused
 INVALID_REQUEST = "invalid_request"  # protocol error code (service.protocol.INVALID_REQUEST)
 
 
@@ -252,6 +253,7 @@ def _compute_depth(ctx: Context, clip: Clip, s: DepthSettings, model: str, optio
     from ..depth import estimate
 
     ctx.resident.release()  # the depth model needs the VRAM the kept generator holds
+    resident_clip.release()  # ... and the clip the guide renderer keeps
     frames = np.ascontiguousarray(clip.frames)
     result = estimate(frames, model, models_dir=ctx.models_dir, device=s.device, progress=ctx.progress, **options)
     return np.ascontiguousarray(result.depth, dtype=np.float32)
@@ -422,8 +424,8 @@ def guide_stage(
     source: SourceSetup | None = None,
 ) -> GuideEntry:
     """Frames + depth + K + camera (+ a moving source: its path and the depth scales) -> the guide
-    (``pipeline.guide.render_guide``), stored as ``color/``, ``mask/`` (PNG frames, exact), ``color.mp4``,
-    ``mask.mp4`` and ``camera.npz``; the meta says whether frame 0 is the source frame."""
+    (``pipeline.guide.render_guide``), stored as ``color/``, ``mask/`` (PNG frames, exact) and ``camera.npz``;
+    the meta says whether frame 0 is the source frame. Its videos are :func:`guide_videos_stage`'s."""
     from ..render import guide_masked_share, resolve_renderer
     from .guide import render_guide
 
@@ -451,28 +453,52 @@ def guide_stage(
             "height": h,
             "fps": clip.fps,
         }
-        # The files are written while the guide renders (each chunk as it is read back); the meta's last two
-        # entries are added once it is rendered (write_stage writes meta.json when the block ends).
-        with ctx.store.write_stage("guide", key, meta) as tmp, GuideWriter(tmp, clip.fps) as writer:
-            guide = render_guide(
-                clip.frames,
-                depth.depth,
-                k,
-                cam,
-                mesh,
-                RenderSettings(backend, render.use_dwmesh),
-                source=None if source is None else source.path,
-                depth_scale=1.0 if source is None else source.scales,
-                progress=ctx.progress,
-                on_chunk=writer.add,
-            )
-            meta["frame0_is_source"] = guide.frame0_is_source
-            meta["masked_share"] = [round(float(v), 6) for v in guide_masked_share(guide.mask)]  # unseen, per frame
-            ctx.progress("write", 0, 1, "guide files")
-            writer.finish(guide.color, guide.mask, guide.camera)
+        guide = render_guide(
+            clip.frames,
+            depth.depth,
+            k,
+            cam,
+            mesh,
+            RenderSettings(backend, render.use_dwmesh),
+            source=None if source is None else source.path,
+            depth_scale=1.0 if source is None else source.scales,
+            progress=ctx.progress,
+            resident_key=f"{clip.key}:{depth.key}",  # the next camera of this shot reuses the uploaded clip
+        )
+        meta["frame0_is_source"] = guide.frame0_is_source
+        meta["masked_share"] = [round(float(v), 6) for v in guide_masked_share(guide.mask)]  # unseen, per frame
+        ctx.progress("write", 0, 1, "guide files")
+        with ctx.store.write_stage("guide", key, meta) as tmp:
+            write_guide_files(tmp, guide.color, guide.mask, guide.camera)
         ctx.progress("write", 1, 1, "done")
     _reused(ctx, "guide", key, False)
     return GuideEntry(key, ctx.store.stage_dir("guide", key), meta, guide)
+
+
+@dataclass
+class GuideVideos:
+    key: str
+    dir: Path  # color.mp4, mask.mp4
+
+
+def guide_videos_stage(ctx: Context, guide: GuideEntry) -> GuideVideos:
+    """A guide -> its H.264 videos ``color.mp4`` and ``mask.mp4`` (``guide_files.write_guide_videos``),
+    keyed by the guide alone: what ``ex4d recon`` exports and a ``render_guide`` request with ``videos``
+    returns. Kept out of the guide stage so that a new camera costs no video encoding (the add-on reads the
+    PNG frames)."""
+    key = make_key(STAGE_VERSION, "guide_videos", guide.key)
+    with _locked(ctx, "guide_videos", key):
+        meta = _lookup(ctx, "guide_videos", key)
+        cached = meta is not None
+        if meta is None:
+            ctx.progress("guide_videos", 0, 1, "encoding")
+            meta = {"shot": guide.meta["shot"], "guide": guide.key, "fps": guide.meta["fps"]}
+            color, mask = guide.arrays()
+            with ctx.store.write_stage("guide_videos", key, meta) as tmp:
+                write_guide_videos(tmp, color, mask, float(meta["fps"]))
+            ctx.progress("guide_videos", 1, 1, "done")
+    _reused(ctx, "guide_videos", key, cached)
+    return GuideVideos(key, ctx.store.stage_dir("guide_videos", key))
 
 
 # ----------------------------------------------------------------------------------------------

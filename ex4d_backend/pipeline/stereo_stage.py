@@ -246,5 +246,5 @@ def reuse_first_eye(
     with stages._locked(ctx, "guide", key):  # a guide entry of its own: the generate stage reads its PNG folders
         if stages._lookup(ctx, "guide", key) is None:
             with ctx.store.write_stage("guide", key, meta) as tmp:
-                write_guide_files(tmp, color, mask, float(meta.get("fps", shot.clip.fps)), cs)
+                write_guide_files(tmp, color, mask, cs)
     return stages.GuideEntry(key, ctx.store.stage_dir("guide", key), meta, Guide(color, mask, cs))

@@ -168,7 +168,7 @@ def exec_render_guide(ctx: Context, p: dict) -> dict:
     clip, guide = shot.clip, shot.guide
     extras = stereo_jobs.guide_extras(ctx, p, shot) if ("stereo" in p or p.get("exr")) else {}  # issue 18
     return {
-        **stereo_jobs.guide_fields(guide),  # files, camera hash, per-frame unseen share
+        **stereo_jobs.guide_fields(ctx, guide, bool(p.get("videos"))),  # files, camera hash, unseen share
         "camera": guide.meta["camera"],
         "frame0_is_source": guide.meta.get("frame0_is_source", True),
         "depth_scale_fit": guide.meta.get("depth_scale_fit", {}),

@@ -312,7 +312,18 @@ PARAMS: dict[str, dict] = {
         ["footage", "depth", "preset"],
     ),
     "render_guide": _params(
-        {**CLIP, "depth": DEPTH, **INTRINSICS, **MESH, **RENDER, "camera": CAMERA, **SOURCE, **STEREO, **COMMON},
+        {
+            **CLIP,
+            "depth": DEPTH,
+            **INTRINSICS,
+            **MESH,
+            **RENDER,
+            "camera": CAMERA,
+            "videos": {"type": "boolean"},  # also color_mp4 / mask_mp4 (H.264 videos of the guide)
+            **SOURCE,
+            **STEREO,
+            **COMMON,
+        },  # fmt: skip
         ["footage", "depth", "camera"],
     ),
     "generate": _params(

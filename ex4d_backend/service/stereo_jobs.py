@@ -1,7 +1,7 @@
 """The stereo and EXR parts of ``render_guide`` and ``generate`` (issue 18), called by ``service.jobs``.
 
 Result fields (PROTOCOL.md "Stereo and EXR"): per eye ``<eye>_color_dir``, ``<eye>_mask_dir``,
-``<eye>_color_mp4``, ``<eye>_mask_mp4``, ``<eye>_camera_npz`` (flat, so the store checks them on reuse) and
+``<eye>_color_mp4``, ``<eye>_mask_mp4`` (with ``videos``), ``<eye>_camera_npz`` (flat, so the store checks them on reuse) and
 ``eyes: {left: {...}, right: {...}}`` with the same fields unprefixed plus ``camera_hash`` and
 ``masked_share``; ``sbs_dir`` / ``sbs_mp4`` (left | right); ``exr_dir`` (and ``<eye>_exr_dir``) with
 ``exr: true``.
@@ -22,18 +22,21 @@ from ..pipeline.stereo_stage import (
 )
 
 
-def guide_fields(guide: stages.GuideEntry) -> dict:
-    """The result fields of a guide entry (render_guide's, and each eye's)."""
+def guide_fields(ctx: stages.Context, guide: stages.GuideEntry, videos: bool = False) -> dict:
+    """The result fields of a guide entry (render_guide's, and each eye's); with ``videos`` also its two
+    H.264 videos (``stages.guide_videos_stage``: made on first request)."""
     d = guide.dir
-    return {
+    out = {
         "color_dir": str(d / "color"),
         "mask_dir": str(d / "mask"),
-        "color_mp4": str(d / "color.mp4"),
-        "mask_mp4": str(d / "mask.mp4"),
         "camera_npz": str(d / "camera.npz"),
         "camera_hash": guide.meta["camera_hash"],
         "masked_share": guide.meta.get("masked_share", []),
     }
+    if videos:
+        v = stages.guide_videos_stage(ctx, guide).dir
+        out.update(color_mp4=str(v / "color.mp4"), mask_mp4=str(v / "mask.mp4"))
+    return out
 
 
 def _flat(eyes: dict[str, dict]) -> dict:
@@ -51,7 +54,7 @@ def guide_extras(ctx: stages.Context, p: dict, shot: stages.Shot) -> dict:
     if s is None:
         return out
     eyes = eye_guides(ctx, shot, s, render)
-    fields = {eye: guide_fields(e.guide) for eye, e in eyes.items()}
+    fields = {eye: guide_fields(ctx, e.guide, bool(p.get("videos"))) for eye, e in eyes.items()}
     if p.get("exr"):
         for eye, e in eyes.items():
             fields[eye]["exr_dir"] = str(exr_stage(ctx, shot, e.camera, e.guide, render).dir / "exr")
