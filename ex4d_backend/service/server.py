@@ -306,6 +306,10 @@ class Server:
                 self._running = None
                 self._cond.notify_all()
             self.emit(final)
+            try:
+                free_memory()  # after the result is out: the client never waits for the collection
+            except Exception:  # noqa: BLE001
+                pass
 
     def _light_worker(self) -> None:
         while True:
@@ -405,10 +409,6 @@ class Server:
         finally:
             sandbox.__exit__(None, None, None)
             self._current.id = None
-            try:
-                free_memory()
-            except Exception:  # noqa: BLE001
-                pass
         return self.error_event(task.id, err)
 
     @staticmethod
