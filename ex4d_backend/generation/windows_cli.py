@@ -75,14 +75,15 @@ def weights_fingerprint(models_dir=None) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import REFERENCE_NEGATIVE, REFERENCE_PROMPT, load_generator
+    from ..generation import load_generator
+    from ..pipeline.settings import GenerateSettings
 
     window = args.window if args.frames is None else args.frames  # --frames: the old name of --window
-    settings = ShotSettings(
-        window=window,
+    settings = GenerateSettings(
+        num_frames=window,
         overlap=args.overlap,
-        variant=args.chain_variant,
-        sampling=args.frame_sampling,
+        chain_variant=args.chain_variant,
+        frame_sampling=args.frame_sampling,
         size=args.size,
         width=args.width,
         height=args.height,
@@ -91,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         cfg=args.cfg,
         shift=args.shift,
         seed=args.seed,
-        prompt=args.prompt if args.prompt is not None else REFERENCE_PROMPT,
-        negative_prompt=args.negative_prompt if args.negative_prompt is not None else REFERENCE_NEGATIVE,
-    )
+        prompt=args.prompt,  # None: the reference's (GenerateSettings.resolved)
+        negative_prompt=args.negative_prompt,
+    ).shot_settings()
     outputs = ShotOutputs(
         video=args.output_video,
         frames=args.output_frames,
