@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 
+from .. import constants as C
 from ..errors import BAD_INPUT, Ex4dError
 
 REFERENCE_PROMPT = "4K ultra HD, surround motion, realistic tone, panoramic shot, wide-angle view, cinematic quality"
@@ -81,7 +82,7 @@ def crop_box(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int,
     return 0, (src_h - h) // 2, src_w, h
 
 
-def fit_frame(frame: np.ndarray, width: int, height: int, mode: str = "crop") -> np.ndarray:
+def fit_frame(frame: np.ndarray, width: int, height: int, mode: str = C.RESIZE) -> np.ndarray:
     """Resize one frame to (height, width): ``crop`` keeps the aspect ratio (centred crop, then
     resize), ``stretch`` squashes like the reference. Bilinear (cv2's default, as the reference)."""
     import cv2
@@ -112,7 +113,7 @@ def prepare_guide(
     width: int,
     num_frames: int,
     seed: int,
-    resize: str = "crop",
+    resize: str = C.RESIZE,
     erode: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample, resize and erode the guide as the reference (``generate.py``) does.
