@@ -14,11 +14,13 @@ OpenGL: view matrix = ``diag(1, -1, -1, 1) @ E``; projection from ``K`` (``proje
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +222,22 @@ def _check_path_arrays(ext: np.ndarray, ks: np.ndarray, n_frames: int | None, wh
         )
 
 
+@contextlib.contextmanager
+def small_file(path: Path, what: str) -> Iterator[Callable[[], bytes]]:
+    """Reading a camera or bundle file (``what``: "camera file", "bundle file"): yields ``read()``, its
+    bytes (at most ``CAMERA_FILE_LIMIT``); a missing file, a missing entry (``KeyError`` in the block) and
+    an unreadable or malformed file (``ValueError``, ``TypeError``, ``OSError``, ...) each give one clear error."""
+    where = str(path)
+    if not path.is_file():
+        raise Ex4dError(f"{what} not found", where=where, code=NOT_FOUND)
+    try:
+        yield lambda: read_bytes(path, what, limit=CAMERA_FILE_LIMIT)
+    except KeyError as exc:
+        raise Ex4dError(f"the {what} has no {exc.args[0]!r} entry", where=where) from None
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise Ex4dError(f"cannot read the {what}: {exc}", where=where) from None
+
+
 def load_camera_file(
     path: str | os.PathLike,
     n_frames: int | None,
@@ -232,15 +250,13 @@ def load_camera_file(
     The first ``n_frames`` frames are used. Missing intrinsics: ``default_k``."""
     p = Path(path)
     where = str(p)
-    if not p.is_file():
-        raise Ex4dError("camera file not found", where=where, code=NOT_FOUND)
-    try:
+    with small_file(p, "camera file") as read:
         if p.suffix.lower() == ".npz":
-            with np.load(io.BytesIO(read_bytes(p, "camera file", limit=CAMERA_FILE_LIMIT))) as data:
+            with np.load(io.BytesIO(read())) as data:
                 ext = np.asarray(data["extrinsics"], dtype=np.float64)
                 ks = np.asarray(data["intrinsics"], dtype=np.float64) if "intrinsics" in data else None
         elif p.suffix.lower() == ".json":
-            data = json.loads(read_bytes(p, "camera file", limit=CAMERA_FILE_LIMIT).decode("utf-8"))
+            data = json.loads(read().decode("utf-8"))
             if not isinstance(data, dict):
                 raise Ex4dError(
                     "a JSON camera file must hold an object with 'extrinsics' (and optional 'intrinsics')",
@@ -251,10 +267,6 @@ def load_camera_file(
             ks = np.asarray(data["intrinsics"], dtype=np.float64) if data.get("intrinsics") is not None else None
         else:
             raise Ex4dError("camera files must be .npz or .json", where=where)
-    except KeyError as exc:
-        raise Ex4dError(f"the camera file has no {exc.args[0]!r} entry", where=where) from None
-    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise Ex4dError(f"cannot read the camera file: {exc}", where=where) from None
     if ks is None:
         ks = default_k if default_k is not None else reference_intrinsics(width, height)
     _check_path_arrays(ext, ks, n_frames, where)
