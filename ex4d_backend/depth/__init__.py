@@ -193,10 +193,7 @@ def estimate(
     if name == DEPTHCRAFTER:
         from . import depthcrafter as provider
 
-        opts = {**provider.DEFAULTS, **options}
-        unknown = set(opts) - set(provider.DEFAULTS)
-        if unknown:
-            raise Ex4dError(f"unknown depthcrafter option(s): {', '.join(sorted(unknown))}", where="options")
+        opts = _provider_options(provider.DEFAULTS, options, "depthcrafter")
         if dev.type != "cuda":
             log.warning(
                 "depth: DepthCrafter on the CPU takes hours for a real clip (about 2 B parameters, fp32); "
@@ -204,29 +201,28 @@ def estimate(
             )
         report("load", 0, 1, "loading DepthCrafter")
         models = provider.load(models_dir, dev, cpu_offload=bool(opts.pop("cpu_offload")))
-        try:
-            report("load", 1, 1, "loaded")
-            disp = provider.infer(frames, models, progress=progress, **opts)
-        finally:
-            del models
-            _free(dev)
     else:
         from . import depth_anything as provider
 
-        opts = {**provider.DEFAULTS, **options}
-        unknown = set(opts) - set(provider.DEFAULTS)
-        if unknown:
-            raise Ex4dError(f"unknown depth-anything option(s): {', '.join(sorted(unknown))}", where="options")
+        opts = _provider_options(provider.DEFAULTS, options, "depth-anything")
         report("load", 0, 1, f"loading {name}")
-        m = provider.load(name, models_dir, dev)
-        try:
-            report("load", 1, 1, "loaded")
-            disp = provider.infer(frames, m, progress=progress, **opts)
-        finally:
-            del m
-            _free(dev)
+        models = provider.load(name, models_dir, dev)
+    try:
+        report("load", 1, 1, "loaded")
+        disp = provider.infer(frames, models, progress=progress, **opts)
+    finally:
+        del models
+        _free(dev)
     disp = _resize(disp, w, h)
     return DepthResult(depth=_to_depth(disp), disparity=disp, model=name, options=dict(options), intrinsics=k)
+
+
+def _provider_options(defaults: dict, options: dict, label: str) -> dict:
+    """A depth model's ``defaults`` updated with the given ``options``; one error for an unknown one."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise Ex4dError(f"unknown {label} option(s): {', '.join(sorted(unknown))}", where="options")
+    return {**defaults, **options}
 
 
 def intrinsics(
