@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_path
-from .constants import BORDER_DEPTH, FOCAL_PX
+from .constants import BORDER_DEPTH, FAR, FOCAL_PX, NEAR, SENSOR_HEIGHT_MM, SENSOR_WIDTH_MM
 from .errors import NOT_FOUND, Ex4dError
 from .safe_io import read_bytes
 
@@ -79,7 +79,7 @@ def intrinsics_from_focal(
     width: int,
     height: int,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = SENSOR_WIDTH_MM,
     focal_px: float | None = None,
 ) -> np.ndarray:
     """K from a focal length in pixels, or in mm with the sensor width in mm (the sensor width spans
@@ -95,7 +95,7 @@ def intrinsics_from_focal(
     return reference_intrinsics(width, height, focal_px or REFERENCE_FOCAL_PX)
 
 
-def projection_matrix(k: np.ndarray, width: int, height: int, near: float = 1e-3, far: float = 1e3) -> np.ndarray:
+def projection_matrix(k: np.ndarray, width: int, height: int, near: float = NEAR, far: float = FAR) -> np.ndarray:
     """Clip-space projection of OpenCV camera coordinates, as the reference renders.
 
     ``clip = P @ [x, y, z, 1]`` with ``w = z``; ndc_x = 2 u / W - 1 and ndc_y = 2 v / H - 1 where
@@ -339,7 +339,7 @@ def _sensor_span(width: int, height: int, sensor_fit: str) -> tuple[str, float]:
 
 
 def intrinsics_to_blender(
-    k: np.ndarray, width: int, height: int, sensor_width: float = 36.0, sensor_fit: str = "AUTO"
+    k: np.ndarray, width: int, height: int, sensor_width: float = SENSOR_WIDTH_MM, sensor_fit: str = "AUTO"
 ) -> dict:
     """Blender camera data (lens in mm, sensor in mm, shift in Blender's units) for pixel intrinsics.
 
@@ -367,8 +367,8 @@ def blender_to_intrinsics(
     lens: float,
     width: int,
     height: int,
-    sensor_width: float = 36.0,
-    sensor_height: float = 24.0,
+    sensor_width: float = SENSOR_WIDTH_MM,
+    sensor_height: float = SENSOR_HEIGHT_MM,
     sensor_fit: str = "AUTO",
     shift_x: float = 0.0,
     shift_y: float = 0.0,
@@ -387,8 +387,8 @@ def camera_path_from_blender(
     lenses: np.ndarray | float,
     width: int,
     height: int,
-    sensor_width: float = 36.0,
-    sensor_height: float = 24.0,
+    sensor_width: float = SENSOR_WIDTH_MM,
+    sensor_height: float = SENSOR_HEIGHT_MM,
     sensor_fit: str = "AUTO",
     shift_x: float | np.ndarray = 0.0,
     shift_y: float | np.ndarray = 0.0,

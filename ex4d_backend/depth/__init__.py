@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import constants as C
 from ..errors import BAD_INPUT, DEVICE, Ex4dError
 from .specs import DA2_DEFAULT, DA2_SIZES, DEPTHCRAFTER
 
@@ -64,7 +65,7 @@ def canonical_model(model: str) -> str:
     return name
 
 
-def resolve_device(device: str | None = "auto"):
+def resolve_device(device: str | None = C.DEVICE):
     """``"auto"``: CUDA when available, else the CPU. An explicit ``cuda`` without CUDA is an error."""
     import torch
 
@@ -149,11 +150,11 @@ def estimate(
     model: str,
     *,
     models_dir: str | os.PathLike | None = None,
-    device: str | None = "auto",
+    device: str | None = C.DEVICE,
     progress: Progress | None = None,
     focal_px: float | None = None,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = C.SENSOR_WIDTH_MM,
     **options,
 ) -> DepthResult:
     """Depth and disparity (float32 (T, H, W), at the footage size) for uint8 RGB ``frames`` (T, H, W, 3).
@@ -230,7 +231,7 @@ def intrinsics(
     height: int,
     focal_px: float | None = None,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = C.SENSOR_WIDTH_MM,
 ) -> np.ndarray:
     """K (float64 3x3) at ``width`` x ``height``: see :func:`ex4d_backend.cameras.intrinsics_from_focal`."""
     from ..cameras import intrinsics_from_focal
@@ -319,12 +320,12 @@ def estimate_cached(
     cache_dir: str | os.PathLike | None = None,
     *,
     models_dir: str | os.PathLike | None = None,
-    device: str | None = "auto",
+    device: str | None = C.DEVICE,
     progress: Progress | None = None,
     refresh: bool = False,
     focal_px: float | None = None,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = C.SENSOR_WIDTH_MM,
     **options,
 ) -> DepthResult:
     """:func:`estimate`, reusing ``<cache_dir>/<key>.npz`` when the same frames, model and options ran before.
