@@ -10,6 +10,7 @@ import json
 import logging
 
 from .. import constants as C
+from ..composite import MATCH_MODES
 from .windows import CHAIN_VARIANTS, DEFAULT_WINDOW, FRAME_SAMPLINGS, ShotOutputs, ShotSettings, generate_shot
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--composite-video", default=None, help="also write the full-resolution composite as an mp4")
     g.add_argument("--composite-frames", default=None, help="also write the full-resolution composite as PNGs")
-    g.add_argument("--composite-match", choices=("affine", "meanstd", "none"), default="affine")
+    g.add_argument("--composite-match", choices=MATCH_MODES, default="affine")
     g.add_argument("--feather", type=float, default=None, help="composite feather width in guide px (default 8 gen px)")
     g.add_argument("--cache-dir", default=None, help="job store that caches finished windows (default: the user store)")
     g.add_argument("--no-cache", action="store_true", help="do not cache windows (a killed job starts again)")
