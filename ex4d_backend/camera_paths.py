@@ -33,6 +33,7 @@ import os
 import numpy as np
 
 from .cameras import CameraPath, load_camera_file, preset_eyes, preset_path, reference_intrinsics
+from .constants import BORDER_DEPTH
 from .errors import Ex4dError
 
 LOCK_OFF = "lock_off"
@@ -243,7 +244,7 @@ def novel_camera_path(
     source: CameraPath | None = None,
     fps: float = 30.0,
     depth_scale: float = 1.0,
-    border_depth: float = 100.0,
+    border_depth: float = BORDER_DEPTH,
 ) -> CameraPath:
     """The novel camera (world space, >= ``n_frames`` frames) for a ``--cam`` spec and a source path.
 

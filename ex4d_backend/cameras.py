@@ -14,18 +14,20 @@ OpenGL: view matrix = ``diag(1, -1, -1, 1) @ E``; projection from ``K`` (``proje
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_path
-from .constants import BORDER_DEPTH, FOCAL_PX
+from .constants import BORDER_DEPTH, FAR, FOCAL_PX, NEAR, SENSOR_HEIGHT_MM, SENSOR_WIDTH_MM
 from .errors import NOT_FOUND, Ex4dError
 from .safe_io import read_bytes
 
@@ -77,7 +79,7 @@ def intrinsics_from_focal(
     width: int,
     height: int,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = SENSOR_WIDTH_MM,
     focal_px: float | None = None,
 ) -> np.ndarray:
     """K from a focal length in pixels, or in mm with the sensor width in mm (the sensor width spans
@@ -93,7 +95,7 @@ def intrinsics_from_focal(
     return reference_intrinsics(width, height, focal_px or REFERENCE_FOCAL_PX)
 
 
-def projection_matrix(k: np.ndarray, width: int, height: int, near: float = 1e-3, far: float = 1e3) -> np.ndarray:
+def projection_matrix(k: np.ndarray, width: int, height: int, near: float = NEAR, far: float = FAR) -> np.ndarray:
     """Clip-space projection of OpenCV camera coordinates, as the reference renders.
 
     ``clip = P @ [x, y, z, 1]`` with ``w = z``; ndc_x = 2 u / W - 1 and ndc_y = 2 v / H - 1 where
@@ -220,6 +222,22 @@ def _check_path_arrays(ext: np.ndarray, ks: np.ndarray, n_frames: int | None, wh
         )
 
 
+@contextlib.contextmanager
+def small_file(path: Path, what: str) -> Iterator[Callable[[], bytes]]:
+    """Reading a camera or bundle file (``what``: "camera file", "bundle file"): yields ``read()``, its
+    bytes (at most ``CAMERA_FILE_LIMIT``); a missing file, a missing entry (``KeyError`` in the block) and
+    an unreadable or malformed file (``ValueError``, ``TypeError``, ``OSError``, ...) each give one clear error."""
+    where = str(path)
+    if not path.is_file():
+        raise Ex4dError(f"{what} not found", where=where, code=NOT_FOUND)
+    try:
+        yield lambda: read_bytes(path, what, limit=CAMERA_FILE_LIMIT)
+    except KeyError as exc:
+        raise Ex4dError(f"the {what} has no {exc.args[0]!r} entry", where=where) from None
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise Ex4dError(f"cannot read the {what}: {exc}", where=where) from None
+
+
 def load_camera_file(
     path: str | os.PathLike,
     n_frames: int | None,
@@ -232,15 +250,13 @@ def load_camera_file(
     The first ``n_frames`` frames are used. Missing intrinsics: ``default_k``."""
     p = Path(path)
     where = str(p)
-    if not p.is_file():
-        raise Ex4dError("camera file not found", where=where, code=NOT_FOUND)
-    try:
+    with small_file(p, "camera file") as read:
         if p.suffix.lower() == ".npz":
-            with np.load(io.BytesIO(read_bytes(p, "camera file", limit=CAMERA_FILE_LIMIT))) as data:
+            with np.load(io.BytesIO(read())) as data:
                 ext = np.asarray(data["extrinsics"], dtype=np.float64)
                 ks = np.asarray(data["intrinsics"], dtype=np.float64) if "intrinsics" in data else None
         elif p.suffix.lower() == ".json":
-            data = json.loads(read_bytes(p, "camera file", limit=CAMERA_FILE_LIMIT).decode("utf-8"))
+            data = json.loads(read().decode("utf-8"))
             if not isinstance(data, dict):
                 raise Ex4dError(
                     "a JSON camera file must hold an object with 'extrinsics' (and optional 'intrinsics')",
@@ -251,10 +267,6 @@ def load_camera_file(
             ks = np.asarray(data["intrinsics"], dtype=np.float64) if data.get("intrinsics") is not None else None
         else:
             raise Ex4dError("camera files must be .npz or .json", where=where)
-    except KeyError as exc:
-        raise Ex4dError(f"the camera file has no {exc.args[0]!r} entry", where=where) from None
-    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise Ex4dError(f"cannot read the camera file: {exc}", where=where) from None
     if ks is None:
         ks = default_k if default_k is not None else reference_intrinsics(width, height)
     _check_path_arrays(ext, ks, n_frames, where)
@@ -327,7 +339,7 @@ def _sensor_span(width: int, height: int, sensor_fit: str) -> tuple[str, float]:
 
 
 def intrinsics_to_blender(
-    k: np.ndarray, width: int, height: int, sensor_width: float = 36.0, sensor_fit: str = "AUTO"
+    k: np.ndarray, width: int, height: int, sensor_width: float = SENSOR_WIDTH_MM, sensor_fit: str = "AUTO"
 ) -> dict:
     """Blender camera data (lens in mm, sensor in mm, shift in Blender's units) for pixel intrinsics.
 
@@ -355,8 +367,8 @@ def blender_to_intrinsics(
     lens: float,
     width: int,
     height: int,
-    sensor_width: float = 36.0,
-    sensor_height: float = 24.0,
+    sensor_width: float = SENSOR_WIDTH_MM,
+    sensor_height: float = SENSOR_HEIGHT_MM,
     sensor_fit: str = "AUTO",
     shift_x: float = 0.0,
     shift_y: float = 0.0,
@@ -375,8 +387,8 @@ def camera_path_from_blender(
     lenses: np.ndarray | float,
     width: int,
     height: int,
-    sensor_width: float = 36.0,
-    sensor_height: float = 24.0,
+    sensor_width: float = SENSOR_WIDTH_MM,
+    sensor_height: float = SENSOR_HEIGHT_MM,
     sensor_fit: str = "AUTO",
     shift_x: float | np.ndarray = 0.0,
     shift_y: float | np.ndarray = 0.0,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import constants as C
 from .errors import BAD_INPUT, Ex4dError
 
 MATCH_MODES = ("affine", "meanstd", "none")
@@ -108,7 +109,7 @@ class Compositor:
         guide_size: tuple[int, int],
         gen_size: tuple[int, int],
         *,
-        resize: str = "crop",
+        resize: str = C.RESIZE,
         match: str = "affine",
         feather_px: float | None = None,
     ):

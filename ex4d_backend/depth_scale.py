@@ -30,15 +30,13 @@ import io
 import json
 import math
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .cameras import CAMERA_FILE_LIMIT, CV_TO_BLENDER, CameraPath
-from .errors import NOT_FOUND, Ex4dError
-from .safe_io import read_bytes
+from .cameras import CV_TO_BLENDER, CameraPath, small_file
+from .errors import Ex4dError
 
 HUBER_K = 1.345  # Huber's threshold in sigmas (95 % efficiency for Gaussian residuals)
 IRLS_ITERATIONS = 30
@@ -114,11 +112,9 @@ def load_bundles(path: str | os.PathLike, n_frames: int) -> Bundles:
     """A bundle file (see the module docstring), visibility cut or padded to ``n_frames`` frames."""
     p = Path(path)
     where = str(p)
-    if not p.is_file():
-        raise Ex4dError("bundle file not found", where=where, code=NOT_FOUND)
-    try:
+    with small_file(p, "bundle file") as read:
         if p.suffix.lower() == ".npz":
-            with np.load(io.BytesIO(read_bytes(p, "bundle file", limit=CAMERA_FILE_LIMIT))) as data:
+            with np.load(io.BytesIO(read())) as data:
                 points = np.asarray(data["points"], dtype=np.float64)
                 vis = np.asarray(data["visibility"], dtype=bool)
                 uv = np.asarray(data["uv"], dtype=np.float64) if "uv" in data else None
@@ -129,15 +125,9 @@ def load_bundles(path: str | os.PathLike, n_frames: int) -> Bundles:
             if uv is not None and uv.shape != vis.shape + (2,):
                 raise Ex4dError(f"uv must be (T, M, 2) = {vis.shape + (2,)}, got {uv.shape}", where=where)
         elif p.suffix.lower() == ".json":
-            points, vis, uv = bundles_from_json(
-                json.loads(read_bytes(p, "bundle file", limit=CAMERA_FILE_LIMIT).decode("utf-8")), n_frames, where
-            )
+            points, vis, uv = bundles_from_json(json.loads(read().decode("utf-8")), n_frames, where)
         else:
             raise Ex4dError("bundle files must be .json or .npz", where=where)
-    except KeyError as exc:
-        raise Ex4dError(f"the bundle file has no {exc.args[0]!r} entry", where=where) from None
-    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise Ex4dError(f"cannot read the bundle file: {exc}", where=where) from None
     if not np.isfinite(points).all() or (uv is not None and not np.isfinite(uv[vis]).all()):
         raise Ex4dError("the bundle file contains NaN or infinite values", where=where)
     t = vis.shape[0]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .constants import BORDER_DEPTH
+from .constants import BORDER_DEPTH, MESH_FILTER
 from .errors import Ex4dError
 
 ANGLE_THRESHOLD_DEG = 2.5
@@ -151,7 +151,7 @@ def _boundary(p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, ratio: float
 
 
 def face_invalid(
-    vertices: torch.Tensor, height: int, width: int, faces: torch.Tensor, mesh_filter: str = "angle"
+    vertices: torch.Tensor, height: int, width: int, faces: torch.Tensor, mesh_filter: str = MESH_FILTER
 ) -> torch.Tensor:
     """(T, F) bool occlusion flags of the reference triangulation, from (T, H*W, 3) vertices.
 
@@ -196,7 +196,7 @@ def build_dwmesh(
     k: torch.Tensor | np.ndarray,
     colors: torch.Tensor | np.ndarray,
     *,
-    mesh_filter: str = "angle",
+    mesh_filter: str = MESH_FILTER,
     border_depth: float = BORDER_DEPTH,
     device: torch.device | str | None = None,
 ) -> DWMesh:

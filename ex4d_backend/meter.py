@@ -31,6 +31,7 @@ import torch
 
 from . import raster_cpu
 from .cameras import CameraPath
+from .constants import MESH_FILTER
 from .dwmesh import ANGLE_THRESHOLD_DEG, BORDER_DEPTH, _min_angle_below, face_invalid, grid_faces, vertex_invalid
 from .render import MASK_THRESHOLD, clip_positions, guide_masked_share  # noqa: F401 (re-exported)
 
@@ -152,7 +153,7 @@ def masked_share(
     depth_scale: float | np.ndarray = 1.0,
     step: int | None = None,
     out_step: int | None = None,
-    mesh_filter: str = "angle",
+    mesh_filter: str = MESH_FILTER,
     border_depth: float = BORDER_DEPTH,
     first_frame_rule: bool = True,
     renderer: str = "cpu",

@@ -235,24 +235,46 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     return header
 
 
+@dataclass(frozen=True)
+class TensorMismatch:
+    """How a file's tensors (name -> shape) differ from a model's: names sorted. False when they do not;
+    ``str()``: the counts with one example each, "; "-joined."""
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (name, found shape, expected shape)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.wrong)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing tensor(s) (e.g. {self.missing[0]})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected tensor(s) (e.g. {self.unexpected[0]})")
+        if self.wrong:
+            k, got, want = self.wrong[0]
+            parts.append(f"{len(self.wrong)} tensor(s) of the wrong shape (e.g. {k}: {got} != {want})")
+        return "; ".join(parts)
+
+
+def tensor_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> TensorMismatch:
+    """What keeps ``found`` (name -> shape) from having exactly the names and shapes of ``expected``."""
+    both = sorted(set(expected) & set(found))
+    return TensorMismatch(
+        missing=sorted(set(expected) - set(found)),
+        unexpected=sorted(set(found) - set(expected)),
+        wrong=[(k, tuple(found[k]), tuple(expected[k])) for k in both if tuple(expected[k]) != tuple(found[k])],
+    )
+
+
 def compare_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
     """Raise ``Ex4dError(MODEL_INVALID)`` unless ``found`` has exactly the names and shapes of ``expected``."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s) (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(
-                f"{len(wrong)} tensor(s) of the wrong shape (e.g. {k}: {tuple(found[k])} != {tuple(expected[k])})"
-            )
+    mismatch = tensor_mismatch(expected, found)
+    if mismatch:
         raise Ex4dError(
-            "the weights do not match the model's configuration: " + "; ".join(parts),
+            f"the weights do not match the model's configuration: {mismatch}",
             where=where,
             hint="the folder holds another model or version: download it again",
             code=MODEL_INVALID,

@@ -25,6 +25,7 @@ import torch
 
 from .atomic import atomic_path
 from .cameras import CameraPath
+from .constants import MESH_FILTER, RENDERER
 from .dwmesh import DWMesh
 from .errors import Ex4dError
 from .render import MASK_THRESHOLD, clip_positions, novel_extrinsics, resolve_renderer
@@ -48,7 +49,7 @@ def render_passes(
     source: CameraPath | None = None,
     depth_scale: float | np.ndarray = 1.0,
     source_k: np.ndarray | None = None,
-    renderer: str = "auto",
+    renderer: str = RENDERER,
     first_frame: int = 0,
 ) -> Passes:
     """Colour, mask and Z of ``mesh`` (frames ``first_frame`` ...) seen by ``camera`` (see the module
@@ -149,8 +150,8 @@ def recon_passes(
     *,
     source: CameraPath | None = None,
     depth_scale: float | np.ndarray = 1.0,
-    renderer: str = "auto",
-    mesh_filter: str = "angle",
+    renderer: str = RENDERER,
+    mesh_filter: str = MESH_FILTER,
     border_depth: float | None = None,
     chunk: int = 8,
 ) -> Passes:

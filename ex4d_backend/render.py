@@ -15,7 +15,7 @@ import torch
 
 from . import raster_cuda
 from .cameras import CameraPath, projection_matrix
-from .constants import FAR, NEAR
+from .constants import FAR, NEAR, RENDERER, USE_DWMESH
 from .dwmesh import DWMesh
 from .errors import DEVICE, Ex4dError
 
@@ -30,7 +30,7 @@ def guide_masked_share(mask: np.ndarray) -> np.ndarray:
 RENDERERS = ("auto", "cuda", "cpu")
 
 
-def resolve_renderer(name: str = "auto") -> str:
+def resolve_renderer(name: str = RENDERER) -> str:
     """ "auto" -> "cuda" when an NVIDIA GPU and nvdiffrast are available, else "cpu"."""
     if name not in RENDERERS:
         raise Ex4dError(f"unknown renderer '{name}'", where="--renderer", hint="use auto, cuda or cpu")
@@ -62,7 +62,7 @@ def rasterize_rgba(
     intrinsics: np.ndarray,
     *,
     renderer: str = "cpu",
-    use_dwmesh: bool = True,
+    use_dwmesh: bool = USE_DWMESH,
 ) -> torch.Tensor:
     """(T, H, W, 4) float32 RGBA (0..255) of each frame's DW-mesh seen by that frame's camera."""
     h, w = mesh.height, mesh.width
@@ -131,7 +131,7 @@ def rasterize_novel(
     source: CameraPath | None = None,
     depth_scale: float | np.ndarray = 1.0,
     renderer: str = "cpu",
-    use_dwmesh: bool = True,
+    use_dwmesh: bool = USE_DWMESH,
 ) -> torch.Tensor:
     """(T, H, W, 4) RGBA of ``mesh`` frame i (built in source camera ``first_frame + i``'s frame, depth
     units) seen by ``camera`` frame ``first_frame + i``, placed by :func:`novel_extrinsics`."""
@@ -145,8 +145,8 @@ def render_guide(
     camera: CameraPath,
     source_frames: np.ndarray,
     *,
-    renderer: str = "auto",
-    use_dwmesh: bool = True,
+    renderer: str = RENDERER,
+    use_dwmesh: bool = USE_DWMESH,
     first_frame: int = 0,
     source: CameraPath | None = None,
     depth_scale: float | np.ndarray = 1.0,

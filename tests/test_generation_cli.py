@@ -119,7 +119,7 @@ def _bad_checkpoints() -> dict[str, tuple[dict, str, str]]:
     return {
         "prefix": ({gf.CKPT: prefixed}, MODEL_INVALID, "extra prefix 'pipe.dit.'"),
         "missing_encoder_tensor": ({gf.CKPT: missing_enc}, MODEL_INVALID, "7 of 8 camera-encoder tensors"),
-        "wrong_shape": ({gf.CKPT: wrong_rank}, MODEL_INVALID, "1 of the wrong shape"),
+        "wrong_shape": ({gf.CKPT: wrong_rank}, MODEL_INVALID, "1 tensor(s) of the wrong shape"),
         "other_model": ({gf.CKPT: other_model}, MODEL_INVALID, "0 of 40 LoRA tensors"),
         "not_a_checkpoint": ({gf.CKPT: b"<html>404</html>"}, MODEL_INVALID, "cannot read ex4d.ckpt"),
     }

@@ -57,12 +57,14 @@ def _dit_inputs(pipe, guide, seed=0):
 
 
 def _plain_dit(dit, cond, lat, t, rope="float32"):
-    """The DiT with no EX-4D hook at all: diffsynth's own model function (same rope precision)."""
+    """The DiT with no EX-4D hook at all: diffsynth's own model function (same rope precision, and the
+    pipeline's guard against diffsynth picking SageAttention where it is installed: these are CPU tensors)."""
     from diffsynth.pipelines.wan_video import model_fn_wan_video
 
+    from ex4d_backend.generation.fast import exact_attention
     from ex4d_backend.generation.pipeline import rope_precision
 
-    with rope_precision(rope):
+    with rope_precision(rope), exact_attention():
         return model_fn_wan_video(
             dit, latents=lat, timestep=t, context=cond.context, clip_feature=cond.clip_feature, y=cond.y
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import NUM_FRAMES
+from ..constants import NUM_FRAMES, RENDERER
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=288)
     p.add_argument("--frames", type=int, default=NUM_FRAMES)
     p.add_argument("--cam", default="90", help="camera preset (default: the 90-degree orbit)")
-    p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default=RENDERER)
     p.add_argument("--fps", type=float, default=24.0)
     p.add_argument("--no-preview", action="store_true", help="stop after the guide (skip the preview generator)")
     p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")

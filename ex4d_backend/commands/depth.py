@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..constants import MAX_SIDE
+from ..constants import MAX_SIDE, SENSOR_WIDTH_MM
 
 log = logging.getLogger("ex4d.depth")
 
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     f = g.add_mutually_exclusive_group()
     f.add_argument("--focal-px", type=float, help="focal length in pixels (default: the reference's 500)")
     f.add_argument("--focal-mm", type=float, help="focal length in mm, with --sensor-width")
-    g.add_argument("--sensor-width", type=float, default=36.0, help="sensor width in mm (default 36)")
+    g.add_argument("--sensor-width", type=float, default=SENSOR_WIDTH_MM, help="sensor width in mm (default 36)")
     g = p.add_argument_group("cache and outputs")
     g.add_argument("--cache-dir", help="depth cache folder (default: $EX4D_CACHE_DIR/depth or ~/.cache/ex4d/depth)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the depth cache")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..generation import GENERATORS
+from ..generation.conditioning import CONDITIONING_MODES, RESIZE_MODES
 from ..pipeline.settings import GenerateSettings
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--output-video", required=True, help="output mp4")
     p.add_argument("--output-frames", default=None, help="also write the frames as PNGs into this folder")
     d = GenerateSettings()  # the reference's defaults (constants.py)
-    p.add_argument("--generator", choices=("ex4d", "preview"), default=d.generator)
+    p.add_argument("--generator", choices=GENERATORS, default=d.generator)
     p.add_argument("--models-dir", default=None, help="models directory (default: $EX4D_MODELS_DIR or the cache)")
     # --height/--width/--frames default to None (windows_cli.add_arguments): the size follows the guide's aspect
     p.add_argument("--height", type=int, default=None, help="output height, multiple of 16 (overrides --size)")
@@ -40,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--negative-prompt", default=None, help="negative prompt (default: the reference's)")
     p.add_argument(
         "--resize",
-        choices=("crop", "stretch"),
+        choices=RESIZE_MODES,
         default=d.resize,
         help="crop keeps the guide's aspect (centred crop); stretch squashes like the reference",
     )
@@ -90,7 +92,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--conditioning",
-        choices=("reference", "float"),
+        choices=CONDITIONING_MODES,
         default="reference",
         help="reference: the bf16-rounded guide and 8-bit first frame of generate.py; float: no rounding",
     )

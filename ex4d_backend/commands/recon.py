@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from ..constants import BORDER_DEPTH, MAX_SIDE, NUM_FRAMES, SENSOR_WIDTH_MM
+from ..constants import BORDER_DEPTH, MAX_SIDE, MESH_FILTER, NUM_FRAMES, RENDERER, SENSOR_WIDTH_MM
 from ..errors import Ex4dError
 from ..pipeline.settings import (
     DepthSettings,
@@ -68,8 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also render the left/right eyes' guides (<cam>_left, <cam>_right): interocular distance and "
         "convergence distance in world units, mode OFFAXIS (default), PARALLEL or TOE (Blender's conventions)",
     )
-    p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--mesh-filter", choices=("angle", "boundary"), default="angle", help="occlusion-face test")
+    p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default=RENDERER)
+    p.add_argument("--mesh-filter", choices=("angle", "boundary"), default=MESH_FILTER, help="occlusion-face test")
     p.add_argument("--no-dwmesh", action="store_true", help="remove occlusion faces (non-watertight baseline)")
     p.add_argument("--fx", type=float, help="focal length in pixels at the processing resolution (default 500)")
     p.add_argument("--fy", type=float, help="default: --fx")

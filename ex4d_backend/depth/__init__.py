@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import constants as C
 from ..errors import BAD_INPUT, DEVICE, Ex4dError
 from .specs import DA2_DEFAULT, DA2_SIZES, DEPTHCRAFTER
 
@@ -64,7 +65,7 @@ def canonical_model(model: str) -> str:
     return name
 
 
-def resolve_device(device: str | None = "auto"):
+def resolve_device(device: str | None = C.DEVICE):
     """``"auto"``: CUDA when available, else the CPU. An explicit ``cuda`` without CUDA is an error."""
     import torch
 
@@ -149,11 +150,11 @@ def estimate(
     model: str,
     *,
     models_dir: str | os.PathLike | None = None,
-    device: str | None = "auto",
+    device: str | None = C.DEVICE,
     progress: Progress | None = None,
     focal_px: float | None = None,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = C.SENSOR_WIDTH_MM,
     **options,
 ) -> DepthResult:
     """Depth and disparity (float32 (T, H, W), at the footage size) for uint8 RGB ``frames`` (T, H, W, 3).
@@ -193,10 +194,7 @@ def estimate(
     if name == DEPTHCRAFTER:
         from . import depthcrafter as provider
 
-        opts = {**provider.DEFAULTS, **options}
-        unknown = set(opts) - set(provider.DEFAULTS)
-        if unknown:
-            raise Ex4dError(f"unknown depthcrafter option(s): {', '.join(sorted(unknown))}", where="options")
+        opts = _provider_options(provider.DEFAULTS, options, "depthcrafter")
         if dev.type != "cuda":
             log.warning(
                 "depth: DepthCrafter on the CPU takes hours for a real clip (about 2 B parameters, fp32); "
@@ -204,29 +202,28 @@ def estimate(
             )
         report("load", 0, 1, "loading DepthCrafter")
         models = provider.load(models_dir, dev, cpu_offload=bool(opts.pop("cpu_offload")))
-        try:
-            report("load", 1, 1, "loaded")
-            disp = provider.infer(frames, models, progress=progress, **opts)
-        finally:
-            del models
-            _free(dev)
     else:
         from . import depth_anything as provider
 
-        opts = {**provider.DEFAULTS, **options}
-        unknown = set(opts) - set(provider.DEFAULTS)
-        if unknown:
-            raise Ex4dError(f"unknown depth-anything option(s): {', '.join(sorted(unknown))}", where="options")
+        opts = _provider_options(provider.DEFAULTS, options, "depth-anything")
         report("load", 0, 1, f"loading {name}")
-        m = provider.load(name, models_dir, dev)
-        try:
-            report("load", 1, 1, "loaded")
-            disp = provider.infer(frames, m, progress=progress, **opts)
-        finally:
-            del m
-            _free(dev)
+        models = provider.load(name, models_dir, dev)
+    try:
+        report("load", 1, 1, "loaded")
+        disp = provider.infer(frames, models, progress=progress, **opts)
+    finally:
+        del models
+        _free(dev)
     disp = _resize(disp, w, h)
     return DepthResult(depth=_to_depth(disp), disparity=disp, model=name, options=dict(options), intrinsics=k)
+
+
+def _provider_options(defaults: dict, options: dict, label: str) -> dict:
+    """A depth model's ``defaults`` updated with the given ``options``; one error for an unknown one."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise Ex4dError(f"unknown {label} option(s): {', '.join(sorted(unknown))}", where="options")
+    return {**defaults, **options}
 
 
 def intrinsics(
@@ -234,7 +231,7 @@ def intrinsics(
     height: int,
     focal_px: float | None = None,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = C.SENSOR_WIDTH_MM,
 ) -> np.ndarray:
     """K (float64 3x3) at ``width`` x ``height``: see :func:`ex4d_backend.cameras.intrinsics_from_focal`."""
     from ..cameras import intrinsics_from_focal
@@ -323,12 +320,12 @@ def estimate_cached(
     cache_dir: str | os.PathLike | None = None,
     *,
     models_dir: str | os.PathLike | None = None,
-    device: str | None = "auto",
+    device: str | None = C.DEVICE,
     progress: Progress | None = None,
     refresh: bool = False,
     focal_px: float | None = None,
     focal_mm: float | None = None,
-    sensor_width_mm: float = 36.0,
+    sensor_width_mm: float = C.SENSOR_WIDTH_MM,
     **options,
 ) -> DepthResult:
     """:func:`estimate`, reusing ``<cache_dir>/<key>.npz`` when the same frames, model and options ran before.

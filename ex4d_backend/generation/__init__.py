@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .. import constants as C
 from ..errors import BAD_INPUT, Ex4dError
 from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT
 
@@ -36,8 +37,8 @@ def load_generator(
     name: str = "ex4d",
     *,
     models_dir=None,
-    device="auto",
-    vram_profile: str = "full",
+    device=C.DEVICE,
+    vram_profile: str = C.VRAM_PROFILE,
     dtype=None,
     progress=None,
     gpus: int = 1,

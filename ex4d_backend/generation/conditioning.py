@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 
+from .. import constants as C
 from ..errors import BAD_INPUT, Ex4dError
 
 REFERENCE_PROMPT = "4K ultra HD, surround motion, realistic tone, panoramic shot, wide-angle view, cinematic quality"
@@ -37,21 +38,31 @@ def validate_guide(color: np.ndarray, mask: np.ndarray) -> None:
         mask = mask[..., 0]
     if mask.dtype != np.uint8 or mask.ndim != 3:
         raise Ex4dError(f"the mask guide must be uint8 (T, H, W), got {mask.dtype} {mask.shape}", where="mask")
-    if color.shape[0] != mask.shape[0]:
-        raise Ex4dError(
-            f"the colour guide has {color.shape[0]} frames but the mask guide has {mask.shape[0]}",
-            where="mask",
-            hint="use the colour and mask videos of the same `ex4d recon` run",
-        )
-    if color.shape[1:3] != mask.shape[1:3]:
-        raise Ex4dError(
-            f"the colour guide is {color.shape[2]}x{color.shape[1]} px but the mask guide is "
-            f"{mask.shape[2]}x{mask.shape[1]} px",
-            where="mask",
-            hint="use the colour and mask videos of the same `ex4d recon` run",
-        )
+    check_guide_pair(len(color), (color.shape[2], color.shape[1]), len(mask), (mask.shape[2], mask.shape[1]), "mask")
     if color.shape[0] < 1:
         raise Ex4dError("the guide has no frames", where="color")
+
+
+def check_guide_pair(
+    color_frames: int, color_size: tuple[int, int], mask_frames: int, mask_size: tuple[int, int], where: str
+) -> None:
+    """One clear error unless the mask guide has the colour guide's frame count and (width, height)."""
+    hint = "use the colour and mask videos of the same `ex4d recon` run"
+    if color_frames != mask_frames:
+        raise Ex4dError(
+            f"the colour guide has {color_frames} frames but the mask guide has {mask_frames}",
+            where=where,
+            hint=hint,
+            code=BAD_INPUT,
+        )
+    if tuple(color_size) != tuple(mask_size):
+        raise Ex4dError(
+            f"the colour guide is {color_size[0]}x{color_size[1]} px but the mask guide is "
+            f"{mask_size[0]}x{mask_size[1]} px",
+            where=where,
+            hint=hint,
+            code=BAD_INPUT,
+        )
 
 
 def validate_size(height: int, width: int, num_frames: int) -> None:
@@ -81,7 +92,7 @@ def crop_box(src_w: int, src_h: int, width: int, height: int) -> tuple[int, int,
     return 0, (src_h - h) // 2, src_w, h
 
 
-def fit_frame(frame: np.ndarray, width: int, height: int, mode: str = "crop") -> np.ndarray:
+def fit_frame(frame: np.ndarray, width: int, height: int, mode: str = C.RESIZE) -> np.ndarray:
     """Resize one frame to (height, width): ``crop`` keeps the aspect ratio (centred crop, then
     resize), ``stretch`` squashes like the reference. Bilinear (cv2's default, as the reference)."""
     import cv2
@@ -112,7 +123,7 @@ def prepare_guide(
     width: int,
     num_frames: int,
     seed: int,
-    resize: str = "crop",
+    resize: str = C.RESIZE,
     erode: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sample, resize and erode the guide as the reference (``generate.py``) does.

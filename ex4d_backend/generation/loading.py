@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import MODEL_INVALID, Ex4dError
+from ..modelstore import tensor_mismatch
 from . import specs
 from .camera_encoder import CamVidEncoder
 
@@ -53,19 +54,10 @@ def _count_blocks(keys, prefix: str) -> int:
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
     """Load ``state`` into a meta-device ``module`` (strict); one clear error on a mismatch."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    bad = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if bad:
-            parts.append(f"{len(bad)} of the wrong shape (e.g. {bad[0]})")
-        raise _invalid(f"the {what} weights do not fit the model: " + ", ".join(parts), path)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    mismatch = tensor_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if mismatch:
+        raise _invalid(f"the {what} weights do not fit the model: {mismatch}", path)
     module.load_state_dict(state, strict=True, assign=True)
 
 
@@ -308,23 +300,16 @@ def load_ex4d_checkpoint(
         encoder = build_camera_encoder(dit, hidden)
     enc_expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     expected = {**lora_expected, **enc_expected}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    bad = [k for k in expected if k in state and tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or bad:
+    mismatch = tensor_mismatch(expected, {k: tuple(v.shape) for k, v in state.items()})
+    if mismatch:
         n_lora = sum(1 for k in lora_expected if k in state)
         n_enc = sum(1 for k in enc_expected if k in state)
         what = (
             f"{path.name} does not fit the model: {n_lora} of {len(lora_expected)} LoRA tensors and "
-            f"{n_enc} of {len(enc_expected)} camera-encoder tensors found"
+            f"{n_enc} of {len(enc_expected)} camera-encoder tensors found; {mismatch}"
         )
-        if missing:
-            what += f"; {len(missing)} missing (e.g. {missing[0]})"
-        if unexpected:
-            what += f"; {len(unexpected)} unexpected (e.g. {unexpected[0]})"
-        if bad:
-            what += f"; {len(bad)} of the wrong shape (e.g. {bad[0]}: {tuple(state[bad[0]].shape)})"
         hint = "download yihouxiang/EX-4D ex4d.ckpt again; keys must be flat, e.g. blocks.0.self_attn.q.lora_A.default.weight"
+        missing, unexpected = mismatch.missing, mismatch.unexpected
         if unexpected and missing and any(u.endswith(missing[0]) for u in unexpected):
             prefix = next(u for u in unexpected if u.endswith(missing[0]))[: -len(missing[0])]
             hint = f"the keys carry an extra prefix '{prefix}': save the checkpoint without it"

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import constants as C
 from ..errors import BAD_INPUT, CANCELLED, DEVICE, Cancelled, Ex4dError
 
 log = logging.getLogger(__name__)
@@ -287,7 +288,7 @@ class WorkerSpec:
 
     models_dir: str | None
     device: str  # "cuda" or "cpu"
-    vram_profile: object = "full"
+    vram_profile: object = C.VRAM_PROFILE
     options: dict | None = None
     factory: str | None = None  # "module:function" called as function(device) -> pipeline (benchmarks)
 
@@ -348,7 +349,7 @@ def _worker(rank: int, world: int, init_file: str, spec: WorkerSpec, jobs, resul
 
             latents.clear()
             try:
-                with par.clip(kwargs.get("cfg", 5.0) != 1.0):
+                with par.clip(kwargs.get("cfg", C.CFG) != 1.0):
                     frames = pipe(color, mask, callback=callback, **kwargs)
                 extra = latents[-1].numpy() if latents and rank == 0 else None
                 results.put(("done", rank, (frames, extra) if rank == 0 else None))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import constants as C
 from ..errors import DEVICE, Ex4dError
 from .conditioning import (
     CONDITIONING_MODES,
@@ -63,7 +64,7 @@ def attention_backend(name: str):
         return sdpa_kernel(order)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | torch.device = C.DEVICE) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -270,7 +271,7 @@ class Ex4dPipeline:
         camera_encoder,
         device,
         dtype,
-        vram_profile: str | Profile = "full",
+        vram_profile: str | Profile = C.VRAM_PROFILE,
         merge_lora: bool = True,
         compile: bool = False,
         attention: str = "auto",
@@ -340,9 +341,9 @@ class Ex4dPipeline:
         cls,
         models_dir=None,
         *,
-        device="auto",
+        device=C.DEVICE,
         dtype=None,
-        vram_profile="full",
+        vram_profile=C.VRAM_PROFILE,
         progress: Progress | None = None,
         **options,
     ) -> Ex4dPipeline:
@@ -505,16 +506,16 @@ class Ex4dPipeline:
         color: np.ndarray,
         mask: np.ndarray,
         *,
-        height: int = 512,
-        width: int = 512,
-        num_frames: int = 49,
-        steps: int = 25,
-        cfg: float = 5.0,
-        shift: float = 5.0,
-        seed: int = 0,
+        height: int = C.GEN_HEIGHT,
+        width: int = C.GEN_WIDTH,
+        num_frames: int = C.NUM_FRAMES,
+        steps: int = C.STEPS,
+        cfg: float = C.CFG,
+        shift: float = C.SHIFT,
+        seed: int = C.SEED,
         prompt: str = REFERENCE_PROMPT,
         negative_prompt: str = REFERENCE_NEGATIVE,
-        resize: str = "crop",
+        resize: str = C.RESIZE,
         callback: Progress | None = None,
         return_latents: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, torch.Tensor]:

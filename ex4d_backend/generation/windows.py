@@ -65,8 +65,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import constants as C
-from ..errors import BAD_INPUT, Ex4dError
-from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT, RESIZE_MODES, sample_indices
+from ..errors import Ex4dError
+from .conditioning import REFERENCE_NEGATIVE, REFERENCE_PROMPT, RESIZE_MODES, check_guide_pair, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -414,20 +414,7 @@ def probe_guides(color_path, mask_path) -> tuple[int, tuple[int, int], float]:
     from .frame_streams import FrameReader
 
     with FrameReader(color_path) as c, FrameReader(mask_path) as m:
-        if c.n_frames != m.n_frames:
-            raise Ex4dError(
-                f"the colour guide has {c.n_frames} frames but the mask guide has {m.n_frames}",
-                where=str(mask_path),
-                hint="use the colour and mask videos of the same `ex4d recon` run",
-                code=BAD_INPUT,
-            )
-        if c.size != m.size:
-            raise Ex4dError(
-                f"the colour guide is {c.size[0]}x{c.size[1]} px but the mask guide is {m.size[0]}x{m.size[1]} px",
-                where=str(mask_path),
-                hint="use the colour and mask videos of the same `ex4d recon` run",
-                code=BAD_INPUT,
-            )
+        check_guide_pair(c.n_frames, c.size, m.n_frames, m.size, str(mask_path))
         return c.n_frames, c.size, c.fps
 
 

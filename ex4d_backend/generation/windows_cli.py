@@ -10,6 +10,7 @@ import json
 import logging
 
 from .. import constants as C
+from ..composite import MATCH_MODES
 from .windows import CHAIN_VARIANTS, DEFAULT_WINDOW, FRAME_SAMPLINGS, ShotOutputs, ShotSettings, generate_shot
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--composite-video", default=None, help="also write the full-resolution composite as an mp4")
     g.add_argument("--composite-frames", default=None, help="also write the full-resolution composite as PNGs")
-    g.add_argument("--composite-match", choices=("affine", "meanstd", "none"), default="affine")
+    g.add_argument("--composite-match", choices=MATCH_MODES, default="affine")
     g.add_argument("--feather", type=float, default=None, help="composite feather width in guide px (default 8 gen px)")
     g.add_argument("--cache-dir", default=None, help="job store that caches finished windows (default: the user store)")
     g.add_argument("--no-cache", action="store_true", help="do not cache windows (a killed job starts again)")
@@ -75,14 +76,15 @@ def weights_fingerprint(models_dir=None) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..generation import REFERENCE_NEGATIVE, REFERENCE_PROMPT, load_generator
+    from ..generation import load_generator
+    from ..pipeline.settings import GenerateSettings
 
     window = args.window if args.frames is None else args.frames  # --frames: the old name of --window
-    settings = ShotSettings(
-        window=window,
+    settings = GenerateSettings(
+        num_frames=window,
         overlap=args.overlap,
-        variant=args.chain_variant,
-        sampling=args.frame_sampling,
+        chain_variant=args.chain_variant,
+        frame_sampling=args.frame_sampling,
         size=args.size,
         width=args.width,
         height=args.height,
@@ -91,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
         cfg=args.cfg,
         shift=args.shift,
         seed=args.seed,
-        prompt=args.prompt if args.prompt is not None else REFERENCE_PROMPT,
-        negative_prompt=args.negative_prompt if args.negative_prompt is not None else REFERENCE_NEGATIVE,
-    )
+        prompt=args.prompt,  # None: the reference's (GenerateSettings.resolved)
+        negative_prompt=args.negative_prompt,
+    ).shot_settings()
     outputs = ShotOutputs(
         video=args.output_video,
         frames=args.output_frames,
