@@ -28,13 +28,14 @@ import numpy as np
 
 from . import safe_io
 from .atomic import atomic_path
+from .constants import MAX_SIDE, SEQUENCE_FPS
 from .errors import NOT_FOUND, Ex4dError
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mxf"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".exr"}
-DEFAULT_MAX_SIDE = 1024  # the reference caps the long side at 1024 px
+DEFAULT_MAX_SIDE = MAX_SIDE  # the reference caps the long side at 1024 px (constants.py)
 MAX_PROCESSING_SIDE = 2048  # the largest max_side later stages accept
-DEFAULT_SEQUENCE_FPS = 24.0
+DEFAULT_SEQUENCE_FPS = SEQUENCE_FPS  # image sequences without a frame rate (constants.py)
 ENCODE_THREADS = 1  # one H.264 encoder thread: x264's frame threads make the bytes vary from run to run
 MAX_SOURCE_SIDE = 16384  # frames larger than this (either side) are refused before they are decoded
 # FFmpeg demuxers a shot can come from (names as ``container.format.name``); everything else (hls, dash,
