@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import NUM_FRAMES, RENDERER
+from . import add_store_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--renderer", choices=("auto", "cuda", "cpu"), default=RENDERER)
     p.add_argument("--fps", type=float, default=24.0)
     p.add_argument("--no-preview", action="store_true", help="stop after the guide (skip the preview generator)")
-    p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")
+    add_store_argument(p)
     p.set_defaults(func=run)
 
 

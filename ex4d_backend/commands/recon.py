@@ -17,6 +17,7 @@ from ..pipeline.settings import (
     RenderSettings,
     SourceSettings,
 )
+from . import add_store_argument
 
 log = logging.getLogger("ex4d")
 
@@ -81,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--depth-cache", help="ignored (kept for old scripts): estimated depth is kept in the job store (--store)"
     )
-    p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")
+    add_store_argument(p)
     p.set_defaults(func=run)
 
 

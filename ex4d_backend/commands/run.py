@@ -10,6 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from . import add_allow_argument, add_store_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -20,13 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "is printed as JSON on stdout; progress goes to stderr.",
     )
     p.add_argument("job", metavar="JOB.json", help="job file")
-    p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")
-    p.add_argument(
-        "--allow",
-        metavar="DIR",
-        action="append",
-        default=None,
-        help="folder inputs may be read from (repeatable; default: home, current folder, the job's folder)",
+    add_store_argument(p)
+    add_allow_argument(
+        p,
+        "folder inputs may be read from (repeatable; default: home, current folder, the job's folder)",
     )
     p.add_argument("--models-dir", metavar="DIR", help="models folder")
     p.add_argument("--force", action="store_true", help="recompute the job's own result even if it is stored")

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from . import add_allow_argument, add_store_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,13 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read requests from stdin and write events to stdout, one JSON object per line "
         "(protocol: ex4d_backend/PROTOCOL.md). Logs go to stderr and to <store>/logs/service.log.",
     )
-    p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")
-    p.add_argument(
-        "--allow",
-        metavar="DIR",
-        action="append",
-        default=None,
-        help="folder jobs may read inputs from (repeatable; default: your home folder and the current folder); "
+    add_store_argument(p)
+    add_allow_argument(
+        p,
+        "folder jobs may read inputs from (repeatable; default: your home folder and the current folder); "
         "jobs write only inside the store",
     )
     p.add_argument("--models-dir", metavar="DIR", help="models folder (default: $EX4D_MODELS_DIR or the user cache)")

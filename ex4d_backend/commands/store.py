@@ -6,6 +6,7 @@ import argparse
 import json
 
 from ..errors import Ex4dError
+from . import add_store_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="The job store holds every stage result (frames, depth, meshes, guides, results) that "
         "`ex4d recon`, `ex4d run` and `ex4d serve` computed, keyed by content, so they are reused.",
     )
-    p.add_argument("--store", metavar="DIR", help="job store folder (default: <user cache>/ex4d/store)")
+    add_store_argument(p)
     ops = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
     info = ops.add_parser("info", help="size of the store, per stage and per shot")
     info.add_argument("--json", action="store_true", help="print JSON")
