@@ -31,7 +31,7 @@ NO_GPU = "no GPU: preview generator and CPU guide renderer only"
 # VRAM profiles (ex4d_backend.generation.vram), largest first, with the GPU memory each needs (GB, as
 # sold; a card qualifies when its total memory in GiB is at least 95 % of that).
 PROFILE_NEEDS_GB = (("full", 48), ("24gb", 24), ("12gb", 12))
-CORE_MODULES = ("numpy", "av", "cv2", "numba", "OpenEXR", "jsonschema", "xxhash")
+CORE_MODULES = ("numpy", "av", "cv2", "numba", "OpenEXR", "jsonschema", "xxhash", "isal")
 PACKAGES = (
     "torch",
     "torchvision",

@@ -14,6 +14,7 @@ from ex4d_backend.cameras import CameraPath
 from ex4d_backend.footage import write_video
 from ex4d_backend.pipeline import guide_files
 from ex4d_backend.pipeline.hashed_io import save_npy_hashed, write_hashed
+from ex4d_backend.pngio import encode_png
 from ex4d_backend.service import integrity
 
 
@@ -43,19 +44,10 @@ def _fresh_manifest(folder) -> dict:
     return out
 
 
-def _png_flags() -> list[int]:
-    """The guide's PNG encoding, written literally: zlib level 1, the "up" filter, zlib's RLE strategy."""
-    return [
-        cv2.IMWRITE_PNG_COMPRESSION, 1,
-        cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
-        cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize("size", [(48, 64), (47, 63)])  # even, and odd sides (padded for yuv420p)
 def test_guide_files_are_the_plain_encodings_and_the_manifest_is_fresh(tmp_path, monkeypatch, size):
-    """Each PNG is byte for byte ``cv2.imencode`` of the frame (zlib level 1, "up" filter, RLE) and decodes to
-    the frame; with one x264 slice both videos are byte for byte ``footage.write_video`` of the RGB/grey
+    """Each PNG is byte for byte ``pngio.encode_png`` of its frame (checked against the PNG spec in
+    test_pngio.py) and decodes (OpenCV) to the frame; with one x264 slice both videos are byte for byte ``footage.write_video`` of the RGB/grey
     frames (PyAV's own RGB conversion), so the parallel swscale conversion and the mask's grey lookup table
     change no pixel; the manifests from the hashes taken while writing equal a fresh hash of every file.
     Fails if a PNG is encoded differently, the frame order is mixed up between threads, the grey table is
@@ -74,9 +66,7 @@ def test_guide_files_are_the_plain_encodings_and_the_manifest_is_fresh(tmp_path,
     for i in range(len(color)):
         png_c = (out / "color" / f"frame_{i:05d}.png").read_bytes()
         png_m = (out / "mask" / f"frame_{i:05d}.png").read_bytes()
-        bgr = cv2.cvtColor(color[i], cv2.COLOR_RGB2BGR)
-        assert png_c == cv2.imencode(".png", bgr, _png_flags())[1].tobytes()
-        assert png_m == cv2.imencode(".png", mask[i], _png_flags())[1].tobytes()
+        assert png_c == encode_png(color[i]) and png_m == encode_png(mask[i])
     np.testing.assert_array_equal(guide_files.read_png_folder(out / "color", 3), color)
     np.testing.assert_array_equal(guide_files.read_png_folder(out / "mask", 1), mask)
 
@@ -252,6 +242,8 @@ def test_stored_guide_is_the_rendered_guide_and_videos_come_on_request(tmp_path)
     stored = json.loads((g.dir / "meta.json").read_text())
     assert stored["frame0_is_source"] is True
     assert stored["masked_share"] == [round(float(v), 6) for v in guide_masked_share(g.guide.mask)]
+    unseen = (g.guide.mask == 0).reshape(len(g.guide.mask), -1).mean(1)  # the share of 0 pixels, literally
+    np.testing.assert_array_equal(guide_masked_share(g.guide.mask), unseen)
     assert store.stage_meta("guide", g.key, full=True) is not None
     assert not list(g.dir.glob("*.mp4"))
     fresh = stages.guide_videos_stage(ctx, g)  # the arrays in memory

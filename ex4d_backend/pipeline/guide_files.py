@@ -19,8 +19,6 @@ GUIDE_X264_PRESET = (
     "ultrafast"  # the videos are previews (the PNGs are the exact guide); crf 12 keeps them near-lossless
 )
 GUIDE_X264_SLICES = 8  # x264 sliced threads of the previews (deterministic for a fixed count; ~ N x faster)
-GUIDE_PNG_LEVEL = 1  # zlib level of the exact PNG frames: lossless at any level; 1 is several times faster than 3
-GUIDE_PNG_FLAGS = ("UP", "RLE")  # PNG row filter, zlib strategy: a 512² frame in 5 ms, not libpng's adaptive 11 ms
 
 
 def read_png_folder(folder: Path, channels: int) -> np.ndarray:
@@ -40,22 +38,17 @@ def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, camera:
     """The guide stage's files into ``folder`` (a stage's temporary folder): the PNG frames ``color/`` and
     ``mask/`` (the exact guide) and ``camera.npz``, each hashed as it is written (``hashed_io``).
 
-    ``color`` (T, H, W, 3) RGB and ``mask`` (T, H, W) uint8. The frames are encoded (OpenCV; zlib level
-    ``GUIDE_PNG_LEVEL``, ``GUIDE_PNG_FLAGS``) and written on :func:`hashed_io.worker_count` threads (zlib and
-    the hash release the GIL), after the render rather than during it: encoder threads overlapping the
-    renderer's Python loop slowed both (H200: 0.29 s overlapped against 0.20 s one after the other)."""
+    ``color`` (T, H, W, 3) RGB and ``mask`` (T, H, W) uint8. The frames are encoded (``pngio.encode_png``:
+    the "up" filter and ISA-L's deflate, 1.3 ms a 512² frame where libpng took 5-11 ms) and written on
+    :func:`hashed_io.worker_count` threads (deflate and the hash release the GIL) after the render, not
+    while it runs: encoding while later chunks rendered slowed the render more than it saved (H200: render
+    0.054 -> 0.11 s, the job 0.14 -> 0.15-0.19 s)."""
     from ..cameras import save_camera_npz
+    from ..pngio import encode_png
     from .hashed_io import worker_count, write_hashed
 
     def png(sub: str, i: int, img: np.ndarray) -> None:
-        import cv2
-
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-        ok, buf = cv2.imencode(".png", img, png_flags())
-        if not ok:
-            raise OSError(f"cannot encode PNG frame {i} in {folder / sub}")
-        write_hashed(folder / sub / f"{PNG_PREFIX}{i:05d}.png", buf)
+        write_hashed(folder / sub / f"{PNG_PREFIX}{i:05d}.png", encode_png(img))
 
     (folder / "color").mkdir()
     (folder / "mask").mkdir()
@@ -73,21 +66,6 @@ def write_guide_files(folder: Path, color: np.ndarray, mask: np.ndarray, camera:
             for f in tasks:
                 f.cancel()
             raise
-
-
-def png_flags() -> list[int]:
-    """OpenCV ``imencode`` flags of the guide's PNG frames: zlib level ``GUIDE_PNG_LEVEL``, the PNG "up" filter
-    on every row and zlib's run-length strategy (``GUIDE_PNG_FLAGS``)."""
-    import cv2
-
-    return [
-        cv2.IMWRITE_PNG_COMPRESSION,
-        GUIDE_PNG_LEVEL,
-        cv2.IMWRITE_PNG_FILTER,
-        getattr(cv2, "IMWRITE_PNG_FILTER_" + GUIDE_PNG_FLAGS[0]),
-        cv2.IMWRITE_PNG_STRATEGY,
-        getattr(cv2, "IMWRITE_PNG_STRATEGY_" + GUIDE_PNG_FLAGS[1]),
-    ]
 
 
 def write_guide_videos(folder: Path, color: np.ndarray, mask: np.ndarray, fps: float) -> None:
