@@ -41,7 +41,7 @@ def _read_dir(folder: str) -> np.ndarray:
 def test_hello(env):
     clip, client, store = env
     hello = client.request("hello", timeout=120)
-    assert sf.bc.protocol_compatible(hello["protocol"]) and not sf.bc.protocol_compatible("2.0")
+    assert sf.bc.protocol_compatible(hello["protocol"]) and not sf.bc.protocol_compatible("3.0")
     assert hello["store"] == str(store.resolve())
     assert str(clip.root.resolve()) in hello["allowed"]
     assert "preview" in hello["generators"] and "file" in hello["depth_models"]

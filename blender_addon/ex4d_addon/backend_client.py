@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-PROTOCOL_VERSION = "1.1"  # the major number must match the backend's
+PROTOCOL_VERSION = "2.0"  # the major number must match the backend's
 BACKEND_DIED = "backend_died"
 TIMEOUT = "timeout"
 CANCELLED = "cancelled"

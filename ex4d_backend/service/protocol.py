@@ -28,7 +28,7 @@ from ..errors import (
     NOT_FOUND,
 )
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "2.0"  # 2.0: render_guide returns the H.264 videos only with "videos": true
 MAX_LINE_BYTES = 4 * 1024 * 1024  # a request longer than this is refused (large data goes by path)
 MAX_DEPTH = 32  # deepest nesting of arrays/objects a request may have (the schemas need 8)
 
