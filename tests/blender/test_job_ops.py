@@ -483,7 +483,7 @@ def test_check_backend(scene, ops, card_clip):
     client.wait(req, 120)
     assert req.error is None, req.error
     info = ops.last_backend_info
-    assert info["protocol"].split(".")[0] == "1" and info["torch"]
+    assert info["protocol"].split(".")[0] == backend.PROTOCOL_VERSION.split(".")[0] and info["torch"]
     text = props.prefs().backend_info
     assert text.startswith("Backend ") and "Models present:" in text and "GPU" in text
     assert info["backend_version"] in text and info["torch"] in text
@@ -634,7 +634,7 @@ import json, sys
 for line in sys.stdin:
     req = json.loads(line)
     if req["type"] == "hello":
-        out = {"id": req["id"], "event": "result", "result": {"protocol": "2.0", "backend_version": "9"}}
+        out = {"id": req["id"], "event": "result", "result": {"protocol": "3.0", "backend_version": "9"}}
     else:
         out = {"id": req["id"], "event": "error", "error": {"code": "internal", "message": "fake"}}
     print(json.dumps(out), flush=True)
@@ -664,7 +664,7 @@ def test_broken_backend_python_is_reported(scene, ops, card_clip, tmp_path):
         wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{fake}"\n')
         wrapper.chmod(0o755)
         pref.backend_python = str(wrapper)
-        with pytest.raises(RuntimeError, match=r"protocol 2\.0.*\[protocol\]"):
+        with pytest.raises(RuntimeError, match=r"protocol 3\.0.*\[protocol\]"):
             bpy.ops.ex4d.render_guide()
         assert not sc.ex4d.job_running and "[protocol]" in sc.ex4d.last_error
     finally:
