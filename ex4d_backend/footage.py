@@ -474,12 +474,12 @@ def write_png_sequence(folder: str | os.PathLike, frames: np.ndarray, *, prefix:
 
 def content_hash(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
     """XXH3-128 of a file's bytes, or of a folder's image files (names and bytes), as hex: the identity of an
-    input in cache keys (a non-cryptographic hash, like the store's manifests: ``service.integrity``). Reads
+    input in cache keys (``service.integrity.hasher``: the store's one hash, non-cryptographic). Reads
     through ``safe_io`` (regular files inside the sandbox) and stops with ``Cancelled`` between chunks."""
-    import xxhash
+    from .service.integrity import hasher
 
     p = Path(path)
-    h = xxhash.xxh3_128()
+    h = hasher()
     files = list_image_sequence(p) if p.is_dir() else [p]
     for f in files:
         h.update(f.name.encode() if p.is_dir() else b"")

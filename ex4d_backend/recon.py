@@ -134,20 +134,21 @@ def copy_atomic(src: Path, dst: Path) -> Path:
 
 def export_guide(
     guide_dir: str | os.PathLike,
-    preview_dir: str | os.PathLike,
+    videos_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
     cam_name: str,
     *,
     png: bool = False,
     mesh_of: tuple | None = None,
 ) -> dict[str, Path]:
-    """Copy a stored guide (``pipeline.stages.guide_stage``) and its previews (``guide_videos_stage``) out as
-    ``ex4d recon``'s files: ``color_<cam>.mp4``, ``mask_<cam>.mp4``, ``camera_<cam>.npz`` (+ PNG folders ``color_<cam>/``, ``mask_<cam>/`` with ``png``;
+    """Copy a stored guide (``pipeline.stages.guide_stage``) and its videos (``guide_videos_stage``) out as
+    ``ex4d recon``'s files: ``color_<cam>.mp4``, ``mask_<cam>.mp4``, ``camera_<cam>.npz`` (+ PNG folders
+    ``color_<cam>/``, ``mask_<cam>/`` with ``png``;
     + ``DW-Mesh.ply`` of frame 0 with ``mesh_of = (clip, depth, k, MeshSettings)``), all or none (renamed
     together when every one is complete); the files are byte for byte the store's."""
     from .atomic import atomic_group
 
-    src, videos, out = Path(guide_dir), Path(preview_dir), Path(output_dir)
+    src, videos, out = Path(guide_dir), Path(videos_dir), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_group() as g:
         paths = {

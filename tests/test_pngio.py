@@ -76,5 +76,6 @@ def test_up_filter_is_the_difference_to_the_row_above():
 
 @pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint16), np.zeros((4, 4, 4), np.uint8), np.zeros(4, np.uint8)])
 def test_other_arrays_are_refused(bad):
+    """16-bit, 4-channel and 1-D arrays are one ValueError. Fails if they are written as a wrong PNG instead."""
     with pytest.raises(ValueError, match="uint8"):
         encode_png(bad)

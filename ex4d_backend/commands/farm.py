@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 from ..errors import Ex4dError
+from . import add_store_argument
 
 
 def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
     if store:
-        p.add_argument("--store", metavar="DIR", help="the shared job store (default: <user cache>/ex4d/store)")
+        add_store_argument(p, "the shared job store (default: <user cache>/ex4d/store)")
     p.add_argument("--path-map", metavar="SRC=DST", action="append", default=[], help="input path map (repeatable)")
     p.add_argument("--project-root", metavar="DIR", help="base folder of the jobs' relative inputs")
 

@@ -211,13 +211,13 @@ def run(args: argparse.Namespace) -> int:
             render = RenderSettings(args.renderer, not args.no_dwmesh)
             guide = stages.guide_stage(ctx, shot.clip, shot.depth, shot.k, cam, shot.mesh, render, shot.source)
             eyes.append((eye, guide, stages.guide_videos_stage(ctx, guide)))
-        preview = stages.guide_videos_stage(ctx, shot.guide)  # the exported videos
+        videos = stages.guide_videos_stage(ctx, shot.guide)  # the exported videos
     finally:
         bars.close()
     if not shot.guide.meta.get("frame0_is_source", True):
         log.warning("the novel camera does not start at the source camera: guide frame 0 is rendered (with holes)")
     mesh_of = (shot.clip, shot.depth, shot.k, shot.mesh) if args.save_mesh else None
-    paths = export_guide(shot.guide.dir, preview.dir, args.output_dir, cam_name, png=args.png, mesh_of=mesh_of)
+    paths = export_guide(shot.guide.dir, videos.dir, args.output_dir, cam_name, png=args.png, mesh_of=mesh_of)
     if args.exr:  # compositing passes (issue 18): colour, mask as alpha, the DW-mesh's depth as Z
         from ..passes import recon_passes, write_exr_sequence
 
@@ -226,9 +226,9 @@ def run(args: argparse.Namespace) -> int:
                           source=src.path, depth_scale=src.scales, renderer=args.renderer,
                           mesh_filter=args.mesh_filter)  # fmt: skip
         paths["exr_frames"] = write_exr_sequence(Path(args.output_dir) / f"exr_{cam_name}", ps)
-    for eye, guide, eye_preview in eyes:
+    for eye, guide, eye_videos in eyes:
         for key, path in export_guide(
-            guide.dir, eye_preview.dir, args.output_dir, f"{cam_name}_{eye}", png=args.png
+            guide.dir, eye_videos.dir, args.output_dir, f"{cam_name}_{eye}", png=args.png
         ).items():
             paths[f"{eye}_{key}"] = path
     for key, path in paths.items():

@@ -128,11 +128,10 @@ def render_guide(
         stop = min(t, start + chunk)
         if progress:
             progress("render", i, n_chunks, f"frames {start}-{stop - 1}")
+        slot = i % 2  # CUDA: the staging buffers of this chunk (double-buffered)
         if kept is not None:  # the clip is on the device already
-            slot = i % 2
             d, c = kept.depth[start:stop], kept.frames[start:stop]
         elif backend == "cuda":  # pinned, asynchronous copies; chunk i's read-back overlaps chunk i+1's work
-            slot = i % 2
             d = transfer.upload(depth[start:stop], "depth", slot, device)
             c = transfer.upload(frames[start:stop], "frames", slot, device)
             if fill is not None:
